@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny random models built on the spot."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wmtp_lib.heads import MTPModel, mtp_config
+
+
+def tiny_config(n_future: int = 3, vocab: int = 61, gqa: bool = True, layers: int = 5):
+    return mtp_config(
+        n_future,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2 if gqa else 4,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+    )
+
+
+@pytest.fixture
+def tiny_mtp() -> MTPModel:
+    torch.manual_seed(0)
+    return MTPModel(tiny_config()).eval()

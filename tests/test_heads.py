@@ -1,0 +1,127 @@
+"""MTPModel: shapes, round trips, causal-LM interop, strict loading."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from wmtp_lib.heads import MTPModel
+
+from conftest import tiny_config
+
+
+def test_forward_shape_and_dtype(tiny_mtp):
+    x = torch.randint(0, 61, (2, 9))
+    logits = tiny_mtp(x)
+    assert logits.shape == (2, 9, 3, 61)
+    assert logits.dtype == torch.float32
+    assert tiny_mtp.n_future == 3
+
+
+def test_heads_are_causal(tiny_mtp):
+    """Changing token j leaves every head's logits at positions < j unchanged."""
+    x = torch.randint(0, 61, (1, 10))
+    y = x.clone()
+    y[0, 6] = (y[0, 6] + 1) % 61
+    a, b = tiny_mtp(x), tiny_mtp(y)
+    torch.testing.assert_close(a[:, :6], b[:, :6])
+    assert not torch.allclose(a[:, 6:], b[:, 6:])
+
+
+def test_right_padding_mask_keeps_real_positions(tiny_mtp):
+    x = torch.randint(0, 61, (1, 6))
+    padded = torch.cat([x, torch.zeros(1, 3, dtype=torch.long)], 1)
+    mask = torch.tensor([[1] * 6 + [0] * 3])
+    torch.testing.assert_close(tiny_mtp(padded, mask)[:, :6], tiny_mtp(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_load_round_trip_keeps_dtype_and_logits(tmp_path, dtype):
+    torch.manual_seed(0)
+    model = MTPModel(tiny_config()).to(dtype).eval()
+    model.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["n_future_tokens"] == 3
+    loaded = MTPModel.from_pretrained(tmp_path / "m").eval()
+    assert loaded.dtype == dtype
+    x = torch.randint(0, 61, (2, 8))
+    assert torch.equal(model(x), loaded(x))
+
+
+def test_strict_load_names_missing_and_unexpected_keys(tmp_path, tiny_mtp):
+    tiny_mtp.save_pretrained(tmp_path / "m")
+    state = load_file(str(tmp_path / "m" / "model.safetensors"))
+    state.pop("heads.1.mlp.up_proj.weight")
+    state["heads.9.extra"] = torch.zeros(1)
+    save_file(state, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(KeyError, match=r"heads\.1\.mlp\.up_proj\.weight.*heads\.9\.extra"):
+        MTPModel.from_pretrained(tmp_path / "m")
+
+
+def test_non_strict_load_is_refused(tiny_mtp):
+    with pytest.raises(ValueError, match="always strict"):
+        tiny_mtp.load_state_dict(tiny_mtp.state_dict(), strict=False)
+
+
+def test_missing_directory_says_how_to_convert(tmp_path):
+    with pytest.raises(FileNotFoundError, match="wmtp_lib.loaders convert"):
+        MTPModel.from_pretrained(tmp_path / "nothing")
+
+
+def _tiny_llama(tie: bool = False) -> LlamaForCausalLM:
+    torch.manual_seed(3)
+    cfg = LlamaConfig(vocab_size=53, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=tie)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_from_causal_lm_head0_equals_source(tie):
+    llama = _tiny_llama(tie)
+    mtp = MTPModel.from_causal_lm(llama, n_future=4).eval()
+    assert mtp.n_future == 4 and mtp.n_trunk == 2
+    x = torch.randint(0, 53, (2, 10))
+    ref = llama(x).logits.float()
+    out = mtp(x)
+    torch.testing.assert_close(out[:, :, 0], ref, atol=1e-5, rtol=1e-5)
+    # extra heads start as copies of head 0
+    for k in range(1, 4):
+        torch.testing.assert_close(out[:, :, k], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_from_causal_lm_directory(tmp_path):
+    llama = _tiny_llama()
+    llama.save_pretrained(tmp_path / "llama")
+    mtp = MTPModel.from_causal_lm(tmp_path / "llama", n_future=2).eval()
+    x = torch.randint(0, 53, (1, 7))
+    torch.testing.assert_close(mtp(x)[:, :, 0], llama(x).logits.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_export_head0_round_trip(tmp_path, tiny_mtp):
+    tiny_mtp.export_head0(tmp_path / "head0")
+    llama = LlamaForCausalLM.from_pretrained(tmp_path / "head0").eval()
+    x = torch.randint(0, 61, (2, 9))
+    torch.testing.assert_close(llama(x).logits.float(), tiny_mtp(x)[:, :, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_same_gradients(tiny_mtp):
+    x = torch.randint(0, 61, (2, 8))
+    a = tiny_mtp.train()
+    b = a.copy()
+    b.gradient_checkpointing_enable()
+    a(x).sum().backward()
+    b(x).sum().backward()
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        tiny_config(n_future=6, layers=4)
+    with pytest.raises(ValueError, match="n_future_tokens"):
+        tiny_config(n_future=0)

@@ -1,0 +1,254 @@
+"""Every loss and weight function against a per-element Python loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from wmtp_lib.losses import (
+    align_reference,
+    chunked_linear_ce,
+    critic_weights,
+    head_targets,
+    keep_count,
+    mtp_token_ce,
+    rho1_weights,
+    weighted_mtp_loss,
+)
+
+
+def brute_ce(logits, x, label_mask):
+    B, T, H, V = logits.shape
+    ce = torch.zeros(B, T, H)
+    valid = torch.zeros(B, T, H, dtype=torch.bool)
+    for b in range(B):
+        for t in range(T):
+            for k in range(H):
+                j = t + k + 1
+                if j < T and (label_mask is None or bool(label_mask[b, j])):
+                    row = logits[b, t, k].double()
+                    lse = math.log(sum(math.exp(v) for v in row.tolist()))
+                    ce[b, t, k] = lse - row[x[b, j]].item()
+                    valid[b, t, k] = True
+    return ce, valid
+
+
+def brute_soft(s, valid, temperature, max_weight):
+    B, T, H = s.shape
+    w = torch.zeros(B, T, H, dtype=torch.float64)
+    for k in range(H):
+        vals = [s[b, t, k].item() for b in range(B) for t in range(T) if valid[b, t, k]]
+        if not vals:
+            continue
+        mean = sum(vals) / len(vals)
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
+        raw = {}
+        for b in range(B):
+            for t in range(T):
+                if valid[b, t, k]:
+                    raw[(b, t)] = math.exp(((s[b, t, k].item() - mean) / (std + 1e-6)) / temperature)
+        m = sum(raw.values()) / len(raw)
+        for (b, t), v in raw.items():
+            w[b, t, k] = min(v / m, max_weight)
+    return w
+
+
+def brute_topk(s, valid, keep_ratio):
+    B, T, H = s.shape
+    w = torch.zeros(B, T, H)
+    for k in range(H):
+        entries = [(-s[b, t, k].item(), b * T + t, b, t) for b in range(B) for t in range(T) if valid[b, t, k]]
+        entries.sort()
+        n_keep = math.ceil(round(keep_ratio * len(entries), 9))
+        for _, _, b, t in entries[:n_keep]:
+            w[b, t, k] = 1.0
+    return w
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_mtp_token_ce_matches_loop(use_mask):
+    torch.manual_seed(1)
+    B, T, H, V = 2, 7, 3, 11
+    logits = torch.randn(B, T, H, V)
+    x = torch.randint(0, V, (B, T))
+    mask = (torch.rand(B, T) > 0.3) if use_mask else None
+    ce, valid = mtp_token_ce(logits, x, mask)
+    ce_ref, valid_ref = brute_ce(logits, x, mask)
+    assert torch.equal(valid, valid_ref)
+    torch.testing.assert_close(ce, ce_ref, atol=1e-5, rtol=1e-5)
+    assert (ce[~valid] == 0).all()
+    # head k has no target in the last k+1 positions
+    for k in range(H):
+        assert not valid[:, T - k - 1 :, k].any()
+
+
+def test_mtp_token_ce_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="logits must be"):
+        mtp_token_ce(torch.zeros(2, 3, 4), torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="input_ids shape"):
+        mtp_token_ce(torch.zeros(2, 3, 2, 5), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_align_reference_matches_loop():
+    torch.manual_seed(2)
+    ref = torch.randn(3, 6)
+    out = align_reference(ref, 4)
+    for b in range(3):
+        for t in range(6):
+            for k in range(4):
+                expect = ref[b, t + k].item() if t + k < 6 else 0.0
+                assert out[b, t, k].item() == expect
+
+
+def test_aligned_reference_scores_same_target_as_head():
+    """Head k at t and the reference at t+k both score x[t+k+1]."""
+    torch.manual_seed(3)
+    B, T, V, H = 1, 8, 5, 3
+    x = torch.randint(0, V, (B, T))
+    ref_logits = torch.randn(B, T, V)
+    ref_ce = torch.zeros(B, T)
+    for j in range(T - 1):
+        ref_ce[0, j] = -torch.log_softmax(ref_logits[0, j], -1)[x[0, j + 1]]
+    # A "perfect copy" head k whose logits at t equal the reference's at t+k gives the same CE.
+    logits = torch.zeros(B, T, H, V)
+    for k in range(H):
+        for t in range(T - k):
+            logits[0, t, k] = ref_logits[0, t + k]
+    ce, valid = mtp_token_ce(logits, x)
+    aligned = align_reference(ref_ce, H)
+    torch.testing.assert_close(ce[valid], aligned[valid])
+
+
+@pytest.mark.parametrize("temperature,max_weight", [(1.0, 3.0), (0.5, 1.5), (2.0, 100.0)])
+def test_rho1_weighted_matches_loop(temperature, max_weight):
+    torch.manual_seed(4)
+    B, T, H = 3, 9, 4
+    ce = torch.rand(B, T, H) * 3
+    ref = torch.rand(B, T, H) * 3
+    valid = torch.rand(B, T, H) > 0.25
+    ce = ce * valid
+    w = rho1_weights(ce, ref, valid, "weighted", temperature=temperature, max_weight=max_weight)
+    expect = brute_soft(ce - ref, valid, temperature, max_weight)
+    torch.testing.assert_close(w.double(), expect, atol=1e-5, rtol=1e-5)
+    assert (w[~valid] == 0).all()
+    assert w.max() <= max_weight + 1e-6
+
+
+def test_soft_weights_clip_is_active_and_mean_before_clip_is_one():
+    s = torch.tensor([0.0, 0.0, 0.0, 0.0, 10.0]).view(1, 5, 1)
+    valid = torch.ones(1, 5, 1, dtype=torch.bool)
+    w = critic_weights(s, valid, temperature=0.5, max_weight=2.0)
+    assert w[0, 4, 0].item() == pytest.approx(2.0)
+    unclipped = critic_weights(s, valid, temperature=0.5, max_weight=1e9)
+    assert unclipped.mean().item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_soft_weights_edge_cases():
+    valid = torch.zeros(2, 3, 2, dtype=torch.bool)
+    valid[0, 0, 0] = True  # one valid entry in head 0, none in head 1
+    w = critic_weights(torch.randn(2, 3, 2), valid)
+    assert w[0, 0, 0].item() == pytest.approx(1.0)
+    assert w.sum().item() == pytest.approx(1.0)
+
+
+def test_weights_carry_no_gradient():
+    ce = torch.rand(2, 5, 2, requires_grad=True)
+    valid = torch.ones(2, 5, 2, dtype=torch.bool)
+    for mode in ("weighted", "tokenskip"):
+        w = rho1_weights(ce, torch.zeros(2, 5, 2), valid, mode)
+        assert not w.requires_grad
+
+
+@pytest.mark.parametrize("keep_ratio", [0.7, 0.5, 0.33, 1.0, 0.01])
+def test_tokenskip_matches_loop(keep_ratio):
+    torch.manual_seed(5)
+    B, T, H = 2, 10, 3
+    ce = torch.randint(0, 4, (B, T, H)).float()  # many ties
+    ref = torch.zeros(B, T, H)
+    valid = torch.rand(B, T, H) > 0.2
+    w = rho1_weights(ce, ref, valid, "tokenskip", keep_ratio=keep_ratio)
+    expect = brute_topk(ce - ref, valid, keep_ratio)
+    assert torch.equal(w, expect)
+    for k in range(H):
+        n = int(valid[:, :, k].sum())
+        assert int(w[:, :, k].sum()) == keep_count(keep_ratio, n)
+
+
+def test_tokenskip_ties_go_to_lower_flat_index():
+    s = torch.zeros(2, 3, 1)
+    valid = torch.ones(2, 3, 1, dtype=torch.bool)
+    w = rho1_weights(s, torch.zeros_like(s), valid, "tokenskip", keep_ratio=0.5)
+    assert w[:, :, 0].flatten().tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+
+
+def test_keep_count_is_exact_decimal():
+    assert keep_count(0.7, 10) == 7
+    assert keep_count(0.7, 11) == 8
+    assert keep_count(0.3, 10) == 3
+    assert keep_count(1.0, 5) == 5
+
+
+def test_rho1_rejects_bad_mode_and_ratio():
+    z = torch.zeros(1, 2, 1)
+    v = torch.ones(1, 2, 1, dtype=torch.bool)
+    with pytest.raises(ValueError, match="mode"):
+        rho1_weights(z, z, v, "soft")
+    with pytest.raises(ValueError, match="keep_ratio"):
+        rho1_weights(z, z, v, "tokenskip", keep_ratio=0.0)
+
+
+@pytest.mark.parametrize("head_weights", [None, [1.0, 0.3, 0.3]])
+def test_weighted_mtp_loss_matches_loop(head_weights):
+    torch.manual_seed(6)
+    B, T, H = 2, 6, 3
+    ce = torch.rand(B, T, H)
+    w = torch.rand(B, T, H) * 2
+    valid = torch.rand(B, T, H) > 0.3
+    valid[:, :, 2] = False  # a head with nothing valid contributes 0
+    loss = weighted_mtp_loss(ce, w, valid, head_weights)
+    alpha = head_weights or [1.0] * H
+    total = 0.0
+    for k in range(H):
+        num = sum(w[b, t, k].item() * ce[b, t, k].item() for b in range(B) for t in range(T) if valid[b, t, k])
+        den = sum(w[b, t, k].item() for b in range(B) for t in range(T) if valid[b, t, k])
+        total += alpha[k] * (num / den if den > 0 else 0.0)
+    assert loss.item() == pytest.approx(total, rel=1e-5)
+
+
+def test_uniform_weights_give_plain_mtp_loss():
+    torch.manual_seed(7)
+    logits = torch.randn(2, 6, 2, 9)
+    x = torch.randint(0, 9, (2, 6))
+    ce, valid = mtp_token_ce(logits, x)
+    loss = weighted_mtp_loss(ce, valid.float(), valid)
+    plain = sum(
+        torch.nn.functional.cross_entropy(logits[:, : 6 - k - 1, k].reshape(-1, 9), x[:, k + 1 :].reshape(-1))
+        for k in range(2)
+    )
+    assert loss.item() == pytest.approx(plain.item(), rel=1e-6)
+
+
+def test_head_weights_length_checked():
+    z = torch.zeros(1, 2, 3)
+    with pytest.raises(ValueError, match="3 heads"):
+        weighted_mtp_loss(z, z, z.bool(), [1.0, 2.0])
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_chunked_linear_ce_value_and_grad(chunk):
+    torch.manual_seed(8)
+    B, T, D, V = 2, 7, 5, 13
+    h = torch.randn(B, T, D, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(V, D, dtype=torch.float64, requires_grad=True)
+    targets, valid = head_targets(torch.randint(0, V, (B, T)), 1, torch.rand(B, T) > 0.2)
+    g = torch.randn(B, T, dtype=torch.float64)
+    ce = chunked_linear_ce(h, W, targets, valid, chunk)
+    ref = torch.nn.functional.cross_entropy((h @ W.t()).reshape(-1, V), targets.reshape(-1), reduction="none")
+    ref = torch.where(valid, ref.view(B, T), torch.zeros_like(ref.view(B, T)))
+    torch.testing.assert_close(ce.double(), ref, atol=1e-5, rtol=1e-5)
+    gh, gw = torch.autograd.grad((ce * g).sum(), [h, W])
+    rh, rw = torch.autograd.grad((ref * g).sum(), [h, W])
+    torch.testing.assert_close(gh, rh, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gw, rw, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,77 @@
+"""The sequential (memory-efficient) step gives the same gradients as all heads at once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wmtp_lib.heads import MTPModel
+from wmtp_lib.losses import align_reference, critic_weights, rho1_weights
+from wmtp_lib.step import all_heads_step, sequential_mtp_step, uniform_weights
+
+from conftest import tiny_config
+
+
+def _weight_fns(H, B, T):
+    torch.manual_seed(11)
+    ref = align_reference(torch.rand(B, T) * 4, H)
+    td = torch.randn(B, T, H)
+
+    def rho1(k, ce_k, valid_k):
+        return rho1_weights(ce_k.unsqueeze(-1), ref[:, :, k : k + 1], valid_k.unsqueeze(-1)).squeeze(-1)
+
+    def skip(k, ce_k, valid_k):
+        return rho1_weights(ce_k.unsqueeze(-1), ref[:, :, k : k + 1], valid_k.unsqueeze(-1),
+                            mode="tokenskip").squeeze(-1)
+
+    def critic(k, ce_k, valid_k):
+        return critic_weights(td[:, :, k : k + 1], valid_k.unsqueeze(-1)).squeeze(-1)
+
+    return {"uniform": uniform_weights, "rho1": rho1, "tokenskip": skip, "critic": critic}
+
+
+@pytest.mark.parametrize("kind", ["uniform", "rho1", "tokenskip", "critic"])
+@pytest.mark.parametrize("chunk", [3, 512])
+def test_sequential_gradients_equal_all_at_once(kind, chunk):
+    torch.manual_seed(0)
+    model = MTPModel(tiny_config(n_future=4, layers=6)).train()
+    twin = model.copy()
+    B, T = 3, 12
+    x = torch.randint(0, 61, (B, T))
+    label_mask = torch.ones(B, T, dtype=torch.bool)
+    label_mask[:, :4] = False
+    attn = torch.ones(B, T, dtype=torch.long)
+    attn[0, 9:] = 0
+    label_mask[0, 9:] = False
+    fn = _weight_fns(4, B, T)[kind]
+    hw = [1.0, 0.3, 0.3, 0.3]
+    ref = all_heads_step(model, x, attn, label_mask, fn, hw, loss_scale=0.5)
+    out = sequential_mtp_step(twin, x, attn, label_mask, fn, hw, chunk_size=chunk, loss_scale=0.5)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.weights, ref.weights)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert p.grad is not None and q.grad is not None, name
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_sequential_step_extra_trunk_loss_reaches_trunk():
+    torch.manual_seed(1)
+    model = MTPModel(tiny_config()).train()
+    twin = model.copy()
+    probe = torch.randn(32)
+    x = torch.randint(0, 61, (2, 8))
+
+    def extra(h):
+        return (h @ probe).pow(2).mean()
+
+    out = sequential_mtp_step(model, x, extra_trunk_loss=extra)
+    logits = twin(x)
+    from wmtp_lib.losses import mtp_token_ce, weighted_mtp_loss
+
+    ce, valid = mtp_token_ce(logits, x)
+    state = twin(x, return_trunk=True)
+    loss = weighted_mtp_loss(ce, valid.float(), valid) + extra(state.hidden)
+    loss.backward()
+    torch.testing.assert_close(out.loss, loss.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.trunk[0].mlp.up_proj.weight.grad, twin.trunk[0].mlp.up_proj.weight.grad,
+                               atol=1e-5, rtol=1e-4)

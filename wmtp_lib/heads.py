@@ -1,0 +1,369 @@
+"""Multi-token prediction model built from `transformers` Llama blocks.
+
+Layout (DESIGN §5): a trunk of ``n_layers - H`` decoder blocks, ``H`` head blocks that each read the
+trunk output, one shared final RMSNorm and one shared unembedding. Head ``k`` at position ``t``
+predicts token ``t + k + 1``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.cache_utils import Cache
+from transformers.masking_utils import create_causal_mask
+from transformers.models.llama.modeling_llama import (
+    LlamaDecoderLayer,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+)
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`torch.bfloat16` -> ``"bfloat16"`` (the spelling stored in ``config.json``)."""
+    for name, value in _DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"unsupported dtype {dtype}; use one of {sorted(_DTYPES)}")
+
+
+def mtp_config(n_future_tokens: int, **llama_kwargs: Any) -> LlamaConfig:
+    """A `LlamaConfig` whose ``num_hidden_layers`` counts trunk + head blocks, plus ``n_future_tokens``."""
+    config = LlamaConfig(**llama_kwargs)
+    config.n_future_tokens = int(n_future_tokens)
+    config._attn_implementation = "sdpa"
+    validate_mtp_config(config)
+    return config
+
+
+def validate_mtp_config(config: LlamaConfig) -> None:
+    """Raise ``ValueError`` naming the bad field when the config cannot describe an MTP model."""
+    n_future = getattr(config, "n_future_tokens", None)
+    if not isinstance(n_future, int) or n_future < 1:
+        raise ValueError(f"config.n_future_tokens must be a positive integer, got {n_future!r}")
+    if config.num_hidden_layers < n_future:
+        raise ValueError(
+            f"config.num_hidden_layers ({config.num_hidden_layers}) must be >= n_future_tokens ({n_future}): "
+            "it counts trunk blocks plus one block per head"
+        )
+    if config.tie_word_embeddings:
+        raise ValueError("config.tie_word_embeddings must be false: MTPModel keeps its own unembedding")
+
+
+@dataclass
+class TrunkState:
+    """What the head blocks need from a trunk pass: its output and the shared attention context."""
+
+    hidden: torch.Tensor
+    attention_mask: Any
+    position_ids: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    cache: Cache | None
+
+
+class MTPModel(nn.Module):
+    """Trunk + ``n_future`` head blocks + shared norm and unembedding; logits ``(B, T, H, V)``."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        validate_mtp_config(config)
+        config._attn_implementation = "sdpa"
+        self.config = config
+        n_layers = config.num_hidden_layers
+        n_future = config.n_future_tokens
+        n_trunk = n_layers - n_future
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Unique layer_idx per block so one KV cache can hold the trunk and every head.
+        self.trunk = nn.ModuleList([LlamaDecoderLayer(config, i) for i in range(n_trunk)])
+        self.heads = nn.ModuleList([LlamaDecoderLayer(config, n_trunk + k) for k in range(n_future)])
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def n_future(self) -> int:
+        """Number of prediction heads ``H``."""
+        return int(self.config.n_future_tokens)
+
+    @property
+    def n_trunk(self) -> int:
+        return len(self.trunk)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def reset_parameters(self) -> None:
+        """Llama's initialisation: normal(0, initializer_range) for matrices, ones for norms."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, LlamaRMSNorm):
+                nn.init.ones_(module.weight)
+
+    def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
+        """Recompute trunk block activations in backward instead of storing them."""
+        self.gradient_checkpointing = enabled
+
+    # ------------------------------------------------------------------ forward pieces
+    def forward_trunk(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
+    ) -> TrunkState:
+        """Embed and run the trunk blocks; returns the trunk output and the attention context."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        embeds = self.embed_tokens(input_ids)
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        position_embeddings = self.rotary_emb(embeds, position_ids=position_ids)
+        hidden = embeds
+        for block in self.trunk:
+            hidden = self._run_block(block, hidden, mask, position_ids, position_embeddings, cache)
+        return TrunkState(hidden, mask, position_ids, position_embeddings, cache)
+
+    def _run_block(self, block, hidden, mask, position_ids, position_embeddings, cache):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
+            return checkpoint(
+                block.__call__,
+                hidden,
+                mask,
+                position_ids,
+                None,
+                False,
+                position_embeddings,
+                use_reentrant=False,
+            )
+        return block(
+            hidden,
+            attention_mask=mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=cache is not None,
+            position_embeddings=position_embeddings,
+        )
+
+    def forward_head(self, k: int, state: TrunkState, trunk_hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Head ``k``'s normed hidden state ``(B, T, D)`` (before the unembedding).
+
+        ``trunk_hidden`` replaces ``state.hidden`` (e.g. a detached copy for the sequential step).
+        """
+        hidden = state.hidden if trunk_hidden is None else trunk_hidden
+        out = self.heads[k](
+            hidden,
+            attention_mask=state.attention_mask,
+            position_ids=state.position_ids,
+            cache=state.cache,
+            use_cache=state.cache is not None,
+            position_embeddings=state.position_embeddings,
+        )
+        return self.norm(out)
+
+    def head_logits(self, k: int, state: TrunkState) -> torch.Tensor:
+        """Float logits ``(B, T, V)`` of head ``k``."""
+        return self.lm_head(self.forward_head(k, state)).float()
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, return_trunk: bool = False
+    ) -> torch.Tensor | TrunkState:
+        """Float logits ``(B, T, H, V)``: entry ``[b, t, k]`` scores token ``t + k + 1``.
+
+        ``return_trunk=True`` returns the `TrunkState` instead (the sequential step goes through
+        ``__call__`` so that FSDP's hooks gather the root parameters).
+        """
+        state = self.forward_trunk(input_ids, attention_mask)
+        if return_trunk:
+            return state
+        return torch.stack([self.head_logits(k, state) for k in range(self.n_future)], dim=2)
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (dtype kept) into ``path``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config = self.config.to_dict()
+        config["n_future_tokens"] = self.n_future
+        config["torch_dtype"] = dtype_name(self.dtype)
+        config["architectures"] = ["MTPModel"]
+        config.pop("_attn_implementation_autoset", None)
+        (path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+        save_file(state, str(path / WEIGHTS_NAME), metadata={"format": "pt", "n_future_tokens": str(self.n_future)})
+        return path
+
+    @classmethod
+    def config_from_dir(cls, path: str | Path) -> LlamaConfig:
+        """Read an MTP ``config.json``; errors name the file and the bad field."""
+        cfg_path = Path(path) / CONFIG_NAME
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{cfg_path} not found: not an MTPModel directory (convert it with "
+                                    f"`python -m wmtp_lib.loaders convert SRC {path}`)")
+        raw = json.loads(cfg_path.read_text())
+        if "n_future_tokens" not in raw:
+            raise ValueError(f"{cfg_path}: missing n_future_tokens (is this a plain causal LM? use "
+                             "MTPModel.from_causal_lm)")
+        n_future = raw.pop("n_future_tokens")
+        stored = raw.pop("torch_dtype", None) or raw.pop("dtype", None)
+        for key in ("architectures", "model_type", "transformers_version", "dtype"):
+            raw.pop(key, None)
+        config = mtp_config(n_future, **raw)
+        if stored is not None and stored not in _DTYPES:
+            raise ValueError(f"{cfg_path}: torch_dtype {stored!r} is not one of {sorted(_DTYPES)}")
+        config.wmtp_dtype = stored
+        return config
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    ) -> "MTPModel":
+        """Load a directory written by `save_pretrained` or `convert_checkpoint`; strict on keys."""
+        path = Path(path)
+        config = cls.config_from_dir(path)
+        state = load_safetensors_dir(path)
+        stored_dtype = _DTYPES.get(config.wmtp_dtype or "", None)
+        del config.wmtp_dtype
+        if stored_dtype is None:
+            stored_dtype = next(iter(state.values())).dtype
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(state, strict=True, assign=True)
+        # Non-persistent RoPE buffers were created on meta; rebuild them.
+        model.rotary_emb = LlamaRotaryEmbedding(config=config)
+        model = model.to(device=device, dtype=dtype or stored_dtype)
+        return model
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        """Strict load with an error that names every missing and unexpected key."""
+        if not strict:
+            raise ValueError("MTPModel loads are always strict: a missing weight is an error")
+        expected = set(self.state_dict().keys())
+        given = set(state_dict.keys())
+        missing = sorted(expected - given)
+        unexpected = sorted(given - expected)
+        if missing or unexpected:
+            raise KeyError(
+                f"checkpoint does not match MTPModel: missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}"
+                f" ({len(missing)}), unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+                f" ({len(unexpected)})"
+            )
+        own = self.state_dict()
+        for name, tensor in state_dict.items():
+            if tuple(own[name].shape) != tuple(tensor.shape):
+                raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, "
+                                 f"model {tuple(own[name].shape)}")
+        return super().load_state_dict(state_dict, strict=True, assign=assign)
+
+    # ------------------------------------------------------------------ causal-LM interop
+    @classmethod
+    def from_causal_lm(cls, source: str | Path | LlamaForCausalLM, n_future: int) -> "MTPModel":
+        """Any Llama-family causal LM → MTP model: last layer is head 0, extra heads copy it.
+
+        Head 0 then reproduces the source model's logits exactly.
+        """
+        if isinstance(source, (str, Path)):
+            from wmtp_lib.loaders import load_causal_lm
+
+            source = load_causal_lm(source)
+        src_cfg = source.config
+        kwargs = {k: v for k, v in src_cfg.to_dict().items()
+                  if k not in ("architectures", "model_type", "transformers_version", "n_future_tokens")}
+        tied = bool(kwargs.get("tie_word_embeddings", False))
+        kwargs["tie_word_embeddings"] = False
+        n_layers = src_cfg.num_hidden_layers
+        kwargs["num_hidden_layers"] = n_layers - 1 + n_future
+        config = mtp_config(n_future, **kwargs)
+        with torch.device("meta"):
+            model = cls(config)
+        src = source.state_dict()
+        state: dict[str, torch.Tensor] = {"embed_tokens.weight": src["model.embed_tokens.weight"],
+                                          "norm.weight": src["model.norm.weight"]}
+        state["lm_head.weight"] = src["model.embed_tokens.weight" if tied else "lm_head.weight"].clone()
+        for i in range(n_layers - 1):
+            prefix = f"model.layers.{i}."
+            for name, tensor in src.items():
+                if name.startswith(prefix):
+                    state[f"trunk.{i}.{name[len(prefix):]}"] = tensor
+        last = f"model.layers.{n_layers - 1}."
+        for k in range(n_future):
+            for name, tensor in src.items():
+                if name.startswith(last):
+                    state[f"heads.{k}.{name[len(last):]}"] = tensor.clone()
+        model.load_state_dict(state, strict=True, assign=True)
+        model.rotary_emb = LlamaRotaryEmbedding(config=config)
+        return model.to(device=source.device, dtype=source.dtype)
+
+    def head0_causal_lm(self) -> LlamaForCausalLM:
+        """A plain `LlamaForCausalLM` (trunk + head 0) whose logits equal head 0's."""
+        kwargs = {k: v for k, v in self.config.to_dict().items()
+                  if k not in ("architectures", "model_type", "transformers_version", "n_future_tokens")}
+        kwargs["num_hidden_layers"] = self.n_trunk + 1
+        config = LlamaConfig(**kwargs)
+        config.architectures = ["LlamaForCausalLM"]
+        state = {"model.embed_tokens.weight": self.embed_tokens.weight, "model.norm.weight": self.norm.weight,
+                 "lm_head.weight": self.lm_head.weight}
+        for i, block in enumerate(list(self.trunk) + [self.heads[0]]):
+            for name, tensor in block.state_dict().items():
+                state[f"model.layers.{i}.{name}"] = tensor
+        with torch.device("meta"):
+            lm = LlamaForCausalLM(config)
+        lm.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True, assign=True)
+        lm.model.rotary_emb = LlamaRotaryEmbedding(config=config)
+        return lm.to(device=self.device, dtype=self.dtype).eval()
+
+    def export_head0(self, dst: str | Path) -> Path:
+        """Write head 0 as a plain `LlamaForCausalLM` directory (config + safetensors)."""
+        dst = Path(dst)
+        self.head0_causal_lm().save_pretrained(dst)
+        return dst
+
+    def copy(self) -> "MTPModel":
+        return copy.deepcopy(self)
+
+
+def load_safetensors_dir(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of the ``*.safetensors`` files in ``path``; a key in two shards is an error."""
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        for name, tensor in load_file(str(file)).items():
+            if name in state:
+                raise ValueError(f"tensor {name} appears in more than one shard of {path}")
+            state[name] = tensor
+    return state

@@ -1,0 +1,266 @@
+"""Per-token MTP losses and importance weights (DESIGN §4).
+
+Shapes: ``B`` batch, ``T`` length, ``H`` heads, ``V`` vocabulary. Entry ``[b, t, k]`` always refers to
+head ``k`` at position ``t``, whose target is token ``x[b, t + k + 1]``. Weights never carry gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+
+STD_EPS = 1e-6
+
+
+def head_targets(
+    input_ids: torch.Tensor, k: int, label_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets and validity of head ``k``: ``target[b,t] = x[b,t+k+1]`` (0 where invalid), both ``(B, T)``."""
+    B, T = input_ids.shape
+    shift = k + 1
+    targets = torch.zeros_like(input_ids)
+    valid = torch.zeros(B, T, dtype=torch.bool, device=input_ids.device)
+    if shift < T:
+        targets[:, : T - shift] = input_ids[:, shift:]
+        if label_mask is None:
+            valid[:, : T - shift] = True
+        else:
+            valid[:, : T - shift] = label_mask[:, shift:].bool()
+    targets = torch.where(valid, targets, torch.zeros_like(targets))
+    return targets, valid
+
+
+def mtp_token_ce(
+    logits: torch.Tensor, input_ids: torch.Tensor, label_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy of every head.
+
+    ``ce[b,t,k] = -log p_k(x[b,t+k+1] | x[b,<=t])``; ``valid[b,t,k] = t+k+1 < T and label_mask[b,t+k+1]``;
+    ``ce`` is 0 where not valid. ``logits`` is ``(B, T, H, V)``; returns float32 ``ce`` and bool ``valid``.
+    """
+    if logits.dim() != 4:
+        raise ValueError(f"logits must be (B, T, H, V), got shape {tuple(logits.shape)}")
+    B, T, H, V = logits.shape
+    if tuple(input_ids.shape) != (B, T):
+        raise ValueError(f"input_ids shape {tuple(input_ids.shape)} does not match logits (B, T) = {(B, T)}")
+    if label_mask is not None and tuple(label_mask.shape) != (B, T):
+        raise ValueError(f"label_mask shape {tuple(label_mask.shape)} must be (B, T) = {(B, T)}")
+    ces, valids = [], []
+    for k in range(H):
+        targets, valid = head_targets(input_ids, k, label_mask)
+        ce = F.cross_entropy(logits[:, :, k].float().reshape(B * T, V), targets.reshape(-1), reduction="none")
+        ces.append(torch.where(valid, ce.view(B, T), torch.zeros((), dtype=ce.dtype, device=ce.device)))
+        valids.append(valid)
+    return torch.stack(ces, dim=2), torch.stack(valids, dim=2)
+
+
+def align_reference(ref_ce: torch.Tensor, H: int) -> torch.Tensor:
+    """Align a next-token model's loss with the heads: ``out[b,t,k] = ref_ce[b,t+k]`` (0 past the end).
+
+    ``ref_ce[b,j]`` is the reference loss for token ``j+1``; head ``k`` at ``t`` targets the same token.
+    """
+    if ref_ce.dim() != 2:
+        raise ValueError(f"ref_ce must be (B, T), got shape {tuple(ref_ce.shape)}")
+    B, T = ref_ce.shape
+    out = ref_ce.new_zeros(B, T, H)
+    for k in range(H):
+        if k < T:
+            out[:, : T - k, k] = ref_ce[:, k:]
+    return out
+
+
+def _check_same_shape(name: str, tensor: torch.Tensor, valid: torch.Tensor) -> None:
+    if tensor.shape != valid.shape:
+        raise ValueError(f"{name} shape {tuple(tensor.shape)} must equal valid shape {tuple(valid.shape)}")
+
+
+@torch.no_grad()
+def soft_weights(
+    scores: torch.Tensor, valid: torch.Tensor, temperature: float = 1.0, max_weight: float = 3.0
+) -> torch.Tensor:
+    """Per head, over valid entries: z-score, ``exp(z / temperature)``, normalise to mean 1, clip at ``max_weight``.
+
+    ``scores`` and ``valid`` are ``(B, T, H)``; returns float32 weights, 0 where not valid.
+    """
+    _check_same_shape("scores", scores, valid)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if max_weight <= 0:
+        raise ValueError(f"max_weight must be > 0, got {max_weight}")
+    s = scores.detach().float()
+    m = valid.bool()
+    mf = m.float()
+    n = mf.sum(dim=(0, 1)).clamp(min=1.0)
+    mean = (s * mf).sum(dim=(0, 1)) / n
+    var = (((s - mean) ** 2) * mf).sum(dim=(0, 1)) / n
+    z = (s - mean) / (var.sqrt() + STD_EPS)
+    w = torch.exp(torch.where(m, z / temperature, torch.zeros_like(z)))
+    w = torch.where(m, w, torch.zeros_like(w))
+    w_mean = w.sum(dim=(0, 1)) / n
+    w = w / w_mean.clamp(min=torch.finfo(w.dtype).tiny)
+    w = torch.clamp(w, max=max_weight)
+    return torch.where(m, w, torch.zeros_like(w))
+
+
+def keep_count(keep_ratio: float, n_valid: int) -> int:
+    """``ceil(keep_ratio * n_valid)`` in exact decimal arithmetic (0.7 × 10 keeps 7, not 8)."""
+    return math.ceil(Fraction(repr(float(keep_ratio))) * n_valid)
+
+
+@torch.no_grad()
+def topk_weights(scores: torch.Tensor, valid: torch.Tensor, keep_ratio: float = 0.7) -> torch.Tensor:
+    """Per head, weight 1 on the ``ceil(keep_ratio · n_valid)`` valid entries with the highest score, else 0.
+
+    Ties go to the lower flat ``(b, t)`` index. Uses a stable sort, not ``torch.quantile``.
+    """
+    _check_same_shape("scores", scores, valid)
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+    B, T, H = scores.shape
+    s = scores.detach().float()
+    out = torch.zeros(B, T, H, dtype=torch.float32, device=scores.device)
+    for k in range(H):
+        sk = s[:, :, k].reshape(-1)
+        mk = valid[:, :, k].reshape(-1).bool()
+        n_valid = int(mk.sum())
+        if n_valid == 0:
+            continue
+        keep = keep_count(keep_ratio, n_valid)
+        idx = torch.nonzero(mk, as_tuple=False).squeeze(1)
+        # Stable descending sort keeps equal scores in index order, so ties go to the lower index.
+        order = torch.sort(sk[idx], descending=True, stable=True).indices
+        chosen = idx[order[:keep]]
+        flat = out[:, :, k].reshape(-1).clone()
+        flat[chosen] = 1.0
+        out[:, :, k] = flat.view(B, T)
+    return out
+
+
+@torch.no_grad()
+def rho1_weights(
+    ce: torch.Tensor,
+    ref_ce_aligned: torch.Tensor,
+    valid: torch.Tensor,
+    mode: str = "weighted",
+    temperature: float = 1.0,
+    keep_ratio: float = 0.7,
+    max_weight: float = 3.0,
+) -> torch.Tensor:
+    """Rho-1 token weights from the excess loss ``s = ce.detach() - ref_ce_aligned`` (all ``(B, T, H)``).
+
+    ``mode="weighted"``: soft weights; ``mode="tokenskip"``: hard top-``keep_ratio`` selection.
+    """
+    _check_same_shape("ce", ce, valid)
+    _check_same_shape("ref_ce_aligned", ref_ce_aligned, valid)
+    scores = ce.detach().float() - ref_ce_aligned.detach().float()
+    if mode == "weighted":
+        return soft_weights(scores, valid, temperature=temperature, max_weight=max_weight)
+    if mode == "tokenskip":
+        return topk_weights(scores, valid, keep_ratio=keep_ratio)
+    raise ValueError(f"rho1 mode must be 'weighted' or 'tokenskip', got {mode!r}")
+
+
+@torch.no_grad()
+def critic_weights(
+    td: torch.Tensor, valid: torch.Tensor, temperature: float = 1.0, max_weight: float = 3.0
+) -> torch.Tensor:
+    """Soft weights from aligned TD errors ``td[b,t,k] = δ_{t+k}`` (``(B, T, H)``)."""
+    return soft_weights(td, valid, temperature=temperature, max_weight=max_weight)
+
+
+def head_loss(ce: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``Σ w·m·ce / Σ w·m`` over all but the last dims (0 when the denominator is 0)."""
+    wm = weights.detach().float() * valid.float()
+    dims = tuple(range(ce.dim() - 1)) if ce.dim() == 3 else tuple(range(ce.dim()))
+    num = (wm * ce.float()).sum(dim=dims)
+    den = wm.sum(dim=dims)
+    return torch.where(den > 0, num / den.clamp(min=torch.finfo(den.dtype).tiny), torch.zeros_like(num))
+
+
+def weighted_mtp_loss(
+    ce: torch.Tensor,
+    weights: torch.Tensor,
+    valid: torch.Tensor,
+    head_weights: torch.Tensor | list[float] | None = None,
+) -> torch.Tensor:
+    """``L = Σ_k α_k · Σ_{b,t} w·m·ce / Σ_{b,t} w·m`` (each head term 0 when its denominator is 0)."""
+    _check_same_shape("ce", ce, valid)
+    _check_same_shape("weights", weights, valid)
+    per_head = head_loss(ce, weights, valid)
+    alpha = resolve_head_weights(head_weights, ce.shape[-1], per_head.device)
+    return (alpha * per_head).sum()
+
+
+def resolve_head_weights(
+    head_weights: torch.Tensor | list[float] | None, H: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """``α`` as a float32 tensor of length ``H`` (all ones by default)."""
+    if head_weights is None:
+        return torch.ones(H, dtype=torch.float32, device=device)
+    alpha = torch.as_tensor(head_weights, dtype=torch.float32, device=device).flatten()
+    if alpha.numel() != H:
+        raise ValueError(f"head_weights has {alpha.numel()} entries, the model has {H} heads")
+    return alpha
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    """Cross-entropy of ``h @ W.T`` per token, computed in sequence chunks; logits are recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, valid, chunk_size):  # type: ignore[override]
+        B, T, _ = hidden.shape
+        ce = torch.zeros(B, T, dtype=torch.float32, device=hidden.device)
+        lse = torch.zeros(B, T, dtype=torch.float32, device=hidden.device)
+        for start in range(0, T, chunk_size):
+            stop = min(T, start + chunk_size)
+            logits = (hidden[:, start:stop] @ weight.t()).float()
+            chunk_lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(-1, targets[:, start:stop].unsqueeze(-1)).squeeze(-1)
+            lse[:, start:stop] = chunk_lse
+            ce[:, start:stop] = torch.where(valid[:, start:stop], chunk_lse - picked, torch.zeros_like(picked))
+        ctx.save_for_backward(hidden, weight, targets, valid, lse)
+        ctx.chunk_size = chunk_size
+        return ce
+
+    @staticmethod
+    def backward(ctx, grad_ce):  # type: ignore[override]
+        hidden, weight, targets, valid, lse = ctx.saved_tensors
+        chunk_size = ctx.chunk_size
+        B, T, _ = hidden.shape
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        g_all = torch.where(valid, grad_ce.float(), torch.zeros_like(lse))
+        for start in range(0, T, chunk_size):
+            stop = min(T, start + chunk_size)
+            h = hidden[:, start:stop]
+            probs = torch.exp((h @ weight.t()).float() - lse[:, start:stop].unsqueeze(-1))
+            probs.scatter_add_(-1, targets[:, start:stop].unsqueeze(-1),
+                               torch.full_like(lse[:, start:stop].unsqueeze(-1), -1.0))
+            grad_logits = probs * g_all[:, start:stop].unsqueeze(-1)
+            if grad_hidden is not None:
+                grad_hidden[:, start:stop] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += grad_logits.reshape(-1, grad_logits.shape[-1]).t() @ h.reshape(-1, h.shape[-1]).float()
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def chunked_linear_ce(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    valid: torch.Tensor,
+    chunk_size: int = 512,
+) -> torch.Tensor:
+    """Per-token CE ``(B, T)`` of logits ``hidden @ weight.T`` without materialising ``(B, T, V)`` in float32.
+
+    Only ``(B, chunk_size, V)`` logits exist at a time, in forward and backward; 0 where not valid.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return _ChunkedLinearCE.apply(hidden, weight, targets, valid.bool(), int(chunk_size))
