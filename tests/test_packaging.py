@@ -1,0 +1,51 @@
+"""environment.yml and pyproject.toml list the same packages; the README shows the contract commands."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _name(req: str) -> str:
+    return re.split(r"[<>=!~\[ ;]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _normalise(req: str) -> str:
+    return req.replace(" ", "").lower().replace("_", "-")
+
+
+def test_environment_yml_matches_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + project["optional-dependencies"]["dev"]
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    assert "python=3.11" in env["dependencies"]
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    listed = [r for r in pip_section if not r.startswith("-e")]
+    assert sorted(map(_normalise, listed)) == sorted(map(_normalise, wanted)), (
+        "environment.yml pip section and pyproject.toml dependencies differ: "
+        f"only in yml {sorted(set(map(_name, listed)) - set(map(_name, wanted)))}, "
+        f"only in pyproject {sorted(set(map(_name, wanted)) - set(map(_name, listed)))}"
+    )
+
+
+def test_torch_floor_is_2_6():
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert "torch>=2.6" in deps
+
+
+def test_readme_shows_setup_and_test_commands():
+    readme = (ROOT / "README.md").read_text()
+    assert 'pip install -e ".[dev]"' in readme
+    assert re.search(r"^pytest\b", readme, flags=re.M)
+    assert "papermill notebooks/train.ipynb" in readme
+
+
+def test_ci_runs_readme_commands():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert 'pip install --quiet -e ".[dev]"' in ci
+    assert "python -m pytest" in ci
