@@ -26,3 +26,28 @@ def tiny_config(n_future: int = 3, vocab: int = 61, gqa: bool = True, layers: in
 def tiny_mtp() -> MTPModel:
     torch.manual_seed(0)
     return MTPModel(tiny_config()).eval()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    from s3_server import moto_s3_server
+
+    with moto_s3_server() as url:
+        yield url
+
+
+@pytest.fixture
+def s3_env(s3_endpoint, monkeypatch):
+    """Point boto3 at the local endpoint with throwaway credentials and a fresh bucket."""
+    import uuid
+
+    import boto3
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-north-1")
+    bucket = f"wmtp-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="eu-north-1").create_bucket(
+        Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-north-1"})
+    return bucket
