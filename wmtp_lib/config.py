@@ -1,0 +1,279 @@
+"""Run configuration: recipe + environment + overrides → one validated, resolved dict.
+
+Every key a file may set is declared in `SCHEMA`; an unknown key, a wrong type or a value outside its
+choices is an error that names the key and the file it came from.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from wmtp_lib.registry import PROJECT_ROOT
+
+PARAMS_DIR = PROJECT_ROOT / "params"
+RECIPES = ("mtp_baseline", "rho1", "rho1_tokenskip", "critic")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid."""
+
+
+@dataclass(frozen=True)
+class F:
+    """One configuration field: its type(s), default, allowed values and whether None is allowed."""
+
+    types: tuple[type, ...]
+    default: Any
+    choices: tuple[Any, ...] | None = None
+    nullable: bool = False
+
+
+SCHEMA: dict[str, Any] = {
+    "recipe": F((str,), None, RECIPES, nullable=True),
+    "run_name": F((str,), None, nullable=True),
+    "seed": F((int,), 0),
+    "models": {
+        "base": F((str,), "tiny-mtp"),
+        "reference": F((str,), None, nullable=True),
+        "reward": F((str,), None, nullable=True),
+        "n_future": F((int,), 4),
+    },
+    "data": {
+        "dataset": F((str,), "synthetic"),
+        "max_length": F((int,), 256),
+        "pack": F((bool,), False),
+        "prompt_masking": F((bool,), True),
+        "n_train": F((int,), 2000),
+        "n_test": F((int,), 200),
+        "noise_fraction": F((float, int), 0.2),
+        "data_seed": F((int,), 1234),
+    },
+    "train": {
+        "steps": F((int,), 200),
+        "micro_batch_size": F((int,), 8),
+        "grad_accum": F((int,), 1),
+        "lr": F((float,), 1e-3),
+        "weight_decay": F((float, int), 0.0),
+        "warmup_steps": F((int,), 10),
+        "min_lr_ratio": F((float, int), 0.1),
+        "max_grad_norm": F((float, int), 1.0),
+        "log_every": F((int,), 10),
+        "save_every": F((int,), 100),
+        "resume": F((str,), "auto", ("auto", "never")),
+        "chunk_size": F((int,), 512),
+        "gradient_checkpointing": F((bool,), False),
+        "head_weights": F((list,), None, nullable=True),
+        "mixed_precision": F((str,), "no", ("no", "bf16")),
+        "trackers": F((list,), []),
+        "stop_after": F((int,), None, nullable=True),
+    },
+    "weights": {
+        "scheme": F((str,), "uniform", ("uniform", "rho1", "critic")),
+        "mode": F((str,), "weighted", ("weighted", "tokenskip")),
+        "temperature": F((float, int), 1.0),
+        "keep_ratio": F((float, int), 0.7),
+        "max_weight": F((float, int), 3.0),
+    },
+    "rho1": {
+        "ref_cache": F((bool,), True),
+        "ref_batch_size": F((int,), 16),
+    },
+    "critic": {
+        "reward_source": F((str,), "model", ("model", "execution")),
+        "gamma": F((float, int), 1.0),
+        "lam": F((float, int), 0.95),
+        "value_coef": F((float, int), 0.5),
+        "value_grad_to_trunk": F((bool,), False),
+        "stage1_steps": F((int,), 100),
+        "stage1_lr": F((float,), 1e-3),
+        "rollouts": F((int,), 4),
+        "rollout_max_new_tokens": F((int,), 96),
+        "rollout_temperature": F((float, int), 0.8),
+    },
+    "paths": {
+        "models_dir": F((str,), "models"),
+        "datasets_dir": F((str,), "datasets"),
+        "runs_dir": F((str,), "runs"),
+    },
+    "storage": {
+        "kind": F((str,), "local", ("local", "s3")),
+        "stage_tiny_if_missing": F((bool,), True),
+    },
+    "launch": {
+        "num_processes": F((int,), 1),
+        "accelerate_config": F((str,), "params/accelerate/cpu_1proc.yaml"),
+    },
+}
+
+ENV_ONLY_KEYS = {"name", "description"}
+
+
+def defaults(schema: dict[str, Any] = SCHEMA) -> dict[str, Any]:
+    out = {}
+    for key, spec in schema.items():
+        out[key] = defaults(spec) if isinstance(spec, dict) else copy.deepcopy(spec.default)
+    return out
+
+
+def _check(values: dict[str, Any], schema: dict[str, Any], source: str, prefix: str = "") -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping")
+    for key, value in values.items():
+        dotted = prefix + key
+        if key not in schema:
+            valid = ", ".join(sorted(schema))
+            raise ConfigError(f"{source}: unknown key {dotted!r} (valid here: {valid})")
+        spec = schema[key]
+        if isinstance(spec, dict):
+            _check(value, spec, source, dotted + ".")
+            continue
+        if value is None:
+            if not spec.nullable:
+                raise ConfigError(f"{source}: {dotted} may not be null")
+            continue
+        # bool is an int subclass: do not let True pass as an integer count
+        if isinstance(value, bool) and bool not in spec.types:
+            raise ConfigError(f"{source}: {dotted} must be {'/'.join(t.__name__ for t in spec.types)}, got {value!r}")
+        if not isinstance(value, spec.types):
+            raise ConfigError(f"{source}: {dotted} must be {'/'.join(t.__name__ for t in spec.types)}, "
+                              f"got {type(value).__name__} {value!r}")
+        if spec.choices is not None and value not in spec.choices:
+            raise ConfigError(f"{source}: {dotted} must be one of {list(spec.choices)}, got {value!r}")
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def expand_dotted(overrides: dict[str, Any]) -> dict[str, Any]:
+    """``{"train.steps": 5}`` → ``{"train": {"steps": 5}}`` (nested dicts pass through)."""
+    out: dict[str, Any] = {}
+    for key, value in (overrides or {}).items():
+        parts = key.split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]] = _merge(node[parts[-1]], value)
+        else:
+            node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path} not found")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def recipe_path(recipe: str) -> Path:
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe {recipe!r}; valid recipes: {', '.join(RECIPES)}")
+    return PARAMS_DIR / "recipes" / f"{recipe}.yaml"
+
+
+def env_path(env: str) -> Path:
+    path = PARAMS_DIR / "envs" / f"{env}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in (PARAMS_DIR / "envs").glob("*.yaml"))
+        raise ConfigError(f"unknown environment {env!r}; valid environments: {', '.join(names)}")
+    return path
+
+
+def load_recipe(recipe: str) -> dict[str, Any]:
+    path = recipe_path(recipe)
+    data = read_yaml(path)
+    _check(data, SCHEMA, str(path.relative_to(PROJECT_ROOT)))
+    if data.get("recipe") != recipe:
+        raise ConfigError(f"{path}: recipe must be {recipe!r}, got {data.get('recipe')!r}")
+    return data
+
+
+def load_env(env: str) -> dict[str, Any]:
+    path = env_path(env)
+    data = read_yaml(path)
+    body = {k: v for k, v in data.items() if k not in ENV_ONLY_KEYS}
+    _check(body, SCHEMA, str(path.relative_to(PROJECT_ROOT)))
+    if "recipe" in body:
+        raise ConfigError(f"{path}: an environment may not set 'recipe'")
+    return data
+
+
+def resolve_config(recipe: str, env: str = "local", overrides: dict[str, Any] | None = None,
+                   run_name: str | None = None) -> dict[str, Any]:
+    """Defaults ← recipe ← environment ← overrides; returns the validated, resolved config."""
+    recipe_cfg = load_recipe(recipe)
+    env_cfg = load_env(env)
+    over = expand_dotted(overrides or {})
+    _check(over, SCHEMA, "overrides")
+    cfg = _merge(defaults(), recipe_cfg)
+    cfg = _merge(cfg, {k: v for k, v in env_cfg.items() if k not in ENV_ONLY_KEYS})
+    cfg = _merge(cfg, over)
+    cfg["env"] = env_cfg.get("name", env)
+    if run_name:
+        cfg["run_name"] = run_name
+    if not cfg.get("run_name"):
+        cfg["run_name"] = f"{recipe}-{cfg['env']}-seed{cfg['seed']}"
+    validate_resolved(cfg, "resolved config")
+    return cfg
+
+
+def validate_resolved(cfg: dict[str, Any], source: str) -> None:
+    """Cross-field checks that a single file cannot make."""
+    body = {k: v for k, v in cfg.items() if k != "env"}
+    _check(body, SCHEMA, source)
+    scheme = cfg["weights"]["scheme"]
+    if scheme == "rho1" and not cfg["models"]["reference"]:
+        raise ConfigError(f"{source}: weights.scheme rho1 needs models.reference")
+    if scheme == "critic" and cfg["critic"]["reward_source"] == "model" and not cfg["models"]["reward"]:
+        raise ConfigError(f"{source}: critic with reward_source 'model' needs models.reward")
+    hw = cfg["train"]["head_weights"]
+    if hw is not None and len(hw) != cfg["models"]["n_future"]:
+        raise ConfigError(f"{source}: train.head_weights has {len(hw)} entries but models.n_future is "
+                          f"{cfg['models']['n_future']}")
+    if not 0 < cfg["weights"]["keep_ratio"] <= 1:
+        raise ConfigError(f"{source}: weights.keep_ratio must be in (0, 1]")
+    for key in ("steps", "micro_batch_size", "grad_accum", "log_every", "save_every", "chunk_size"):
+        if cfg["train"][key] < 1:
+            raise ConfigError(f"{source}: train.{key} must be >= 1")
+    if cfg["data"]["max_length"] < 8:
+        raise ConfigError(f"{source}: data.max_length must be >= 8")
+
+
+def load_resolved(path: str | Path) -> dict[str, Any]:
+    """Read a resolved config written by `write_config` (validated again)."""
+    path = Path(path)
+    cfg = read_yaml(path)
+    if "env" not in cfg:
+        raise ConfigError(f"{path}: not a resolved config (no 'env' key); build one with resolve_config")
+    validate_resolved(cfg, str(path))
+    return cfg
+
+
+def write_config(cfg: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+def project_path(p: str | Path) -> Path:
+    """Relative paths in configs are relative to the project root."""
+    p = Path(p).expanduser()
+    return p if p.is_absolute() else PROJECT_ROOT / p

@@ -1,0 +1,122 @@
+"""The model and dataset registry (``params/models.yaml``), validated on load."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+REGISTRY_PATH = PROJECT_ROOT / "params" / "models.yaml"
+
+MODEL_ROLES = ("base", "reference", "reward")
+MODEL_FORMATS = ("meta", "hf", "tiny")
+REWARD_LAYOUTS = ("sequence_classification", "starling")
+DATASET_FORMATS = ("mbpp", "codecontests", "humaneval", "jsonl", "synthetic")
+
+_MODEL_KEYS = {"role", "format", "hf_repo", "hf_subfolder", "hf_root_files", "gated", "s3", "params_billion",
+               "n_future", "reward_layout"}
+_DATASET_KEYS = {"format", "hf_repo", "hf_config", "s3", "path"}
+
+
+class RegistryError(ValueError):
+    """The registry file is malformed, or an id is not in it."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    id: str
+    role: str
+    format: str
+    s3: str | None = None
+    hf_repo: str | None = None
+    hf_subfolder: str | None = None
+    hf_root_files: tuple[str, ...] = ()
+    gated: bool = False
+    params_billion: float | None = None
+    n_future: int | None = None
+    reward_layout: str | None = None
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    id: str
+    format: str
+    hf_repo: str | None = None
+    hf_config: str | None = None
+    s3: str | None = None
+    path: str | None = None
+
+
+@dataclass
+class Registry:
+    bucket: str
+    region: str
+    models: dict[str, ModelEntry] = field(default_factory=dict)
+    datasets: dict[str, DatasetEntry] = field(default_factory=dict)
+
+    def model(self, model_id: str) -> ModelEntry:
+        if model_id not in self.models:
+            raise RegistryError(f"unknown model id {model_id!r}; params/models.yaml has: {', '.join(self.models)}")
+        return self.models[model_id]
+
+    def dataset(self, dataset_id: str) -> DatasetEntry:
+        if dataset_id not in self.datasets:
+            raise RegistryError(
+                f"unknown dataset id {dataset_id!r}; params/models.yaml has: {', '.join(self.datasets)}")
+        return self.datasets[dataset_id]
+
+
+def _fail(path: Path, msg: str) -> None:
+    raise RegistryError(f"{path}: {msg}")
+
+
+def load_registry(path: str | Path = REGISTRY_PATH) -> Registry:
+    """Read and validate the registry; errors name the file and the bad key."""
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text())
+    if not isinstance(raw, dict):
+        _fail(path, "top level must be a mapping")
+    unknown = set(raw) - {"bucket", "region", "models", "datasets"}
+    if unknown:
+        _fail(path, f"unknown top-level key(s) {sorted(unknown)}")
+    reg = Registry(bucket=str(raw.get("bucket", "wmtp")), region=str(raw.get("region", "eu-north-1")))
+    for mid, spec in (raw.get("models") or {}).items():
+        if not isinstance(spec, dict):
+            _fail(path, f"models.{mid} must be a mapping")
+        bad = set(spec) - _MODEL_KEYS
+        if bad:
+            _fail(path, f"models.{mid}: unknown key(s) {sorted(bad)} (valid: {sorted(_MODEL_KEYS)})")
+        if spec.get("role") not in MODEL_ROLES:
+            _fail(path, f"models.{mid}.role must be one of {MODEL_ROLES}, got {spec.get('role')!r}")
+        if spec.get("format") not in MODEL_FORMATS:
+            _fail(path, f"models.{mid}.format must be one of {MODEL_FORMATS}, got {spec.get('format')!r}")
+        if spec["format"] in ("meta", "hf") and not spec.get("hf_repo") and not spec.get("s3"):
+            _fail(path, f"models.{mid}: needs hf_repo or s3")
+        if spec.get("role") == "reward" and spec.get("reward_layout") not in REWARD_LAYOUTS:
+            _fail(path, f"models.{mid}.reward_layout must be one of {REWARD_LAYOUTS}")
+        s3 = spec.get("s3")
+        if s3 is not None and not str(s3).startswith(f"s3://{reg.bucket}/models/{mid}/"):
+            _fail(path, f"models.{mid}.s3 must be s3://{reg.bucket}/models/{mid}/ (one id, one path), got {s3!r}")
+        reg.models[mid] = ModelEntry(id=mid, **{**spec, "hf_root_files": tuple(spec.get("hf_root_files") or ())})
+    for did, spec in (raw.get("datasets") or {}).items():
+        if not isinstance(spec, dict):
+            _fail(path, f"datasets.{did} must be a mapping")
+        bad = set(spec) - _DATASET_KEYS
+        if bad:
+            _fail(path, f"datasets.{did}: unknown key(s) {sorted(bad)} (valid: {sorted(_DATASET_KEYS)})")
+        if spec.get("format") not in DATASET_FORMATS:
+            _fail(path, f"datasets.{did}.format must be one of {DATASET_FORMATS}, got {spec.get('format')!r}")
+        reg.datasets[did] = DatasetEntry(id=did, **spec)
+    return reg
+
+
+def dump_registry_table(reg: Registry) -> list[dict[str, Any]]:
+    """Rows for display: id, role, format, Hub source, S3 path."""
+    rows = []
+    for entry in reg.models.values():
+        hub = entry.hf_repo + (f"/{entry.hf_subfolder}" if entry.hf_subfolder else "") if entry.hf_repo else "-"
+        rows.append({"id": entry.id, "role": entry.role, "format": entry.format, "hub": hub, "s3": entry.s3 or "-"})
+    return rows
