@@ -361,7 +361,17 @@ def _check_hf_keys(config_dict: dict[str, Any], keys: set[str], src: Path) -> No
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     archs = config_dict.get("architectures") or []
-    if not archs or "n_future_tokens" in config_dict:
+    if "n_future_tokens" in config_dict:
+        return
+    if "v_head.weight" in keys:  # Starling's reward layout: Llama trunk under transformer.* + v_head
+        from transformers import AutoConfig, LlamaModel
+
+        with torch.device("meta"):
+            trunk = LlamaModel(AutoConfig.from_pretrained(src))
+        expected = {f"transformer.{k}" for k in trunk.state_dict()} | {"v_head.weight"}
+        _raise_key_diff(src, "Starling reward layout", expected, {k for k in keys if not k.endswith("inv_freq")})
+        return
+    if not archs:
         return
     arch = archs[0]
     if arch.endswith("ForCausalLM"):
@@ -376,12 +386,18 @@ def _check_hf_keys(config_dict: dict[str, Any], keys: set[str], src: Path) -> No
     expected = set(model.state_dict().keys())
     tied = getattr(model, "_tied_weights_keys", None) or {}
     tied_keys = set(tied.keys() if isinstance(tied, dict) else tied)
-    if getattr(config, "tie_word_embeddings", False):
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    if tied:
         expected -= tied_keys
-    missing = sorted(expected - keys)
-    unexpected = sorted(k for k in keys - expected if k not in tied_keys and not k.endswith("rotary_emb.inv_freq"))
+    given = {k for k in keys if not (tied and k in tied_keys) and not k.endswith("rotary_emb.inv_freq")}
+    _raise_key_diff(src, arch, expected, given)
+
+
+def _raise_key_diff(src: Path, what: str, expected: set[str], given: set[str]) -> None:
+    missing = sorted(expected - given)
+    unexpected = sorted(given - expected)
     if missing or unexpected:
-        raise KeyError(f"{src}: weights do not match {arch}: missing {missing[:8]} ({len(missing)}), "
+        raise KeyError(f"{src}: weights do not match {what}: missing {missing[:8]} ({len(missing)}), "
                        f"unexpected {unexpected[:8]} ({len(unexpected)})")
 
 

@@ -1,0 +1,182 @@
+"""The embedded default: tiny models built on the spot, deterministically, in about a minute on a CPU.
+
+- a byte-level BPE tokenizer trained with `tokenizers` on the synthetic task corpus;
+- ``tiny-mtp``: a random MTP base written in Meta's layout and then converted (so the converter runs
+  every time the default is staged);
+- ``tiny-ref``: a next-token Llama trained briefly on clean synthetic data (the Rho-1 reference);
+- ``tiny-rm``: a sequence-classification reward model trained briefly to prefer correct solutions.
+Each ends up as a converted directory with a manifest, exactly like a staged 7B model.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from wmtp_lib.data import Sample, encode_sample, synthetic_corpus, synthetic_tasks
+from wmtp_lib.heads import MTPModel, mtp_config
+from wmtp_lib.loaders import convert_checkpoint, save_meta_checkpoint
+
+TINY_IDS = ("tiny-mtp", "tiny-ref", "tiny-rm")
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2 as in Llama
+TINY_VOCAB = 512
+TINY_DIMS = dict(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = TINY_VOCAB):
+    """A byte-level BPE fast tokenizer with Llama's special-token ids (pad 0, bos 1, eos 2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   clean_up_tokenization_spaces=False)
+
+
+def _batches(rows: list[list[int]], batch: int, length: int, pad: int, rng: random.Random):
+    while True:
+        picks = [rows[rng.randrange(len(rows))][:length] for _ in range(batch)]
+        ids = torch.full((batch, length), pad, dtype=torch.long)
+        mask = torch.zeros(batch, length, dtype=torch.long)
+        for i, r in enumerate(picks):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        yield ids, mask
+
+
+def build_tokenizer(workdir: Path, seed: int):
+    tok = train_tokenizer(synthetic_corpus(seed=seed, n=600))
+    tok.save_pretrained(str(workdir))
+    return tok
+
+
+def build_base(dst: Path, tokenizer_dir: Path, vocab: int, seed: int, n_future: int = 4) -> Path:
+    """A random-initialised MTP base written in Meta's layout, then converted with `convert_checkpoint`."""
+    torch.manual_seed(seed)
+    config = mtp_config(n_future, vocab_size=vocab, num_hidden_layers=2 + n_future, bos_token_id=1,
+                        eos_token_id=2, pad_token_id=0, **TINY_DIMS)
+    model = MTPModel(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        meta_dir = Path(tmp) / "meta"
+        save_meta_checkpoint(model, meta_dir)
+        for f in tokenizer_dir.iterdir():
+            shutil.copy(f, meta_dir / f.name)
+        convert_checkpoint(meta_dir, dst)
+    return dst
+
+
+def build_reference(dst: Path, tokenizer, tokenizer_dir: Path, seed: int, steps: int = 300,
+                    log: Callable[[str], None] = print) -> Path:
+    """A next-token Llama trained briefly on clean synthetic data, converted with a manifest."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), num_hidden_layers=3, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0, **TINY_DIMS)
+    model = LlamaForCausalLM(config).train()
+    samples = synthetic_tasks(800, "train", seed + 1, noise_fraction=0.0)
+    rows = [encode_sample(tokenizer, s, prompt_masking=False)[0] for s in samples]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = random.Random(seed)
+    batches = _batches(rows, 16, 128, 0, rng)
+    for step in range(steps):
+        ids, mask = next(batches)
+        labels = ids.masked_fill(mask == 0, -100)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == steps - 1:
+            log(f"tiny-ref step {step}: loss {loss.item():.3f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = Path(tmp) / "hf"
+        model.eval().save_pretrained(str(hf))
+        for f in tokenizer_dir.iterdir():
+            shutil.copy(f, hf / f.name)
+        convert_checkpoint(hf, dst)
+    return dst
+
+
+def build_reward(dst: Path, tokenizer, tokenizer_dir: Path, seed: int, steps: int = 600,
+                 log: Callable[[str], None] = print) -> Path:
+    """A sequence-classification reward model trained to score correct solutions 1 and corrupted 0."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), num_hidden_layers=2, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0, num_labels=1, **TINY_DIMS)
+    model = LlamaForSequenceClassification(config).train()
+    samples: list[Sample] = synthetic_tasks(600, "train", seed + 2, noise_fraction=0.5)
+    rows = [encode_sample(tokenizer, s, prompt_masking=False)[0][:-1] for s in samples]  # text, no EOS
+    targets = torch.tensor([0.0 if s.noisy else 1.0 for s in samples])
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    rng = random.Random(seed)
+    for step in range(steps):
+        idx = [rng.randrange(len(rows)) for _ in range(16)]
+        ids = torch.zeros(16, 128, dtype=torch.long)
+        mask = torch.zeros(16, 128, dtype=torch.long)
+        for i, j in enumerate(idx):
+            r = rows[j][:128]
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        score = model(input_ids=ids, attention_mask=mask).logits[:, 0]
+        loss = torch.nn.functional.mse_loss(score, targets[idx])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 200 == 0 or step == steps - 1:
+            log(f"tiny-rm step {step}: mse {loss.item():.3f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = Path(tmp) / "hf"
+        model.eval().save_pretrained(str(hf))
+        for f in tokenizer_dir.iterdir():
+            shutil.copy(f, hf / f.name)
+        convert_checkpoint(hf, dst)
+    return dst
+
+
+def stage_tiny(models_dir: str | Path, ids: tuple[str, ...] = TINY_IDS, seed: int = 0, force: bool = False,
+               log: Callable[[str], None] = print, ref_steps: int = 300, rm_steps: int = 600) -> dict[str, Path]:
+    """Build the tiny models that are missing under ``models_dir`` (all of ``ids`` when ``force``)."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    models_dir = Path(models_dir)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    unknown = [i for i in ids if i not in TINY_IDS]
+    if unknown:
+        raise ValueError(f"not tiny model ids: {unknown}; tiny ids are {TINY_IDS}")
+    out = {}
+    todo = [i for i in ids if force or not (models_dir / i / "manifest.json").is_file()]
+    for i in ids:
+        out[i] = models_dir / i
+    if not todo:
+        log(f"tiny models already staged under {models_dir}")
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_dir = Path(tmp) / "tokenizer"
+        tok_dir.mkdir()
+        tokenizer = build_tokenizer(tok_dir, seed)
+        log(f"trained tokenizer: {len(tokenizer)} tokens")
+        for model_id in todo:
+            dst = models_dir / model_id
+            if dst.exists():
+                shutil.rmtree(dst)
+            if model_id == "tiny-mtp":
+                build_base(dst, tok_dir, len(tokenizer), seed)
+            elif model_id == "tiny-ref":
+                build_reference(dst, tokenizer, tok_dir, seed, steps=ref_steps, log=log)
+            else:
+                build_reward(dst, tokenizer, tok_dir, seed, steps=rm_steps, log=log)
+            log(f"staged {model_id} -> {dst}")
+    return out
