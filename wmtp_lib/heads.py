@@ -63,6 +63,23 @@ def validate_mtp_config(config: LlamaConfig) -> None:
         raise ValueError("config.tie_word_embeddings must be false: MTPModel keeps its own unembedding")
 
 
+class Unembedding(nn.Linear):
+    """The shared output projection; with ``targets`` it returns chunked per-token cross-entropy.
+
+    Going through ``__call__`` for the loss as well lets FSDP's module hooks gather the weight.
+    """
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                chunk_size: int = 512) -> torch.Tensor:
+        if targets is None:
+            return super().forward(hidden)
+        from wmtp_lib.losses import chunked_linear_ce
+
+        if valid is None:
+            valid = torch.ones_like(targets, dtype=torch.bool)
+        return chunked_linear_ce(hidden, self.weight, targets, valid, chunk_size)
+
+
 @dataclass
 class TrunkState:
     """What the head blocks need from a trunk pass: its output and the shared attention context."""
@@ -90,7 +107,7 @@ class MTPModel(nn.Module):
         self.trunk = nn.ModuleList([LlamaDecoderLayer(config, i) for i in range(n_trunk)])
         self.heads = nn.ModuleList([LlamaDecoderLayer(config, n_trunk + k) for k in range(n_future)])
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Unembedding(config.hidden_size, config.vocab_size, bias=False)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         self.reset_parameters()

@@ -14,7 +14,6 @@ import torch
 
 from wmtp_lib.heads import MTPModel
 from wmtp_lib.losses import (
-    chunked_linear_ce,
     head_loss,
     head_targets,
     mtp_token_ce,
@@ -54,12 +53,15 @@ def sequential_mtp_step(
     loss_scale: float = 1.0,
     extra_trunk_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
     backward: bool = True,
+    weight_fn_factory: Callable[[torch.Tensor], HeadWeightFn] | None = None,
 ) -> StepOutput:
     """Forward + backward of the weighted MTP loss, one head at a time.
 
     Gradients (scaled by ``loss_scale``, e.g. ``1 / grad_accum``) accumulate into ``.grad``; they equal
     those of `weighted_mtp_loss` on `MTPModel.forward` logits. ``extra_trunk_loss(trunk_hidden)`` adds a
     term that reads the (non-detached) trunk output, e.g. a value loss; its value is added to ``loss``.
+    ``weight_fn_factory(trunk_hidden_detached)`` builds ``weight_fn`` from this step's trunk output
+    (the critic's TD errors need it).
     """
     H = model.n_future
     alpha = resolve_head_weights(head_weights, H, input_ids.device)
@@ -67,11 +69,13 @@ def sequential_mtp_step(
     trunk_out = state.hidden
     grad_enabled = backward and torch.is_grad_enabled() and trunk_out.requires_grad
     trunk_in = trunk_out.detach().requires_grad_(grad_enabled)
+    if weight_fn_factory is not None:
+        weight_fn = weight_fn_factory(trunk_out.detach())
     ces, weights, valids, losses = [], [], [], []
     for k in range(H):
         targets, valid = head_targets(input_ids, k, label_mask)
         hidden = model.forward_head(k, state, trunk_in)
-        ce = chunked_linear_ce(hidden, model.lm_head.weight, targets, valid, chunk_size)
+        ce = model.lm_head(hidden, targets, valid, chunk_size)
         with torch.no_grad():
             w = weight_fn(k, ce.detach(), valid).float()
         loss_k = head_loss(ce, w, valid)

@@ -1,0 +1,93 @@
+"""Critic math (DESIGN §4): value head, sparse rewards, TD errors, GAE targets, alignment to heads.
+
+States are positions ``t`` whose next token is a target (``state_mask[b, t] = label_mask[b, t+1]``);
+``V(h_t)`` values the prefix ``x[<=t]``. The sequence reward sits at the last state (the transition
+that emits the final target, EOS). ``V = 0`` after the end.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ValueHead(nn.Module):
+    """2-layer MLP ``D → D/2 → 1`` on the trunk output."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, hidden_size // 2)
+        self.act = nn.SiLU()
+        self.fc2 = nn.Linear(hidden_size // 2, 1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Values ``(B, T)`` in float32."""
+        return self.fc2(self.act(self.fc1(hidden.to(self.fc1.weight.dtype)))).squeeze(-1).float()
+
+
+def state_mask_from_labels(label_mask: torch.Tensor) -> torch.Tensor:
+    """``state[b, t] = label_mask[b, t+1]`` (False at the last position)."""
+    out = torch.zeros_like(label_mask, dtype=torch.bool)
+    out[:, :-1] = label_mask[:, 1:].bool()
+    return out
+
+
+def sparse_rewards(reward: torch.Tensor, state_mask: torch.Tensor) -> torch.Tensor:
+    """``r[b, t] = reward[b]`` at the last state of row ``b``, 0 elsewhere (``(B, T)`` float32)."""
+    B, T = state_mask.shape
+    r = torch.zeros(B, T, dtype=torch.float32, device=state_mask.device)
+    has = state_mask.any(dim=1)
+    positions = torch.arange(T, device=state_mask.device)
+    last = (positions * state_mask.long()).argmax(dim=1)
+    r[has, last[has]] = reward.float().to(r.device)[has]
+    return r
+
+
+def td_errors(values: torch.Tensor, rewards: torch.Tensor, state_mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``δ_t = r_t + γ V(h_{t+1}) − V(h_t)`` on states (``V(h_{t+1}) = 0`` when ``t+1`` is not a state); 0 elsewhere."""
+    m = state_mask.bool()
+    v = torch.where(m, values.float(), torch.zeros_like(values, dtype=torch.float32))
+    next_v = torch.zeros_like(v)
+    next_v[:, :-1] = torch.where(m[:, 1:], v[:, 1:], torch.zeros_like(v[:, 1:]))
+    delta = rewards.float() + gamma * next_v - v
+    return torch.where(m, delta, torch.zeros_like(delta))
+
+
+def gae(delta: torch.Tensor, state_mask: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """Advantages ``A_t = δ_t + γλ A_{t+1}`` over consecutive states (0 off states)."""
+    m = state_mask.bool()
+    B, T = delta.shape
+    adv = torch.zeros_like(delta, dtype=torch.float32)
+    running = torch.zeros(B, dtype=torch.float32, device=delta.device)
+    for t in range(T - 1, -1, -1):
+        running = torch.where(m[:, t], delta[:, t].float() + gamma * lam * running, torch.zeros_like(running))
+        adv[:, t] = running
+    return adv
+
+
+def value_targets(values: torch.Tensor, rewards: torch.Tensor, state_mask: torch.Tensor, gamma: float,
+                  lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(δ, GAE return targets ``A + V``), both computed with ``V`` detached."""
+    v = values.detach().float()
+    delta = td_errors(v, rewards, state_mask, gamma)
+    targets = gae(delta, state_mask, gamma, lam) + v
+    return delta, torch.where(state_mask.bool(), targets, torch.zeros_like(targets))
+
+
+def align_td(delta: torch.Tensor, H: int) -> torch.Tensor:
+    """``td[b, t, k] = δ[b, t+k]``: head ``k`` at ``t`` emits its target in transition ``t+k``."""
+    B, T = delta.shape
+    out = delta.new_zeros(B, T, H)
+    for k in range(H):
+        if k < T:
+            out[:, : T - k, k] = delta[:, k:]
+    return out
+
+
+def value_loss(values: torch.Tensor, targets: torch.Tensor, state_mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over states (0 when there are none)."""
+    m = state_mask.float()
+    n = m.sum()
+    if n == 0:
+        return values.sum() * 0.0
+    return (((values.float() - targets.detach().float()) ** 2) * m).sum() / n
