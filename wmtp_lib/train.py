@@ -50,15 +50,18 @@ class Dist:
     """Rank, world size and the few collectives training needs (no-ops in one process)."""
 
     def __init__(self, accelerator):
-        self.acc = accelerator
-        self.rank = accelerator.process_index
-        self.world = accelerator.num_processes
-        self.is_main = accelerator.is_main_process
-        self.device = accelerator.device
         from accelerate.utils import DistributedType
 
-        self.fsdp = accelerator.distributed_type == DistributedType.FSDP
-        self.active = self.world > 1 and dist.is_available() and dist.is_initialized()
+        self.acc = accelerator
+        # On CPU-only machines accelerate initialises the gloo process group but reports a single
+        # process, so rank and world size are read from torch.distributed itself.
+        self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.rank = dist.get_rank() if self.active else accelerator.process_index
+        self.world = dist.get_world_size() if self.active else accelerator.num_processes
+        self.is_main = self.rank == 0
+        self.device = accelerator.device
+        self.fsdp = (accelerator.distributed_type == DistributedType.FSDP
+                     or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
 
     def barrier(self) -> None:
         if self.active:
@@ -209,8 +212,7 @@ class Trainer:
         tcfg = cfg["train"]
         trackers = tcfg["trackers"] or None
         self.run_dir = project_path(cfg["paths"]["runs_dir"]) / cfg["run_name"]
-        self.acc = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers,
-                               project_dir=str(self.run_dir))
+        self.acc = Accelerator(log_with=trackers, project_dir=str(self.run_dir))
         self.d = Dist(self.acc)
         self.device = self.d.device
         self.autocast = (tcfg["mixed_precision"] == "bf16" and self.device.type == "cuda" and not self.d.fsdp)
