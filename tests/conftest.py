@@ -51,3 +51,13 @@ def s3_env(s3_endpoint, monkeypatch):
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="eu-north-1").create_bucket(
         Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-north-1"})
     return bucket
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """The embedded default models, staged once per test session."""
+    from wmtp_lib.tiny import stage_tiny
+
+    root = tmp_path_factory.mktemp("models")
+    stage_tiny(root, log=lambda m: None)
+    return root

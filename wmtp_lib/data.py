@@ -41,21 +41,29 @@ def mbpp_prompt(text: str, tests: list[str]) -> str:
 
 # ------------------------------------------------------------------------------------------ synthetic
 
-# Each family: (description with {c}, function name, code with {c}, test inputs, reference function)
-_FAMILIES: list[tuple[str, str, str, list[Any], Any]] = [
+# Each family: (description with {c}, function name, code with {c}, corrupted code with {c},
+# test inputs, reference function). A corrupted solution changes the operation and the constant, so it
+# contradicts the text and can only be learned by memorising it.
+_FAMILIES: list[tuple[str, str, str, str, list[Any], Any]] = [
     ("Write a function add_const(x) that returns x plus {c}.", "add_const",
-     "def add_const(x):\n    return x + {c}\n", [1, 5, 12], lambda c, x: x + c),
+     "def add_const(x):\n    return x + {c}\n", "def add_const(x):\n    return x - {c}\n",
+     [1, 5, 12], lambda c, x: x + c),
     ("Write a function times_const(x) that returns x multiplied by {c}.", "times_const",
-     "def times_const(x):\n    return x * {c}\n", [2, 3, 7], lambda c, x: x * c),
+     "def times_const(x):\n    return x * {c}\n", "def times_const(x):\n    return x + {c}\n",
+     [2, 3, 7], lambda c, x: x * c),
     ("Write a function sub_const(x) that returns x minus {c}.", "sub_const",
-     "def sub_const(x):\n    return x - {c}\n", [100, 50, 7], lambda c, x: x - c),
+     "def sub_const(x):\n    return x - {c}\n", "def sub_const(x):\n    return x * {c}\n",
+     [100, 50, 7], lambda c, x: x - c),
     ("Write a function keep_above(xs) that keeps the items of xs greater than {c}.", "keep_above",
-     "def keep_above(xs):\n    return [x for x in xs if x > {c}]\n", [[1, 50, 99], [10, 20, 30], [0, 100]],
-     lambda c, xs: [x for x in xs if x > c]),
+     "def keep_above(xs):\n    return [x for x in xs if x > {c}]\n",
+     "def keep_above(xs):\n    return [x for x in xs if x < {c}]\n",
+     [[1, 50, 99], [10, 20, 30], [0, 100]], lambda c, xs: [x for x in xs if x > c]),
     ("Write a function repeat_text(s) that returns the string s repeated {c} times.", "repeat_text",
-     "def repeat_text(s):\n    return s * {c}\n", ["ab", "x", ""], lambda c, s: s * c),
+     "def repeat_text(s):\n    return s * {c}\n", "def repeat_text(s):\n    return s[:{c}]\n",
+     ["ab", "x", ""], lambda c, s: s * c),
     ("Write a function divisible(x) that returns True when x is divisible by {c}.", "divisible",
-     "def divisible(x):\n    return x % {c} == 0\n", [12, 35, 60], lambda c, x: x % c == 0),
+     "def divisible(x):\n    return x % {c} == 0\n", "def divisible(x):\n    return x % {c} != 0\n",
+     [12, 35, 60], lambda c, x: x % c == 0),
 ]
 
 CONST_RANGE = range(2, 60)
@@ -69,8 +77,8 @@ def is_test_constant(c: int) -> bool:
 def synthetic_tasks(n: int, split: str, seed: int, noise_fraction: float = 0.0) -> list[Sample]:
     """``n`` seeded MBPP-style tasks; in the train split a ``noise_fraction`` of solutions is corrupted.
 
-    A corrupted solution uses a random other constant than the one the text states, so it can only be
-    learned by memorising it; its tests still describe the correct behaviour (they fail on it).
+    A corrupted solution uses another operation and a random other constant than the text states, so
+    it can only be learned by memorising it; its tests still describe the correct behaviour (it fails them).
     """
     if split not in ("train", "test"):
         raise ValueError(f"synthetic split must be 'train' or 'test', got {split!r}")
@@ -83,15 +91,15 @@ def synthetic_tasks(n: int, split: str, seed: int, noise_fraction: float = 0.0) 
     out = []
     for i in range(n):
         fam = rng.randrange(len(_FAMILIES))
-        text, name, code, inputs, fn = _FAMILIES[fam]
+        text, name, code, corrupt, inputs, fn = _FAMILIES[fam]
         c = rng.choice(constants)
         tests = [f"assert {name}({x!r}) == {fn(c, x)!r}" for x in inputs]
         noisy = i in noisy_ids
-        shown_c = c
+        completion = code.format(c=c)
         if noisy:
-            shown_c = rng.choice([k for k in CONST_RANGE if k != c])
+            completion = corrupt.format(c=rng.choice([k for k in CONST_RANGE if k != c]))
         out.append(Sample(id=f"synthetic/{split}/{i}", prompt=mbpp_prompt(text.format(c=c), tests),
-                          completion=code.format(c=shown_c), tests=tests, noisy=noisy, entry_point=name))
+                          completion=completion, tests=tests, noisy=noisy, entry_point=name))
     return out
 
 

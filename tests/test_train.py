@@ -1,0 +1,156 @@
+"""End-to-end training on the embedded default: resume, distributed equivalence, recipes' behaviour."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import torch
+
+from wmtp_lib.config import ConfigError, resolve_config
+
+from train_helpers import ROOT, final_weights, make_config, metrics, run_training
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port_config(tmp_path, template: str, **changes) -> str:
+    """A copy of an accelerate config on a free port (tests may run while another job holds one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    text = (ROOT / template).read_text()
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("main_process_port"))
+    text += f"\nmain_process_port: {port}\n"
+    for key, value in changes.items():
+        text = "\n".join(f"{key}: {value}" if line.startswith(f"{key}:") else line for line in text.splitlines())
+    path = tmp_path / f"accelerate-{port}.yaml"
+    path.write_text(text + "\n")
+    return str(path)
+
+
+def test_kill_and_resume_gives_identical_weights(tmp_path, tiny_models):
+    over = {"train.steps": 20, "train.save_every": 10, "train.micro_batch_size": 4}
+    _, straight = make_config(tmp_path, "rho1", tiny_models, "straight", over)
+    run_training(straight)
+    _, split = make_config(tmp_path, "rho1", tiny_models, "split", {**over, "train.stop_after": 10})
+    run_training(split)
+    assert not (tmp_path / "runs" / "split" / "final").exists()
+    _, resumed = make_config(tmp_path, "rho1", tiny_models, "split", over)
+    proc = run_training(resumed)
+    assert "resumed from" in proc.stdout
+    a, b = final_weights(tmp_path / "runs" / "straight"), final_weights(tmp_path / "runs" / "split")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    la = [r["loss"] for r in metrics(tmp_path / "runs" / "straight")]
+    lb = [r["loss"] for r in metrics(tmp_path / "runs" / "split")]
+    assert la == lb
+
+
+def test_two_processes_match_one_process_on_same_global_batch(tmp_path, tiny_models):
+    """1 process x grad_accum 2 vs 2 processes x grad_accum 1, micro-batch 4: same arithmetic.
+
+    Tolerance: loss curves within 1e-5 relative, final weights within 1e-5 (float32 reduction order).
+    """
+    common = {"train.steps": 10, "train.micro_batch_size": 4}
+    _, one = make_config(tmp_path, "rho1_tokenskip", tiny_models, "one", {**common, "train.grad_accum": 2})
+    run_training(one)
+    _, two = make_config(tmp_path, "rho1_tokenskip", tiny_models, "two", {**common, "train.grad_accum": 1})
+    run_training(two, processes=2, accelerate_config=_free_port_config(tmp_path, "params/accelerate/cpu_2proc.yaml"))
+    m1, m2 = metrics(tmp_path / "runs" / "one"), metrics(tmp_path / "runs" / "two")
+    assert [r["step"] for r in m1] == [r["step"] for r in m2]
+    for r1, r2 in zip(m1, m2):
+        assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5)
+        assert r2["frac_kept"] == pytest.approx(r1["frac_kept"], rel=1e-6)
+    w1, w2 = final_weights(tmp_path / "runs" / "one"), final_weights(tmp_path / "runs" / "two")
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4)
+    assert json.loads((tmp_path / "runs" / "two" / "summary.json").read_text())["world_size"] == 2
+
+
+def test_fsdp2_two_processes_match_one_process(tmp_path, tiny_models):
+    common = {"train.steps": 10, "train.micro_batch_size": 4, "train.save_every": 5}
+    _, one = make_config(tmp_path, "mtp_baseline", tiny_models, "one", {**common, "train.grad_accum": 2})
+    run_training(one)
+    fsdp_cfg = _free_port_config(tmp_path, "params/accelerate/fsdp_4gpu.yaml", num_processes=2,
+                                 mixed_precision='"no"')
+    _, two = make_config(tmp_path, "mtp_baseline", tiny_models, "fsdp", {**common, "train.grad_accum": 1})
+    run_training(two, processes=2, accelerate_config=fsdp_cfg)
+    shards = sorted(p.name for p in (tmp_path / "runs" / "fsdp" / "checkpoints").glob("mtp-*/state/*.distcp"))
+    assert len(shards) >= 2  # sharded checkpoint: one file per process
+    m1, m2 = metrics(tmp_path / "runs" / "one"), metrics(tmp_path / "runs" / "fsdp")
+    for r1, r2 in zip(m1, m2):
+        assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5)
+    w1, w2 = final_weights(tmp_path / "runs" / "one"), final_weights(tmp_path / "runs" / "fsdp")
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4)
+
+
+def test_cached_and_online_reference_give_same_training(tmp_path, tiny_models):
+    common = {"train.steps": 10, "train.micro_batch_size": 4}
+    _, cached = make_config(tmp_path, "rho1", tiny_models, "cached", common)
+    run_training(cached)
+    _, online = make_config(tmp_path, "rho1", tiny_models, "online", {**common, "rho1.ref_cache": False})
+    proc = run_training(online)
+    assert "online scoring" in proc.stdout
+    for r1, r2 in zip(metrics(tmp_path / "runs" / "cached"), metrics(tmp_path / "runs" / "online")):
+        assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5)
+        assert r2["weight_mean"] == pytest.approx(r1["weight_mean"], rel=1e-5)
+
+
+def test_rho1_gives_noisy_samples_lower_weight(tmp_path, tiny_models):
+    _, cfg = make_config(tmp_path, "rho1", tiny_models, "noise", {"train.steps": 60, "data.n_train": 600})
+    run_training(cfg)
+    recs = metrics(tmp_path / "runs" / "noise")
+    noisy = sum(r["weight_noisy"] for r in recs) / len(recs)
+    clean = sum(r["weight_clean"] for r in recs) / len(recs)
+    assert noisy < clean, (noisy, clean)
+
+
+def test_critic_stage1_lowers_value_loss_and_is_reused_on_resume(tmp_path, tiny_models):
+    over = {"train.steps": 10, "critic.stage1_steps": 30, "train.micro_batch_size": 4}
+    _, cfg = make_config(tmp_path, "critic", tiny_models, "critic", over)
+    run_training(cfg)
+    recs = metrics(tmp_path / "runs" / "critic")
+    value = [r["value_loss"] for r in recs if r["stage"] == "value"]
+    assert len(value) >= 3 and value[-1] < value[0]
+    mtp = [r for r in recs if r["stage"] == "mtp"]
+    assert all("value_loss" in r and "weight_mean" in r for r in mtp)
+    assert (tmp_path / "runs" / "critic" / "final" / "value_head.safetensors").is_file()
+    # a second launch of the finished run resumes after stage 1 and does not refit the value head
+    proc = run_training(cfg)
+    assert "[value]" not in proc.stdout
+
+
+def test_bad_config_errors_name_the_key_and_file():
+    with pytest.raises(ConfigError, match="unknown recipe 'rho2'.*mtp_baseline, rho1, rho1_tokenskip, critic"):
+        resolve_config("rho2")
+    with pytest.raises(ConfigError, match="overrides: unknown key 'train.lrr'"):
+        resolve_config("rho1", "local", {"train.lrr": 1.0})
+    with pytest.raises(ConfigError, match="train.steps must be int"):
+        resolve_config("rho1", "local", {"train": {"steps": "many"}})
+    with pytest.raises(ConfigError, match="unknown environment 'mars'"):
+        resolve_config("rho1", "mars")
+
+
+def test_unknown_key_in_recipe_file_is_reported(tmp_path, monkeypatch):
+    from wmtp_lib import config as config_mod
+
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "envs").mkdir()
+    (tmp_path / "recipes" / "rho1.yaml").write_text("recipe: rho1\nweights:\n  tempreature: 2.0\n")
+    (tmp_path / "envs" / "local.yaml").write_text("name: local\n")
+    monkeypatch.setattr(config_mod, "PARAMS_DIR", tmp_path)
+    monkeypatch.setattr(config_mod, "PROJECT_ROOT", tmp_path)
+    with pytest.raises(ConfigError, match=r"recipes/rho1.yaml: unknown key 'weights.tempreature'"):
+        config_mod.resolve_config("rho1")
+
+
+def test_missing_model_error_names_path_and_staging_command(tmp_path, tiny_models):
+    _, cfg = make_config(tmp_path, "rho1", tmp_path / "empty_models", "missing",
+                         {"storage.stage_tiny_if_missing": False})
+    proc = run_training(cfg, check=False)
+    assert proc.returncode != 0
+    assert "not staged at" in proc.stderr and "stage_models.ipynb" in proc.stderr
