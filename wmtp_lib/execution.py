@@ -1,0 +1,109 @@
+"""Running generated code: one separate process per program, with limits and nothing inherited.
+
+Each program runs in a fresh temporary directory with a scrubbed environment (no credentials), a wall
+and CPU time limit, an address-space limit, a file-size limit, its own session (the whole process
+group is killed on timeout) and, when we run as root, an unprivileged user so it cannot signal or read
+the evaluator. A crash, hang, ``exit()`` or kill attempt is a failed sample, never a failed evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+NOBODY_UID = 65534
+SAFE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
+            "OMP_NUM_THREADS": "1"}
+PASS_MARKER = "__WMTP_ALL_TESTS_PASSED__"
+
+# Runs before the program: turn off the calls that reach outside the sample's own process.
+_GUARD = """
+import os as _os, signal as _signal, subprocess as _subprocess, shutil as _shutil
+for _name in ("kill", "killpg", "fork", "forkpty", "setuid", "system", "putenv", "unsetenv", "rmdir",
+              "removedirs", "chroot", "execv", "execve", "execvp"):
+    if hasattr(_os, _name):
+        setattr(_os, _name, None)
+_signal.pthread_kill = None
+_subprocess.Popen = None
+_shutil.rmtree = None
+del _os, _signal, _subprocess, _shutil, _name
+"""
+
+
+@dataclass
+class ExecResult:
+    passed: bool
+    status: str  # passed | failed | timeout | error
+    detail: str = ""
+
+
+def _limits(memory_mb: int, cpu_s: int, drop_to_nobody: bool):
+    def apply() -> None:
+        os.setsid()
+        mem = memory_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024 * 1024, 16 * 1024 * 1024))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if drop_to_nobody:
+            os.setgroups([])
+            os.setgid(NOBODY_UID)
+            os.setuid(NOBODY_UID)
+
+    return apply
+
+
+def run_program(program: str, timeout_s: float = 5.0, memory_mb: int = 1024) -> ExecResult:
+    """Run ``program`` (the solution followed by its tests); passed iff it exits 0 after the last test."""
+    drop = os.geteuid() == 0
+    with tempfile.TemporaryDirectory(prefix="wmtp-exec-") as tmp:
+        if drop:
+            os.chmod(tmp, 0o777)
+        path = os.path.join(tmp, "program.py")
+        with open(path, "w") as fh:
+            fh.write(_GUARD + "\n" + program + f"\nprint({PASS_MARKER!r})\n")
+        if drop:
+            os.chmod(path, 0o644)
+        env = dict(SAFE_ENV, HOME=tmp, TMPDIR=tmp)
+        proc = subprocess.Popen([sys.executable, "-I", "-B", path], cwd=tmp, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=_limits(memory_mb, int(timeout_s) + 1, drop), close_fds=True)
+        try:
+            out, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            proc.communicate()
+            return ExecResult(False, "timeout", f"exceeded {timeout_s}s")
+        finally:
+            _kill_group(proc)
+    stdout = out.decode(errors="replace")
+    if proc.returncode == 0 and stdout.rstrip().endswith(PASS_MARKER):
+        return ExecResult(True, "passed")
+    tail = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+    status = "failed" if "AssertionError" in tail[0] else "error"
+    return ExecResult(False, status, tail[0][:300])
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return  # the group already exited: nothing left to kill
+
+
+def run_many(programs: list[str], timeout_s: float = 5.0, memory_mb: int = 1024, workers: int = 2
+             ) -> list[ExecResult]:
+    """`run_program` over many programs in parallel processes (order kept)."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return list(pool.map(lambda p: run_program(p, timeout_s, memory_mb), programs))
+
+
+def program_for(completion_code: str, tests: list[str], exec_prefix: str = "") -> str:
+    """The program that checks one completion: (prompt prefix +) code, then every test."""
+    return exec_prefix + completion_code + "\n\n" + "\n".join(tests) + "\n"

@@ -1,0 +1,152 @@
+"""Decoding with an `MTPModel`: sampling from head 0 with a KV cache, greedy decoding, and
+self-speculative decoding (heads 1..H-1 draft, head 0 verifies) whose output equals greedy head-0
+decoding token for token."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from wmtp_lib.heads import MTPModel
+
+
+def new_cache(model: MTPModel) -> DynamicCache:
+    return DynamicCache(config=model.config)
+
+
+def _heads_logits(model: MTPModel, state, heads: range) -> list[torch.Tensor]:
+    return [model.lm_head(model.forward_head(k, state)).float() for k in heads]
+
+
+def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    # drop a token when the mass before it already reaches top_p (the top token always stays)
+    drop = (probs.cumsum(-1) - probs) >= top_p
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+@torch.no_grad()
+def sample(model: MTPModel, prompt_ids: list[int], n: int, max_new_tokens: int, temperature: float = 0.8,
+           top_p: float = 0.95, eos_id: int | None = None, generator: torch.Generator | None = None
+           ) -> list[list[int]]:
+    """``n`` continuations of one prompt, batched, from head 0 with a KV cache (greedy when temperature is 0)."""
+    model.eval()
+    device = model.device
+    ids = torch.tensor([prompt_ids] * n, dtype=torch.long, device=device)
+    cache = new_cache(model)
+    state = model.forward_trunk(ids, cache=cache)
+    logits = model.lm_head(model.forward_head(0, state)[:, -1]).float()
+    out = [[] for _ in range(n)]
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        if temperature <= 0:
+            nxt = logits.argmax(-1)
+        else:
+            probs = torch.softmax(_filter_top_p(logits / temperature, top_p), dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        for i in range(n):
+            if not done[i]:
+                out[i].append(int(nxt[i]))
+        if eos_id is not None:
+            done |= nxt == eos_id
+        if bool(done.all()):
+            break
+        state = model.forward_trunk(nxt.unsqueeze(1), cache=cache)
+        logits = model.lm_head(model.forward_head(0, state)[:, -1]).float()
+    return out
+
+
+@torch.no_grad()
+def greedy(model: MTPModel, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None = None) -> list[int]:
+    """Greedy head-0 decoding with a KV cache (trunk + head 0 only)."""
+    return sample(model, prompt_ids, 1, max_new_tokens, temperature=0.0, eos_id=eos_id)[0]
+
+
+@dataclass
+class SpeculativeResult:
+    tokens: list[int]
+    forwards: int
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return len(self.tokens) / max(1, self.forwards)
+
+
+@torch.no_grad()
+def speculative_greedy(model: MTPModel, prompt_ids: list[int], max_new_tokens: int,
+                       eos_id: int | None = None) -> SpeculativeResult:
+    """Self-speculative greedy decoding.
+
+    Each forward feeds the last accepted token followed by the drafts of heads 1..H-1 from the previous
+    forward; head 0's greedy predictions at those positions verify the drafts left to right. Accepted
+    drafts plus head 0's next token are emitted, and the cache is cropped back to what was accepted.
+    """
+    model.eval()
+    H = model.n_future
+    device = model.device
+    cache = new_cache(model)
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    state = model.forward_trunk(ids, cache=cache)
+    logits = _heads_logits(model, state, range(H))
+    forwards = 1
+    nxt = int(logits[0][0, -1].argmax())
+    drafts = [int(logits[k][0, -1].argmax()) for k in range(1, H)]
+    out: list[int] = []
+    while True:
+        out.append(nxt)
+        if len(out) >= max_new_tokens or (eos_id is not None and nxt == eos_id):
+            break
+        budget = max_new_tokens - len(out)
+        drafts = drafts[:budget]
+        feed = [nxt] + drafts
+        seen = cache.get_seq_length()
+        state = model.forward_trunk(torch.tensor([feed], dtype=torch.long, device=device), cache=cache)
+        logits = _heads_logits(model, state, range(H))
+        forwards += 1
+        verified = logits[0][0].argmax(-1).tolist()  # head 0 after each fed token
+        accepted = 0
+        while accepted < len(drafts) and drafts[accepted] == verified[accepted]:
+            accepted += 1
+        stop = False
+        for tok in drafts[:accepted]:
+            out.append(tok)
+            if eos_id is not None and tok == eos_id:
+                stop = True
+                break
+        if stop or len(out) >= max_new_tokens:
+            out = out[:max_new_tokens]
+            break
+        # keep the cache of the fed tokens that were accepted (nxt + accepted drafts)
+        cache.crop(seen + 1 + accepted)
+        nxt = verified[accepted]
+        drafts = [int(logits[k][0, accepted].argmax()) for k in range(1, H)]
+    return SpeculativeResult(out, forwards)
+
+
+def speculative_benchmark(model: MTPModel, prompts: list[list[int]], max_new_tokens: int,
+                          eos_id: int | None = None) -> dict[str, float]:
+    """Accepted tokens per forward and wall-clock speed-up of speculative over greedy decoding (same cache)."""
+    t0 = time.perf_counter()
+    greedy_out = [greedy(model, p, max_new_tokens, eos_id) for p in prompts]
+    t_greedy = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    spec = [speculative_greedy(model, p, max_new_tokens, eos_id) for p in prompts]
+    t_spec = time.perf_counter() - t0
+    identical = sum(g == s.tokens for g, s in zip(greedy_out, spec))
+    tokens = sum(len(s.tokens) for s in spec)
+    return {
+        "prompts": len(prompts),
+        "identical_to_greedy": identical,
+        "tokens_per_forward": tokens / max(1, sum(s.forwards for s in spec)),
+        "greedy_seconds": t_greedy,
+        "speculative_seconds": t_spec,
+        "speedup": t_greedy / max(t_spec, 1e-9),
+        "tokens": tokens,
+    }

@@ -1,0 +1,151 @@
+"""What `notebooks/train.ipynb` calls: resolve and write the config, launch training, read and plot the run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from wmtp_lib.config import project_path, resolve_config, write_config
+from wmtp_lib.registry import PROJECT_ROOT
+
+STEP_LINE = re.compile(r"^step (\d+)/(\d+)")
+
+
+def prepare_run(recipe: str, env: str = "local", run_name: str | None = None,
+                overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], Path]:
+    """Resolve recipe + environment + overrides and write ``runs/<run_name>/config.yaml``."""
+    cfg = resolve_config(recipe, env, overrides or {}, run_name=run_name or None)
+    run_dir = project_path(cfg["paths"]["runs_dir"]) / cfg["run_name"]
+    path = write_config(cfg, run_dir / "config.yaml")
+    return cfg, path
+
+
+def ensure_tiny_models(cfg: dict[str, Any], log=print) -> None:
+    """In the local environment, build the tiny default models that are missing."""
+    if cfg["storage"]["kind"] != "local" or not cfg["storage"]["stage_tiny_if_missing"]:
+        return
+    from wmtp_lib.registry import load_registry
+    from wmtp_lib.tiny import stage_tiny
+
+    reg = load_registry()
+    needed = [m for m in required_models(cfg) if reg.model(m).format == "tiny"]
+    models_dir = project_path(cfg["paths"]["models_dir"])
+    missing = [m for m in needed if not (models_dir / m / "manifest.json").is_file()]
+    if missing:
+        log(f"building tiny models {missing} in {models_dir}")
+        stage_tiny(models_dir, log=log)
+
+
+def required_models(cfg: dict[str, Any]) -> list[str]:
+    """Registry ids a resolved config needs: base, plus reference (rho1) or reward (critic with a model)."""
+    ids = [cfg["models"]["base"]]
+    if cfg["weights"]["scheme"] == "rho1":
+        ids.append(cfg["models"]["reference"])
+    if cfg["weights"]["scheme"] == "critic" and cfg["critic"]["reward_source"] == "model":
+        ids.append(cfg["models"]["reward"])
+    return ids
+
+
+def launch_command(cfg: dict[str, Any], config_path: Path, num_processes: int | None = None) -> list[str]:
+    n = num_processes or cfg["launch"]["num_processes"]
+    acc_cfg = project_path(cfg["launch"]["accelerate_config"])
+    if n == 1 and "cpu_1proc" in acc_cfg.name:
+        return [sys.executable, "-m", "wmtp_lib.train", "--config", str(config_path)]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_cfg),
+            "--num_processes", str(n), "-m", "wmtp_lib.train", "--config", str(config_path)]
+
+
+def launch_training(cfg: dict[str, Any], config_path: Path, num_processes: int | None = None,
+                    progress: bool = True) -> Path:
+    """Run training as a subprocess; its output goes to ``runs/<run>/train.log``, progress to a bar.
+
+    A non-zero exit raises `RuntimeError` with the end of the log, so a failed run fails the notebook.
+    """
+    run_dir = project_path(cfg["paths"]["runs_dir"]) / cfg["run_name"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / "train.log"
+    cmd = launch_command(cfg, config_path, num_processes)
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg["train"]["steps"], desc=cfg["run_name"], unit="step")
+    tail: list[str] = []
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            tail = (tail + [line.rstrip()])[-40:]
+            m = STEP_LINE.match(line)
+            if m and bar is not None:
+                bar.n = int(m.group(1))
+                bar.set_postfix_str(line.split(" ", 2)[2].strip()[:80])
+                bar.refresh()
+            elif bar is None or not m:
+                if any(word in line for word in ("error", "Error", "resumed", "staged", "scoring", "[value]", "data:")):
+                    print(line.rstrip())
+        code = proc.wait()
+    if bar is not None:
+        bar.close()
+    if code != 0:
+        raise RuntimeError(f"training exited with code {code}; log: {log_path}\n" + "\n".join(tail[-20:]))
+    return run_dir
+
+
+def load_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_run(records: list[dict[str, Any]], title: str = "", save_to: str | Path | None = None):
+    """Loss, per-head loss, and token-weight statistics over training steps."""
+    import matplotlib.pyplot as plt
+
+    mtp = [r for r in records if r.get("stage") == "mtp"]
+    value = [r for r in records if r.get("stage") == "value"]
+    weighted = [r for r in mtp if "weight_mean" in r]
+    ncols = 3 if weighted else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(5 * ncols, 3.6))
+    steps = [r["step"] for r in mtp]
+    axes[0].plot(steps, [r["loss"] for r in mtp], label="Σ_k α_k L_k")
+    if value:
+        axes[0].plot([r["step"] for r in value], [r["value_loss"] for r in value], label="value loss (stage 1)")
+    axes[0].set_xlabel("step")
+    axes[0].set_title("loss")
+    axes[0].legend()
+    if mtp:
+        for k in range(len(mtp[0]["head_loss"])):
+            axes[1].plot(steps, [r["head_loss"][k] for r in mtp], label=f"head {k} (t+{k + 1})")
+    axes[1].set_xlabel("step")
+    axes[1].set_title("per-head loss")
+    axes[1].legend()
+    if weighted:
+        ws = [r["step"] for r in weighted]
+        mean = [r["weight_mean"] for r in weighted]
+        std = [r["weight_std"] for r in weighted]
+        axes[2].plot(ws, mean, label="mean")
+        axes[2].fill_between(ws, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2,
+                             label="± std")
+        axes[2].plot(ws, [r["weight_max"] for r in weighted], ":", label="max")
+        axes[2].plot(ws, [r["frac_kept"] for r in weighted], "--", label="fraction kept")
+        if "weight_noisy" in weighted[0]:
+            axes[2].plot(ws, [r.get("weight_noisy") for r in weighted], label="noisy samples")
+            axes[2].plot(ws, [r.get("weight_clean") for r in weighted], label="clean samples")
+        axes[2].set_xlabel("step")
+        axes[2].set_title("token weights")
+        axes[2].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    if save_to is not None:
+        fig.savefig(save_to, dpi=100)
+    return fig
