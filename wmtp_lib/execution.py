@@ -1,15 +1,18 @@
 """Running generated code: one separate process per program, with limits and nothing inherited.
 
 Each program runs in a fresh temporary directory with a scrubbed environment (no credentials), a wall
-and CPU time limit, an address-space limit, a file-size limit, its own session (the whole process
-group is killed on timeout) and, when we run as root, an unprivileged user so it cannot signal or read
-the evaluator. A crash, hang, ``exit()`` or kill attempt is a failed sample, never a failed evaluation.
+and CPU time limit, an address-space limit, a file-size limit and its own session (the whole process
+group is killed on timeout). Where the machine allows it (root and ``unshare``), the program also runs
+in its own PID and mount namespace, so it can neither see nor signal the evaluator nor read its
+``/proc`` entry; `isolation()` says which level is in force and evaluations record it. A crash, hang,
+``exit()`` or kill attempt is a failed sample, never a failed evaluation.
 """
 
 from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +20,6 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-NOBODY_UID = 65534
 SAFE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
             "OMP_NUM_THREADS": "1"}
 PASS_MARKER = "__WMTP_ALL_TESTS_PASSED__"
@@ -43,7 +45,7 @@ class ExecResult:
     detail: str = ""
 
 
-def _limits(memory_mb: int, cpu_s: int, drop_to_nobody: bool):
+def _limits(memory_mb: int, cpu_s: int):
     def apply() -> None:
         os.setsid()
         mem = memory_mb * 1024 * 1024
@@ -51,29 +53,44 @@ def _limits(memory_mb: int, cpu_s: int, drop_to_nobody: bool):
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
         resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024 * 1024, 16 * 1024 * 1024))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if drop_to_nobody:
-            os.setgroups([])
-            os.setgid(NOBODY_UID)
-            os.setuid(NOBODY_UID)
 
     return apply
 
 
+_ISOLATION: str | None = None
+
+
+def isolation() -> str:
+    """``"pid-namespace"`` when programs run in their own PID/mount namespace, else ``"process"``."""
+    global _ISOLATION
+    if _ISOLATION is None:
+        _ISOLATION = "process"
+        unshare = shutil.which("unshare")
+        if unshare and os.geteuid() == 0:
+            probe = subprocess.run([unshare, "--pid", "--fork", "--mount-proc", "--kill-child", "true"],
+                                   capture_output=True, timeout=10)
+            if probe.returncode == 0:
+                _ISOLATION = "pid-namespace"
+    return _ISOLATION
+
+
+def _command(path: str) -> list[str]:
+    cmd = [sys.executable, "-I", "-B", path]
+    if isolation() == "pid-namespace":
+        return [shutil.which("unshare") or "unshare", "--pid", "--fork", "--mount-proc", "--kill-child"] + cmd
+    return cmd
+
+
 def run_program(program: str, timeout_s: float = 5.0, memory_mb: int = 1024) -> ExecResult:
     """Run ``program`` (the solution followed by its tests); passed iff it exits 0 after the last test."""
-    drop = os.geteuid() == 0
     with tempfile.TemporaryDirectory(prefix="wmtp-exec-") as tmp:
-        if drop:
-            os.chmod(tmp, 0o777)
         path = os.path.join(tmp, "program.py")
         with open(path, "w") as fh:
             fh.write(_GUARD + "\n" + program + f"\nprint({PASS_MARKER!r})\n")
-        if drop:
-            os.chmod(path, 0o644)
         env = dict(SAFE_ENV, HOME=tmp, TMPDIR=tmp)
-        proc = subprocess.Popen([sys.executable, "-I", "-B", path], cwd=tmp, env=env, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(_command(path), cwd=tmp, env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                preexec_fn=_limits(memory_mb, int(timeout_s) + 1, drop), close_fds=True)
+                                preexec_fn=_limits(memory_mb, int(timeout_s) + 1), close_fds=True)
         try:
             out, err = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:

@@ -124,7 +124,9 @@ def speculative_greedy(model: MTPModel, prompt_ids: list[int], max_new_tokens: i
             out = out[:max_new_tokens]
             break
         # keep the cache of the fed tokens that were accepted (nxt + accepted drafts)
-        cache.crop(seen + 1 + accepted)
+        surplus = cache.get_seq_length() - (seen + 1 + accepted)
+        if surplus > 0:
+            cache.crop(-surplus)
         nxt = verified[accepted]
         drafts = [int(logits[k][0, accepted].argmax()) for k in range(1, H)]
     return SpeculativeResult(out, forwards)

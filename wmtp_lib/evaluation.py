@@ -1,0 +1,139 @@
+"""Evaluation (DESIGN §8): pass@k with sandboxed execution, per-head metrics, self-speculative decoding."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wmtp_lib.data import Sample, TokenizedData
+from wmtp_lib.execution import program_for, run_many
+from wmtp_lib.generation import sample, speculative_benchmark
+from wmtp_lib.heads import MTPModel
+from wmtp_lib.losses import mtp_token_ce
+
+# Where a completion ends. HumanEval completes a function body; MBPP-style prompts ask for a whole
+# function after the task's docstring.
+STOP_SEQUENCES = {
+    "humaneval": ["\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(", "\nassert "],
+    "mbpp": ['\n"""', "\nassert ", "\nif __name__", "\nprint(", "\n\n\n"],
+    "synthetic": ['\n"""', "\nassert ", "\nif __name__", "\nprint(", "\n\n\n"],
+}
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k ``1 − C(n−c, k) / C(n, k)``, as a stable product; requires ``k ≤ n``."""
+    if not 0 <= c <= n:
+        raise ValueError(f"need 0 <= c <= n, got n={n}, c={c}")
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples per problem, got {n}")
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def extract_completion(text: str, benchmark: str) -> str:
+    """Cut generated text at the first stop sequence of the benchmark."""
+    cut = len(text)
+    for stop in STOP_SEQUENCES[benchmark]:
+        pos = text.find(stop)
+        if pos != -1:
+            cut = min(cut, pos)
+    return text[:cut].rstrip() + "\n"
+
+
+def evaluate_pass_at_k(model: MTPModel, tokenizer, samples: list[Sample], benchmark: str, n_samples: int,
+                       ks: list[int], temperature: float = 0.8, top_p: float = 0.95, max_new_tokens: int = 128,
+                       seed: int = 0, timeout_s: float = 5.0, workers: int = 2, progress=None) -> dict[str, Any]:
+    """Sample ``n_samples`` completions per problem, execute each against its tests, report pass@k."""
+    ks = [k for k in ks if k <= n_samples]
+    if not ks:
+        raise ValueError(f"no k <= n_samples={n_samples}: pass@k is only reported for k <= n")
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    problems = []
+    for i, s in enumerate(samples):
+        prompt_ids = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + \
+            tokenizer(s.prompt, add_special_tokens=False)["input_ids"]
+        outs = sample(model, prompt_ids, n_samples, max_new_tokens, temperature, top_p, tokenizer.eos_token_id, gen)
+        completions = [extract_completion(tokenizer.decode(o, skip_special_tokens=True), benchmark) for o in outs]
+        programs = [program_for(c, s.tests, s.exec_prefix) for c in completions]
+        results = run_many(programs, timeout_s=timeout_s, workers=workers)
+        c = sum(r.passed for r in results)
+        problems.append({"id": s.id, "n": n_samples, "correct": c, "noisy": s.noisy,
+                         "pass_at_k": {str(k): pass_at_k(n_samples, c, k) for k in ks},
+                         "samples": [{"completion": comp, "status": r.status, "detail": r.detail}
+                                     for comp, r in zip(completions, results)]})
+        if progress is not None:
+            progress(i + 1, len(samples))
+    summary = {f"pass@{k}": sum(p["pass_at_k"][str(k)] for p in problems) / len(problems) for k in ks}
+    return {"benchmark": benchmark, "n_samples": n_samples, "temperature": temperature, "top_p": top_p,
+            "max_new_tokens": max_new_tokens, "problems": len(problems), "summary": summary,
+            "per_problem": problems}
+
+
+def head_metric_sums(logits: torch.Tensor, input_ids: torch.Tensor, label_mask: torch.Tensor | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """Per head: summed CE, correct top-1 count and target count over valid targets (``(H,)`` each)."""
+    ce, valid = mtp_token_ce(logits, input_ids, label_mask)
+    B, T, H, _ = logits.shape
+    pred = logits.argmax(-1)
+    correct = torch.zeros(B, T, H, dtype=torch.bool, device=logits.device)
+    for k in range(H):
+        if k + 1 < T:
+            correct[:, : T - k - 1, k] = pred[:, : T - k - 1, k] == input_ids[:, k + 1:]
+    return {"ce_sum": (ce * valid).sum((0, 1)).double(), "correct": (correct & valid).sum((0, 1)).double(),
+            "count": valid.sum((0, 1)).double()}
+
+
+@torch.no_grad()
+def head_metrics(model: torch.nn.Module, data: TokenizedData, batch_size: int = 8) -> dict[str, list[float]]:
+    """Loss and top-1 accuracy of head k for token t+k+1 on held-out rows (targets = label mask)."""
+    model.eval()
+    device = next(model.parameters()).device
+    totals: dict[str, torch.Tensor] | None = None
+    for start in range(0, len(data), batch_size):
+        idx = list(range(start, min(len(data), start + batch_size)))
+        b = data.rows(idx)
+        logits = model(b["input_ids"].to(device), b["attention_mask"].to(device))
+        sums = head_metric_sums(logits.float(), b["input_ids"].to(device), b["label_mask"].to(device))
+        totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
+    assert totals is not None, "no held-out rows"
+    count = totals["count"].clamp(min=1)
+    return {"loss": (totals["ce_sum"] / count).tolist(), "accuracy": (totals["correct"] / count).tolist(),
+            "targets": totals["count"].tolist()}
+
+
+def speculative_report(model: MTPModel, tokenizer, samples: list[Sample], max_new_tokens: int = 64
+                       ) -> dict[str, float]:
+    prompts = [([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [])
+               + tokenizer(s.prompt, add_special_tokens=False)["input_ids"] for s in samples]
+    return speculative_benchmark(model, prompts, max_new_tokens, tokenizer.eos_token_id)
+
+
+def save_json(obj: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def bootstrap_ci(values: list[float], n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
+                 ) -> tuple[float, float, float]:
+    """Mean and percentile bootstrap (1−alpha) interval over problems."""
+    if not values:
+        return math.nan, math.nan, math.nan
+    g = torch.Generator().manual_seed(seed)
+    v = torch.tensor(values, dtype=torch.float64)
+    idx = torch.randint(0, len(values), (n_boot, len(values)), generator=g)
+    means = v[idx].mean(1).sort().values
+    lo = means[int(alpha / 2 * n_boot)].item()
+    hi = means[min(n_boot - 1, int((1 - alpha / 2) * n_boot))].item()
+    return v.mean().item(), lo, hi
