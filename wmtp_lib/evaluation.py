@@ -137,3 +137,75 @@ def bootstrap_ci(values: list[float], n_boot: int = 2000, alpha: float = 0.05, s
     lo = means[int(alpha / 2 * n_boot)].item()
     hi = means[min(n_boot - 1, int((1 - alpha / 2) * n_boot))].item()
     return v.mean().item(), lo, hi
+
+
+def resolve_model_dir(run: str, runs_dir: str | Path = "runs") -> tuple[Path, Path | None]:
+    """``run`` is a run name under ``runs_dir`` (its ``final/``) or a model directory; returns (model, run dir)."""
+    from wmtp_lib.config import project_path
+
+    candidate = project_path(runs_dir) / run
+    if (candidate / "final" / "config.json").is_file():
+        return candidate / "final", candidate
+    path = Path(run)
+    if (path / "config.json").is_file():
+        return path, None
+    raise FileNotFoundError(f"{run!r} is neither a finished run under {project_path(runs_dir)} (with final/) "
+                            "nor a model directory; train it with notebooks/train.ipynb first")
+
+
+def benchmark_samples(benchmark: str, limit: int | None, data_cfg: dict[str, Any] | None = None,
+                      datasets_dir: str | Path = "datasets") -> list[Sample]:
+    from wmtp_lib.data import load_humaneval, load_samples
+
+    if benchmark == "humaneval":
+        samples = load_humaneval()
+    elif benchmark == "mbpp":
+        samples = load_samples({"dataset": "mbpp"}, "test", datasets_dir)
+    elif benchmark == "synthetic":
+        cfg = dict(data_cfg or {})
+        cfg.setdefault("n_train", 0)
+        cfg.setdefault("n_test", 100)
+        cfg.setdefault("noise_fraction", 0.0)
+        cfg.setdefault("data_seed", 1234)
+        cfg["dataset"] = "synthetic"
+        samples = load_samples(cfg, "test")
+    else:
+        raise ValueError(f"unknown benchmark {benchmark!r}; choose humaneval, mbpp or synthetic")
+    return samples[:limit] if limit else samples
+
+
+def run_evaluation(run: str, benchmarks: list[str], n_samples: int = 5, ks: list[int] | None = None,
+                   temperature: float = 0.8, top_p: float = 0.95, max_new_tokens: int = 96, limit: int | None = 50,
+                   speculative_prompts: int = 20, seed: int = 0, runs_dir: str | Path = "runs",
+                   datasets_dir: str | Path = "datasets", progress=None) -> dict[str, Any]:
+    """Everything `notebooks/evaluate.ipynb` reports; results saved to ``<run>/eval/<benchmark>.json``."""
+    from wmtp_lib.data import tokenize_samples
+    from wmtp_lib.execution import isolation
+    from wmtp_lib.loaders import load_tokenizer
+
+    model_dir, run_dir = resolve_model_dir(run, runs_dir)
+    out_dir = (run_dir or model_dir) / "eval"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = MTPModel.from_pretrained(model_dir, device=device).eval()
+    tokenizer = load_tokenizer(model_dir)
+    data_cfg = None
+    max_length = 256
+    if run_dir is not None and (run_dir / "config.yaml").is_file():
+        import yaml
+
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        data_cfg, max_length = cfg["data"], cfg["data"]["max_length"]
+    results: dict[str, Any] = {}
+    for bench in benchmarks:
+        samples = benchmark_samples(bench, limit, data_cfg, datasets_dir)
+        torch.manual_seed(seed)
+        res = evaluate_pass_at_k(model, tokenizer, samples, bench, n_samples, ks or [1, n_samples], temperature,
+                                 top_p, max_new_tokens, seed, progress=progress)
+        held_out = tokenize_samples(tokenizer, samples, max_length)
+        res["head_metrics"] = head_metrics(model, held_out)
+        res["speculative"] = speculative_report(model, tokenizer, samples[:speculative_prompts], max_new_tokens)
+        res["sandbox_isolation"] = isolation()
+        res["model_dir"] = str(model_dir)
+        save_json(res, out_dir / f"{bench}.json")
+        results[bench] = res
+    return results

@@ -17,10 +17,6 @@ def new_cache(model: MTPModel) -> DynamicCache:
     return DynamicCache(config=model.config)
 
 
-def _heads_logits(model: MTPModel, state, heads: range) -> list[torch.Tensor]:
-    return [model.lm_head(model.forward_head(k, state)).float() for k in heads]
-
-
 def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     if top_p >= 1.0:
         return logits
@@ -94,10 +90,10 @@ def speculative_greedy(model: MTPModel, prompt_ids: list[int], max_new_tokens: i
     cache = new_cache(model)
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     state = model.forward_trunk(ids, cache=cache)
-    logits = _heads_logits(model, state, range(H))
+    hidden = [model.forward_head(k, state) for k in range(H)]  # every head block runs: its cache stays whole
     forwards = 1
-    nxt = int(logits[0][0, -1].argmax())
-    drafts = [int(logits[k][0, -1].argmax()) for k in range(1, H)]
+    nxt = int(model.lm_head(hidden[0][0, -1]).argmax())
+    drafts = [int(model.lm_head(hidden[k][0, -1]).argmax()) for k in range(1, H)]
     out: list[int] = []
     while True:
         out.append(nxt)
@@ -108,9 +104,9 @@ def speculative_greedy(model: MTPModel, prompt_ids: list[int], max_new_tokens: i
         feed = [nxt] + drafts
         seen = cache.get_seq_length()
         state = model.forward_trunk(torch.tensor([feed], dtype=torch.long, device=device), cache=cache)
-        logits = _heads_logits(model, state, range(H))
+        hidden = [model.forward_head(k, state) for k in range(H)]
         forwards += 1
-        verified = logits[0][0].argmax(-1).tolist()  # head 0 after each fed token
+        verified = model.lm_head(hidden[0][0]).argmax(-1).tolist()  # head 0 after each fed token
         accepted = 0
         while accepted < len(drafts) and drafts[accepted] == verified[accepted]:
             accepted += 1
@@ -128,7 +124,8 @@ def speculative_greedy(model: MTPModel, prompt_ids: list[int], max_new_tokens: i
         if surplus > 0:
             cache.crop(-surplus)
         nxt = verified[accepted]
-        drafts = [int(logits[k][0, accepted].argmax()) for k in range(1, H)]
+        # draft logits are only needed at the last accepted position
+        drafts = [int(model.lm_head(hidden[k][0, accepted]).argmax()) for k in range(1, H)]
     return SpeculativeResult(out, forwards)
 
 

@@ -64,7 +64,8 @@ def build_tokenizer(workdir: Path, seed: int):
 def build_base(dst: Path, tokenizer_dir: Path, vocab: int, seed: int, n_future: int = 4) -> Path:
     """A random-initialised MTP base written in Meta's layout, then converted with `convert_checkpoint`."""
     torch.manual_seed(seed)
-    config = mtp_config(n_future, vocab_size=vocab, num_hidden_layers=2 + n_future, bos_token_id=1,
+    # 4 trunk blocks + one per head: the trunk/head cost ratio matters for self-speculative decoding
+    config = mtp_config(n_future, vocab_size=vocab, num_hidden_layers=4 + n_future, bos_token_id=1,
                         eos_token_id=2, pad_token_id=0, **TINY_DIMS)
     model = MTPModel(config)
     with tempfile.TemporaryDirectory() as tmp:
