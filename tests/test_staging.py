@@ -1,0 +1,113 @@
+"""Staging through the registry: tiny → S3 → a fresh cache; local conversion; datasets; preflight."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from wmtp_lib.heads import MTPModel
+from wmtp_lib.loaders import save_meta_checkpoint, verify_manifest
+from wmtp_lib.registry import RegistryError, load_registry
+from wmtp_lib.staging import StagingError, stage_dataset, stage_model
+
+
+def _registry_for(bucket):
+    """The project registry with its S3 prefixes moved into the test bucket."""
+    reg = load_registry()
+    from dataclasses import replace
+
+    reg.models = {k: replace(v, s3=v.s3.replace("s3://wmtp/", f"s3://{bucket}/") if v.s3 else None)
+                  for k, v in reg.models.items()}
+    reg.datasets = {k: replace(v, s3=v.s3.replace("s3://wmtp/", f"s3://{bucket}/") if v.s3 else None)
+                    for k, v in reg.datasets.items()}
+    return reg
+
+
+def test_tiny_to_s3_then_download_into_fresh_cache(tmp_path, s3_env, tiny_models):
+    reg = _registry_for(s3_env)
+    import shutil
+
+    shutil.copytree(tiny_models / "tiny-ref", tmp_path / "a" / "tiny-ref")
+    up = stage_model("tiny-ref", "tiny", "s3", tmp_path / "a", reg, log=lambda m: None)
+    assert up["s3"] == f"s3://{s3_env}/models/tiny-ref/"
+    down = stage_model("tiny-ref", "s3", "local", tmp_path / "b", reg, log=lambda m: None)
+    verify_manifest(down["local"])
+    a = json.loads((tmp_path / "a" / "tiny-ref" / "manifest.json").read_text())["files"]
+    b = json.loads((tmp_path / "b" / "tiny-ref" / "manifest.json").read_text())["files"]
+    assert a == b
+
+
+def test_local_meta_checkpoint_is_converted_and_registered(tmp_path, tiny_mtp):
+    src = save_meta_checkpoint(tiny_mtp, tmp_path / "meta")
+    out = stage_model("mtp-7b", "local", "local", tmp_path / "models", local_path=src, log=lambda m: None)
+    model = MTPModel.from_pretrained(out["local"]).eval()
+    x = torch.randint(0, 61, (1, 5))
+    assert torch.equal(model(x), tiny_mtp(x))
+    again = stage_model("mtp-7b", "local", "local", tmp_path / "models", local_path=src, log=lambda m: None)
+    assert again["files"] == out["files"]
+
+
+def test_staging_errors_are_explicit(tmp_path):
+    with pytest.raises(StagingError, match="not a tiny model"):
+        stage_model("mtp-7b", "tiny", "local", tmp_path)
+    with pytest.raises(StagingError, match="source must be one of"):
+        stage_model("mtp-7b", "ftp", "local", tmp_path)
+    with pytest.raises(StagingError, match="needs local_path"):
+        stage_model("mtp-7b", "local", "local", tmp_path)
+    with pytest.raises(RegistryError, match="unknown model id 'gpt-5'"):
+        stage_model("gpt-5", "hf", "local", tmp_path)
+
+
+def test_dataset_from_local_parquet_and_jsonl(tmp_path, s3_env):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "hub" / "full"
+    src.mkdir(parents=True)
+    rows = [{"task_id": 601, "text": "t", "code": "def f():\n    return 1", "test_list": ["assert f() == 1"]}]
+    pq.write_table(pa.Table.from_pylist(rows), src / "train-00000-of-00001.parquet")
+    (src / "test.jsonl").write_text(json.dumps({**rows[0], "task_id": 11}) + "\n")
+    reg = _registry_for(s3_env)
+    out = stage_dataset("mbpp", "local", "s3", tmp_path / "datasets", reg, local_path=tmp_path / "hub",
+                        log=lambda m: None)
+    assert out["files"] == ["test.jsonl", "train.jsonl"]
+    from wmtp_lib.data import load_mbpp
+
+    assert [s.id for s in load_mbpp(tmp_path / "datasets" / "mbpp", "train")] == ["mbpp/601"]
+    back = stage_dataset("mbpp", "s3", "local", tmp_path / "again", reg, log=lambda m: None)
+    assert back["files"] == out["files"]
+
+
+def test_registry_paths_are_one_id_one_prefix():
+    reg = load_registry()
+    for mid, entry in reg.models.items():
+        assert entry.s3 == f"s3://wmtp/models/{mid}/"
+    assert reg.model("mtp-7b").hf_subfolder == "7B_1T_4" and reg.model("mtp-7b").gated
+    assert reg.model("starling-rm-7b").reward_layout == "starling"
+
+
+def test_registry_rejects_bad_entries(tmp_path):
+    bad = tmp_path / "models.yaml"
+    bad.write_text("bucket: wmtp\nmodels:\n  x:\n    role: base\n    format: hf\n    hf_repo: a/b\n"
+                   "    s3: s3://wmtp/models/y/\n")
+    with pytest.raises(RegistryError, match="models.x.s3 must be s3://wmtp/models/x/"):
+        load_registry(bad)
+    bad.write_text("models:\n  x:\n    role: base\n    format: hf\n    hf_rep: a/b\n")
+    with pytest.raises(RegistryError, match=r"models.x: unknown key\(s\) \['hf_rep'\]"):
+        load_registry(bad)
+
+
+def test_preflight_blocks_missing_models_with_fix_command(tmp_path, monkeypatch):
+    from wmtp_lib import preflight
+
+    report = preflight.run_preflight("vessl", check_s3=False, out=tmp_path / "p.json")
+    rho1 = next(r for r in report["recipes"] if r["recipe"] == "rho1")
+    assert not rho1["runnable"]
+    assert any("codellama-7b-python" in f and "stage_models.ipynb" in f for f in rho1["fixes"])
+    assert rho1["memory_per_device"]["total_gib"] > 10
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-leak-me")
+    report = preflight.run_preflight("vessl", check_s3=False, out=tmp_path / "p2.json")
+    text = (tmp_path / "p2.json").read_text()
+    assert "do-not-leak-me" not in text and "AWS_SECRET_ACCESS_KEY" in text
