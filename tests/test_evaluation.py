@@ -147,3 +147,13 @@ def test_speculative_accepts_drafts_when_heads_agree():
 def test_bootstrap_ci_brackets_mean():
     mean, lo, hi = bootstrap_ci([0.0, 1.0] * 50)
     assert lo < mean < hi and mean == pytest.approx(0.5)
+
+
+def test_fraction_of_tests_passed_counts_each_test():
+    from wmtp_lib.execution import fraction_of_tests_passed
+
+    code = "def f(x):\n    return x + 1\n"
+    tests = ["assert f(1) == 2", "assert f(2) == 4", "assert f(0) == 1", "assert g(1) == 1"]
+    assert fraction_of_tests_passed(code, tests) == 0.5
+    assert fraction_of_tests_passed("def f(:\n", tests) == 0.0
+    assert fraction_of_tests_passed("while True:\n    pass\n", tests, timeout_s=1.0) == 0.0

@@ -154,3 +154,25 @@ def test_missing_model_error_names_path_and_staging_command(tmp_path, tiny_model
     proc = run_training(cfg, check=False)
     assert proc.returncode != 0
     assert "not staged at" in proc.stderr and "stage_models.ipynb" in proc.stderr
+
+
+def test_critic_with_execution_rewards_fits_on_rollouts(tmp_path, tiny_models):
+    over = {"train.steps": 5, "critic.stage1_steps": 8, "critic.reward_source": "execution", "critic.rollouts": 2,
+            "critic.rollout_max_new_tokens": 24, "train.micro_batch_size": 4, "data.n_train": 40,
+            "data.noise_fraction": 0.5}
+    _, cfg = make_config(tmp_path, "critic", tiny_models, "exec", over)
+    proc = run_training(cfg)
+    run = tmp_path / "runs" / "exec"
+    from safetensors.torch import load_file
+
+    rewards = load_file(str(run / "rewards.safetensors"))["rewards"]
+    # gold completions: clean ones pass all their tests, corrupted ones fail at least one
+    from wmtp_lib.data import synthetic_tasks
+
+    samples = synthetic_tasks(40, "train", 1234, 0.5)
+    for s, r in zip(samples, rewards.tolist()):
+        assert (r < 1.0) if s.noisy else (r == 1.0), (s.completion, r)
+    rollouts = json.loads((run / "rollouts.json").read_text())
+    assert len(rollouts["samples"]) == 2 * 16 and all(0.0 <= r <= 1.0 for r in rollouts["rewards"])
+    assert "rollouts:" in proc.stdout
+    assert any(r["stage"] == "value" for r in metrics(run))

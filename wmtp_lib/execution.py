@@ -124,3 +124,38 @@ def run_many(programs: list[str], timeout_s: float = 5.0, memory_mb: int = 1024,
 def program_for(completion_code: str, tests: list[str], exec_prefix: str = "") -> str:
     """The program that checks one completion: (prompt prefix +) code, then every test."""
     return exec_prefix + completion_code + "\n\n" + "\n".join(tests) + "\n"
+
+
+COUNT_MARKER = "__WMTP_TESTS_PASSED__"
+
+
+def fraction_of_tests_passed(code: str, tests: list[str], exec_prefix: str = "", timeout_s: float = 5.0,
+                             memory_mb: int = 1024) -> float:
+    """Fraction of ``tests`` that pass against ``code`` (each test runs on its own; 0 if the code crashes)."""
+    if not tests:
+        raise ValueError("no tests to run")
+    body = [exec_prefix + code, "_wmtp_passed = 0"]
+    for test in tests:
+        body.append("try:\n" + "\n".join("    " + line for line in test.splitlines())
+                    + "\n    _wmtp_passed += 1\nexcept Exception:\n    _wmtp_passed += 0")
+    body.append(f"print({COUNT_MARKER!r}, _wmtp_passed)")
+    program = "\n".join(body)
+    with tempfile.TemporaryDirectory(prefix="wmtp-exec-") as tmp:
+        path = os.path.join(tmp, "program.py")
+        with open(path, "w") as fh:
+            fh.write(_GUARD + "\n" + program + "\n")
+        proc = subprocess.Popen(_command(path), cwd=tmp, env=dict(SAFE_ENV, HOME=tmp, TMPDIR=tmp),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                preexec_fn=_limits(memory_mb, int(timeout_s) + 1), close_fds=True)
+        try:
+            out, _ = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            proc.communicate()
+            return 0.0
+        finally:
+            _kill_group(proc)
+    lines = [line for line in out.decode(errors="replace").splitlines() if line.startswith(COUNT_MARKER)]
+    if proc.returncode != 0 or not lines:
+        return 0.0
+    return int(lines[-1].split()[-1]) / len(tests)

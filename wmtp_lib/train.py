@@ -236,6 +236,7 @@ class Trainer:
         self.H = self.model.n_future
         datasets_dir = project_path(cfg["paths"]["datasets_dir"])
         samples = load_samples(cfg["data"], "train", datasets_dir)
+        self.samples = samples
         self.data: TokenizedData = tokenize_samples(self.tokenizer, samples, cfg["data"]["max_length"],
                                                     cfg["data"]["prompt_masking"], cfg["data"]["pack"])
         log_line(d, f"data: {len(samples)} samples -> {len(self.data)} rows of {cfg['data']['max_length']} tokens "
@@ -291,42 +292,51 @@ class Trainer:
             log_line(d, "reference model resident (online scoring)")
 
     def _sequence_rewards(self) -> torch.Tensor:
-        """One reward per training row: reward-model scores of the gold text (cached in the run dir)."""
+        """One reward per training row (cached in the run dir): reward-model score of the gold text, or
+        the fraction of the row's unit tests its gold completion passes."""
         cfg, d = self.cfg, self.d
         path = self.run_dir / "rewards.safetensors"
         from safetensors.torch import load_file, save_file
 
-        if path.is_file():
-            rewards = load_file(str(path))["rewards"]
-            if rewards.shape[0] == len(self.data):
-                return rewards
-        if cfg["critic"]["reward_source"] == "execution":
-            from wmtp_lib.rollouts import execution_reward_rows
-
-            rewards = execution_reward_rows(self, log=lambda m: log_line(d, m))
-        else:
-            from wmtp_lib.reward import RewardModel
-
-            entry = load_registry().model(cfg["models"]["reward"])
-            rm_dir = model_dir(cfg["models"]["reward"], cfg, d)
-            dtype = torch.bfloat16 if cfg["train"]["mixed_precision"] == "bf16" else None
-            rm = RewardModel.from_dir(rm_dir, entry.reward_layout, dtype=dtype, device=self.device)
-            texts = [self.tokenizer.decode(self.data.input_ids[i][self.data.attention_mask[i].bool()],
-                                           skip_special_tokens=True) for i in range(len(self.data))]
-            rewards = rm.score(texts)
-            del rm
-        log_line(d, f"sequence rewards: mean {rewards.mean():.3f}, std {rewards.std():.3f} over {len(rewards)} rows")
-        if d.is_main:
+        rm_dir = None
+        if cfg["critic"]["reward_source"] == "model":
+            rm_dir = model_dir(cfg["models"]["reward"], cfg, d)  # on every rank: it holds a barrier
+        if d.is_main and not path.is_file():
+            rewards = self._score_rows(rm_dir)
+            log_line(d, f"sequence rewards: mean {rewards.mean():.3f}, std {rewards.std():.3f} over {len(rewards)} rows")
             tmp = path.with_name(path.name + ".tmp")
             save_file({"rewards": rewards.contiguous()}, str(tmp))
             tmp.replace(path)
         d.barrier()
+        rewards = load_file(str(path))["rewards"]
+        if rewards.shape[0] != len(self.data):
+            raise RuntimeError(f"{path} holds {rewards.shape[0]} rewards but the data has {len(self.data)} rows; "
+                               "the data changed under this run name: use a new run_name")
+        return rewards
+
+    def _score_rows(self, rm_dir: Path | None) -> torch.Tensor:
+        cfg = self.cfg
+        if rm_dir is None:
+            from wmtp_lib.rollouts import execution_rewards, row_rewards
+
+            return row_rewards(self.data, execution_rewards(self.samples))
+        from wmtp_lib.reward import RewardModel
+
+        entry = load_registry().model(cfg["models"]["reward"])
+        dtype = torch.bfloat16 if cfg["train"]["mixed_precision"] == "bf16" else None
+        rm = RewardModel.from_dir(rm_dir, entry.reward_layout, dtype=dtype, device=self.device)
+        # reward models score text: decode with the policy tokenizer, the RM re-tokenizes with its own
+        texts = [self.tokenizer.decode(self.data.input_ids[i][self.data.attention_mask[i].bool()],
+                                       skip_special_tokens=True) for i in range(len(self.data))]
+        rewards = rm.score(texts)
+        del rm
         return rewards
 
     # -------------------------------------------------------------- batches and weights
-    def batch(self, step: int, slot: int, rank: int, schedule: BatchSchedule | None = None) -> dict[str, torch.Tensor]:
+    def batch(self, step: int, slot: int, rank: int, schedule: BatchSchedule | None = None,
+              data: TokenizedData | None = None) -> dict[str, torch.Tensor]:
         rows = (schedule or self.schedule).micro_batch(step, slot, rank)
-        b = self.data.rows(rows)
+        b = (data or self.data).rows(rows)
         return {k: v.to(self.device) for k, v in b.items()}
 
     def weight_fn_factory(self, batch: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], HeadWeightFn]:
@@ -367,10 +377,12 @@ class Trainer:
 
         return make
 
-    def value_loss_on(self, trunk_hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def value_loss_on(self, trunk_hidden: torch.Tensor, batch: dict[str, torch.Tensor],
+                      row_rewards: torch.Tensor | None = None) -> torch.Tensor:
         ccfg = self.cfg["critic"]
         state_mask = state_mask_from_labels(batch["label_mask"])
-        rewards = sparse_rewards(self.rewards[batch["row_index"].cpu()].to(self.device), state_mask)
+        table = self.rewards if row_rewards is None else row_rewards
+        rewards = sparse_rewards(table[batch["row_index"].cpu()].to(self.device), state_mask)
         values = self.value_head(trunk_hidden)
         _, targets = value_targets(values, rewards, state_mask, ccfg["gamma"], ccfg["lam"])
         return value_loss(values, targets, state_mask)
@@ -467,16 +479,30 @@ class Trainer:
         path.write_text("".join(line + "\n" for line in keep))
 
     # -------------------------------------------------------------- stage 1 (critic)
+    def stage1_data(self) -> tuple[TokenizedData, torch.Tensor]:
+        """Gold rows with their rewards, or (execution reward) rollouts of the current model."""
+        cfg, d = self.cfg, self.d
+        if cfg["critic"]["reward_source"] != "execution":
+            return self.data, self.rewards
+        from wmtp_lib.rollouts import build_rollout_data
+
+        cache = self.run_dir / "rollouts.json"
+        if d.is_main:
+            build_rollout_data(self.model, self.tokenizer, self.samples, cfg, cache, log=lambda m: log_line(d, m))
+        d.barrier()
+        return build_rollout_data(self.model, self.tokenizer, self.samples, cfg, cache, log=lambda m: None)
+
     def fit_value_head(self, start: int) -> None:
         cfg, d = self.cfg, self.d
         steps = cfg["critic"]["stage1_steps"]
-        schedule = BatchSchedule(len(self.data), cfg["train"]["micro_batch_size"], 1, d.world, cfg["seed"] + 1)
+        data, rewards = self.stage1_data()
+        schedule = BatchSchedule(len(data), cfg["train"]["micro_batch_size"], 1, d.world, cfg["seed"] + 1)
         window: list[float] = []
         for step in range(start, steps):
-            b = self.batch(step, 0, d.rank, schedule)
+            b = self.batch(step, 0, d.rank, schedule, data)
             with torch.no_grad():
                 trunk = self.model(b["input_ids"], b["attention_mask"], return_trunk=True).hidden
-            loss = self.value_loss_on(trunk.detach(), b)
+            loss = self.value_loss_on(trunk.detach(), b, rewards)
             loss.backward()
             d.average_grads(list(self.value_head.parameters()))
             self.value_optimizer.step()
