@@ -1,6 +1,7 @@
 """Sequential (memory-efficient) heads vs all heads at once: peak memory and step time, one run.
 
-Each variant runs in its own process so that the peak resident memory of one does not hide the other's.
+Each variant runs in its own process so that the peak memory of one does not hide the other's (peak
+resident memory on the CPU, peak allocated memory on a GPU).
 Prints the ratios sequential / all-at-once (DESIGN §9 targets: memory ≤ 0.6×, time ≤ 1.05×).
 
     python bench/heads_step.py [--vocab 32000] [--hidden 128] [--length 256] [--batch 4] [--steps 3]
@@ -24,29 +25,40 @@ def run_variant(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     cfg = mtp_config(4, vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 3,
-                     num_hidden_layers=args.layers, num_attention_heads=4, max_position_embeddings=args.length)
-    model = MTPModel(cfg).train()
+                     num_hidden_layers=args.layers, num_attention_heads=max(4, args.hidden // 128),
+                     max_position_embeddings=args.length)
+    model = MTPModel(cfg).to(device).train()
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    x = torch.randint(0, args.vocab, (args.batch, args.length))
+    x = torch.randint(0, args.vocab, (args.batch, args.length), device=device)
 
     def step():
         if args.variant == "sequential":
             sequential_mtp_step(model, x, chunk_size=args.chunk)
         else:
             all_heads_step(model, x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step()  # the first step also sets the memory high-water mark
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        step()  # the first step also sets the memory high-water mark
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
     times.sort()
-    return {"variant": args.variant, "peak_step_mib": (after - before) / 1024, "step_s": times[len(times) // 2]}
+    return {"variant": args.variant, "peak_step_mib": peak, "step_s": times[len(times) // 2]}
 
 
 def main() -> None:
@@ -59,6 +71,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu (peak RSS) or cuda (peak allocated)")
     parser.add_argument("--variant", choices=["sequential", "all_at_once"])
     args = parser.parse_args()
     if args.variant:
@@ -71,7 +84,7 @@ def main() -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         results[variant] = json.loads(out)
     base, seq = results["all_at_once"], results["sequential"]
-    print(f"config: vocab={args.vocab} hidden={args.hidden} layers={args.layers} heads=4 "
+    print(f"config: device={args.device} vocab={args.vocab} hidden={args.hidden} layers={args.layers} heads=4 "
           f"batch={args.batch} length={args.length} chunk={args.chunk} threads={args.threads}")
     for r in (base, seq):
         print(f"{r['variant']:>12}: peak step memory {r['peak_step_mib']:8.1f} MiB, median step {r['step_s']:.3f} s")

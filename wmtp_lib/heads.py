@@ -8,6 +8,7 @@ predicts token ``t + k + 1``.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,11 @@ from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
 )
+
+# transformers renamed the KV-cache keyword from `past_key_values` to `cache` during 5.x; use
+# whichever this installation's Llama blocks and mask builder declare.
+_BLOCK_CACHE_KW = "cache" if "cache" in inspect.signature(LlamaDecoderLayer.forward).parameters else "past_key_values"
+_MASK_CACHE_KW = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -164,8 +170,8 @@ class MTPModel(nn.Module):
             config=self.config,
             inputs_embeds=embeds,
             attention_mask=attention_mask,
-            cache=cache,
             position_ids=position_ids,
+            **{_MASK_CACHE_KW: cache},
         )
         position_embeddings = self.rotary_emb(embeds, position_ids=position_ids)
         hidden = embeds
@@ -175,23 +181,18 @@ class MTPModel(nn.Module):
 
     def _run_block(self, block, hidden, mask, position_ids, position_embeddings, cache):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
-            return checkpoint(
-                block.__call__,
-                hidden,
-                mask,
-                position_ids,
-                None,
-                False,
-                position_embeddings,
-                use_reentrant=False,
-            )
+            def run(h: torch.Tensor) -> torch.Tensor:
+                return block(h, attention_mask=mask, position_ids=position_ids,
+                             position_embeddings=position_embeddings)
+
+            return checkpoint(run, hidden, use_reentrant=False)
         return block(
             hidden,
             attention_mask=mask,
             position_ids=position_ids,
-            cache=cache,
             use_cache=cache is not None,
             position_embeddings=position_embeddings,
+            **{_BLOCK_CACHE_KW: cache},
         )
 
     def forward_head(self, k: int, state: TrunkState, trunk_hidden: torch.Tensor | None = None) -> torch.Tensor:
@@ -204,8 +205,8 @@ class MTPModel(nn.Module):
             hidden,
             attention_mask=state.attention_mask,
             position_ids=state.position_ids,
-            cache=state.cache,
             use_cache=state.cache is not None,
+            **{_BLOCK_CACHE_KW: state.cache},
             position_embeddings=state.position_embeddings,
         )
         return self.norm(out)

@@ -209,7 +209,9 @@ def resolve_head_weights(
 class _ChunkedLinearCE(torch.autograd.Function):
     """Cross-entropy of ``h @ W.T`` per token, computed in sequence chunks; logits are recomputed in backward."""
 
+    # custom_fwd/custom_bwd: backward's recomputed logits use the same autocast state as forward
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, hidden, weight, targets, valid, chunk_size):  # type: ignore[override]
         B, T, _ = hidden.shape
         ce = torch.zeros(B, T, dtype=torch.float32, device=hidden.device)
@@ -226,6 +228,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         return ce
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_ce):  # type: ignore[override]
         hidden, weight, targets, valid, lse = ctx.saved_tensors
         chunk_size = ctx.chunk_size

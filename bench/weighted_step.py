@@ -1,0 +1,86 @@
+"""Cost of the token weighting: rho1 step (cached or online reference) vs the mtp_baseline step.
+
+All three run the same sequential MTP step on the same model and batch; only the weights differ.
+Prints the ratios against mtp_baseline (DESIGN §9 target: cached rho1 ≤ 1.05×; online is reported).
+
+    python bench/weighted_step.py [--vocab 32000] [--hidden 128] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--chunk", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from wmtp_lib.heads import MTPModel, mtp_config
+    from wmtp_lib.losses import align_reference, rho1_weights
+    from wmtp_lib.reference import reference_token_ce
+    from wmtp_lib.step import sequential_mtp_step, uniform_weights
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    heads = max(4, args.hidden // 128)
+    cfg = mtp_config(4, vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 3,
+                     num_hidden_layers=args.layers, num_attention_heads=heads, max_position_embeddings=args.length)
+    model = MTPModel(cfg).to(device).train()
+    ref = LlamaForCausalLM(LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                                       intermediate_size=args.hidden * 3, num_hidden_layers=args.layers - 3,
+                                       num_attention_heads=heads)).to(device).eval()
+    x = torch.randint(0, args.vocab, (args.batch, args.length), device=device)
+    cached = reference_token_ce(ref, x)
+
+    def rho1_fn(ref_ce):
+        aligned = align_reference(ref_ce, 4)
+        return lambda k, ce_k, valid_k: rho1_weights(ce_k.unsqueeze(-1), aligned[:, :, k:k + 1],
+                                                     valid_k.unsqueeze(-1)).squeeze(-1)
+
+    def run(kind: str) -> float:
+        def step():
+            if kind == "mtp_baseline":
+                fn = uniform_weights
+            elif kind == "rho1_cached":
+                fn = rho1_fn(cached)
+            else:
+                fn = rho1_fn(reference_token_ce(ref, x))
+            sequential_mtp_step(model, x, weight_fn=fn, chunk_size=args.chunk)
+            model.zero_grad(set_to_none=False)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        step()
+        times = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+
+    # interleave the variants so drift in machine speed hits all of them alike
+    results = {k: [] for k in ("mtp_baseline", "rho1_cached", "rho1_online")}
+    for _ in range(2):
+        for k in results:
+            results[k].append(run(k))
+    med = {k: min(v) for k, v in results.items()}
+    print(f"config: device={args.device} vocab={args.vocab} hidden={args.hidden} layers={args.layers} "
+          f"batch={args.batch} length={args.length}")
+    for k, v in med.items():
+        print(f"{k:>13}: {v:.4f} s/step  ({v / med['mtp_baseline']:.3f}x mtp_baseline)")
+
+
+if __name__ == "__main__":
+    main()
