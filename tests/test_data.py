@@ -122,3 +122,21 @@ def test_prompt_completion_jsonl(tmp_path):
     path.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n\n" + json.dumps({"prompt": "c"}) + "\n")
     with pytest.raises(ValueError, match="line 2.*completion"):
         load_prompt_completion_jsonl(path)
+
+
+def test_codecontests_takes_first_python3_solution_and_public_tests(tmp_path):
+    from wmtp_lib.data import load_codecontests
+
+    rows = [
+        {"name": "a", "description": "Add two numbers.", "solutions": {"language": [2, 3, 3],
+         "solution": ["int main(){}", "print(sum(map(int, input().split())))", "second"]},
+         "public_tests": {"input": ["1 2\n"], "output": ["3\n"]}},
+        {"name": "b", "description": "C++ only.", "solutions": {"language": [2], "solution": ["int main(){}"]}},
+    ]
+    path = tmp_path / "cc.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    samples = load_codecontests(path)
+    assert [s.id for s in samples] == ["codecontests/a"]
+    assert samples[0].completion == "print(sum(map(int, input().split())))\n"
+    assert samples[0].tests == ["1 2\n\x003\n"]
+    assert "Add two numbers." in samples[0].prompt

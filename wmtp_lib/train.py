@@ -16,6 +16,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,6 +42,9 @@ from wmtp_lib.step import HeadWeightFn, sequential_mtp_step, uniform_weights
 from wmtp_lib.weight_stats import add_sums, noisy_targets, summarize, weight_sums
 
 COMPLETE_MARKER = "COMPLETE"
+
+# torch.distributed.checkpoint says so each time it saves in a single process; that is intended here.
+warnings.filterwarnings("ignore", message=r"torch.distributed is disabled, unavailable or uninitialized")
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -507,7 +511,7 @@ class Trainer:
             d.average_grads(list(self.value_head.parameters()))
             self.value_optimizer.step()
             self.value_optimizer.zero_grad(set_to_none=True)
-            window.append(float(loss))
+            window.append(float(loss.detach()))
             if (step + 1) % cfg["train"]["log_every"] == 0 or step + 1 == steps:
                 vl = d.all_reduce_sum([sum(window), len(window)])
                 rec = {"stage": "value", "step": step + 1, "value_loss": vl[0] / vl[1]}
@@ -566,7 +570,7 @@ class Trainer:
 
                     def extra_fn(trunk, b=b, vc=vc, to_trunk=to_trunk, value_acc=value_acc):
                         vl = self.value_loss_on(trunk if to_trunk else trunk.detach(), b)
-                        value_acc.append(float(vl))
+                        value_acc.append(float(vl.detach()))
                         return vc * vl
 
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
