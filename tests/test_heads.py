@@ -125,3 +125,11 @@ def test_config_validation():
         tiny_config(n_future=6, layers=4)
     with pytest.raises(ValueError, match="n_future_tokens"):
         tiny_config(n_future=0)
+
+
+def test_side_files_are_not_model_weights(tmp_path, tiny_mtp):
+    """A run's final/ also holds value_head.safetensors: loading the model ignores it."""
+    tiny_mtp.save_pretrained(tmp_path / "final")
+    save_file({"fc1.weight": torch.zeros(2, 2)}, str(tmp_path / "final" / "value_head.safetensors"))
+    x = torch.randint(0, 61, (1, 6))
+    assert torch.equal(MTPModel.from_pretrained(tmp_path / "final").eval()(x), tiny_mtp(x))

@@ -176,3 +176,16 @@ def test_critic_with_execution_rewards_fits_on_rollouts(tmp_path, tiny_models):
     assert len(rollouts["samples"]) == 2 * 16 and all(0.0 <= r <= 1.0 for r in rollouts["rewards"])
     assert "rollouts:" in proc.stdout
     assert any(r["stage"] == "value" for r in metrics(run))
+
+
+def test_notebook_list_and_dict_parameters_from_text():
+    from wmtp_lib.config import as_dict, as_list
+
+    assert as_list('["a", "b"]', "x") == ["a", "b"]
+    assert as_list("mbpp, humaneval", "x") == ["mbpp", "humaneval"]
+    assert as_list([1, 5], "k") == [1, 5]
+    assert as_dict('{"train.steps": 5}', "overrides") == {"train.steps": 5}
+    with pytest.raises(ConfigError, match="parameter overrides: not a JSON object"):
+        as_dict("{train.steps: 5", "overrides")
+    with pytest.raises(ConfigError, match="parameter k must be a list"):
+        as_list(3, "k")

@@ -7,6 +7,7 @@ choices is an error that names the key and the file it came from.
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -277,3 +278,33 @@ def project_path(p: str | Path) -> Path:
     """Relative paths in configs are relative to the project root."""
     p = Path(p).expanduser()
     return p if p.is_absolute() else PROJECT_ROOT / p
+
+
+def as_list(value: Any, name: str) -> list[Any]:
+    """A notebook list parameter: a list, or the JSON / comma-separated text papermill's ``-p`` passes."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                parsed = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"parameter {name}: not a JSON list: {value!r} ({exc.msg})") from exc
+            return list(parsed)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    raise ConfigError(f"parameter {name} must be a list, got {type(value).__name__} {value!r}")
+
+
+def as_dict(value: Any, name: str) -> dict[str, Any]:
+    """A notebook dict parameter: a dict, or its JSON text (what ``-p name '{...}'`` passes)."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"parameter {name}: not a JSON object: {value!r} ({exc.msg})") from exc
+        if isinstance(parsed, dict):
+            return parsed
+    raise ConfigError(f"parameter {name} must be a dict, got {type(value).__name__} {value!r}")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from wmtp_lib.losses import align_reference
+
 
 class ValueHead(nn.Module):
     """2-layer MLP ``D → D/2 → 1`` on the trunk output."""
@@ -75,13 +77,11 @@ def value_targets(values: torch.Tensor, rewards: torch.Tensor, state_mask: torch
 
 
 def align_td(delta: torch.Tensor, H: int) -> torch.Tensor:
-    """``td[b, t, k] = δ[b, t+k]``: head ``k`` at ``t`` emits its target in transition ``t+k``."""
-    B, T = delta.shape
-    out = delta.new_zeros(B, T, H)
-    for k in range(H):
-        if k < T:
-            out[:, : T - k, k] = delta[:, k:]
-    return out
+    """``td[b, t, k] = δ[b, t+k]``: head ``k`` at ``t`` emits its target in transition ``t+k``.
+
+    The same shift as the reference alignment (a transition ``j`` emits token ``j+1``).
+    """
+    return align_reference(delta, H)
 
 
 def value_loss(values: torch.Tensor, targets: torch.Tensor, state_mask: torch.Tensor) -> torch.Tensor:

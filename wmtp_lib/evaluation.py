@@ -183,6 +183,10 @@ def run_evaluation(run: str, benchmarks: list[str], n_samples: int = 5, ks: list
     from wmtp_lib.execution import isolation
     from wmtp_lib.loaders import load_tokenizer
 
+    from wmtp_lib.config import as_list
+
+    benchmarks = [str(b) for b in as_list(benchmarks, "benchmarks")]
+    ks = [int(k) for k in as_list(ks, "k")] if ks is not None else None
     model_dir, run_dir = resolve_model_dir(run, runs_dir)
     out_dir = (run_dir or model_dir) / "eval"
     device = "cuda" if torch.cuda.is_available() else "cpu"

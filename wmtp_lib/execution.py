@@ -83,10 +83,23 @@ def _command(path: str) -> list[str]:
 
 def run_program(program: str, timeout_s: float = 5.0, memory_mb: int = 1024) -> ExecResult:
     """Run ``program`` (the solution followed by its tests); passed iff it exits 0 after the last test."""
+    code, out, err = _execute(program + f"\nprint({PASS_MARKER!r})\n", timeout_s, memory_mb)
+    if code is None:
+        return ExecResult(False, "timeout", f"exceeded {timeout_s}s")
+    stdout = out.decode(errors="replace")
+    if code == 0 and stdout.rstrip().endswith(PASS_MARKER):
+        return ExecResult(True, "passed")
+    tail = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit code {code}"]
+    status = "failed" if "AssertionError" in tail[0] else "error"
+    return ExecResult(False, status, tail[0][:300])
+
+
+def _execute(program: str, timeout_s: float, memory_mb: int) -> tuple[int | None, bytes, bytes]:
+    """Run one program in the sandbox; returns (exit code or None on timeout, stdout, stderr)."""
     with tempfile.TemporaryDirectory(prefix="wmtp-exec-") as tmp:
         path = os.path.join(tmp, "program.py")
         with open(path, "w") as fh:
-            fh.write(_GUARD + "\n" + program + f"\nprint({PASS_MARKER!r})\n")
+            fh.write(_GUARD + "\n" + program)
         env = dict(SAFE_ENV, HOME=tmp, TMPDIR=tmp)
         proc = subprocess.Popen(_command(path), cwd=tmp, env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -96,15 +109,10 @@ def run_program(program: str, timeout_s: float = 5.0, memory_mb: int = 1024) -> 
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             proc.communicate()
-            return ExecResult(False, "timeout", f"exceeded {timeout_s}s")
+            return None, b"", b""
         finally:
             _kill_group(proc)
-    stdout = out.decode(errors="replace")
-    if proc.returncode == 0 and stdout.rstrip().endswith(PASS_MARKER):
-        return ExecResult(True, "passed")
-    tail = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
-    status = "failed" if "AssertionError" in tail[0] else "error"
-    return ExecResult(False, status, tail[0][:300])
+    return proc.returncode, out, err
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -139,23 +147,8 @@ def fraction_of_tests_passed(code: str, tests: list[str], exec_prefix: str = "",
         body.append("try:\n" + "\n".join("    " + line for line in test.splitlines())
                     + "\n    _wmtp_passed += 1\nexcept Exception:\n    _wmtp_passed += 0")
     body.append(f"print({COUNT_MARKER!r}, _wmtp_passed)")
-    program = "\n".join(body)
-    with tempfile.TemporaryDirectory(prefix="wmtp-exec-") as tmp:
-        path = os.path.join(tmp, "program.py")
-        with open(path, "w") as fh:
-            fh.write(_GUARD + "\n" + program + "\n")
-        proc = subprocess.Popen(_command(path), cwd=tmp, env=dict(SAFE_ENV, HOME=tmp, TMPDIR=tmp),
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                preexec_fn=_limits(memory_mb, int(timeout_s) + 1), close_fds=True)
-        try:
-            out, _ = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            proc.communicate()
-            return 0.0
-        finally:
-            _kill_group(proc)
+    exit_code, out, _ = _execute("\n".join(body) + "\n", timeout_s, memory_mb)
     lines = [line for line in out.decode(errors="replace").splitlines() if line.startswith(COUNT_MARKER)]
-    if proc.returncode != 0 or not lines:
+    if exit_code != 0 or not lines:
         return 0.0
     return int(lines[-1].split()[-1]) / len(tests)

@@ -372,12 +372,14 @@ class MTPModel(nn.Module):
         return copy.deepcopy(self)
 
 
-def load_safetensors_dir(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of the ``*.safetensors`` files in ``path``; a key in two shards is an error."""
+def load_safetensors_dir(path: str | Path, pattern: str = "model*.safetensors") -> dict[str, torch.Tensor]:
+    """All tensors of the model's safetensors shards in ``path`` (``model.safetensors`` or
+    ``model-0000i-of-0000n.safetensors``; side files such as ``value_head.safetensors`` are not model
+    weights); a key in two shards is an error."""
     path = Path(path)
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(path.glob(pattern))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {path}")
+        raise FileNotFoundError(f"no {pattern} files in {path}")
     state: dict[str, torch.Tensor] = {}
     for file in files:
         for name, tensor in load_file(str(file)).items():

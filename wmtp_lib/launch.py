@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from wmtp_lib.config import project_path, resolve_config, write_config
+from wmtp_lib.config import as_dict, project_path, resolve_config, write_config
 from wmtp_lib.registry import PROJECT_ROOT
 
 STEP_LINE = re.compile(r"^step (\d+)/(\d+)")
@@ -19,7 +19,7 @@ STEP_LINE = re.compile(r"^step (\d+)/(\d+)")
 def prepare_run(recipe: str, env: str = "local", run_name: str | None = None,
                 overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], Path]:
     """Resolve recipe + environment + overrides and write ``runs/<run_name>/config.yaml``."""
-    cfg = resolve_config(recipe, env, overrides or {}, run_name=run_name or None)
+    cfg = resolve_config(recipe, env, as_dict(overrides or {}, "overrides"), run_name=run_name or None)
     run_dir = project_path(cfg["paths"]["runs_dir"]) / cfg["run_name"]
     path = write_config(cfg, run_dir / "config.yaml")
     return cfg, path

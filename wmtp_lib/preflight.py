@@ -197,6 +197,9 @@ def recipe_report(recipe: str, env: str, env_info: dict[str, Any], check_s3: boo
 def run_preflight(env: str = "local", recipes: tuple[str, ...] = RECIPES, check_s3: bool | None = None,
                   check_hub: bool = False, out: str | Path | None = "preflight.json") -> dict[str, Any]:
     """The whole report for one environment; written to ``out`` as JSON when given."""
+    from wmtp_lib.config import as_list
+
+    recipes = tuple(as_list(recipes, "recipes"))
     cfg0 = resolve_config(recipes[0], env)
     models_dir = project_path(cfg0["paths"]["models_dir"])
     env_info = environment_report(models_dir)

@@ -77,6 +77,17 @@ def build_base(dst: Path, tokenizer_dir: Path, vocab: int, seed: int, n_future: 
     return dst
 
 
+def _save_and_convert(model, tokenizer_dir: Path, dst: Path) -> Path:
+    """Save a Hugging Face model with the tokenizer, then run it through `convert_checkpoint`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = Path(tmp) / "hf"
+        model.eval().save_pretrained(str(hf))
+        for f in tokenizer_dir.iterdir():
+            shutil.copy(f, hf / f.name)
+        convert_checkpoint(hf, dst)
+    return dst
+
+
 def build_reference(dst: Path, tokenizer, tokenizer_dir: Path, seed: int, steps: int = 300,
                     log: Callable[[str], None] = print) -> Path:
     """A next-token Llama trained briefly on clean synthetic data, converted with a manifest."""
@@ -101,13 +112,7 @@ def build_reference(dst: Path, tokenizer, tokenizer_dir: Path, seed: int, steps:
         opt.zero_grad(set_to_none=True)
         if step % 100 == 0 or step == steps - 1:
             log(f"tiny-ref step {step}: loss {loss.item():.3f}")
-    with tempfile.TemporaryDirectory() as tmp:
-        hf = Path(tmp) / "hf"
-        model.eval().save_pretrained(str(hf))
-        for f in tokenizer_dir.iterdir():
-            shutil.copy(f, hf / f.name)
-        convert_checkpoint(hf, dst)
-    return dst
+    return _save_and_convert(model, tokenizer_dir, dst)
 
 
 def build_reward(dst: Path, tokenizer, tokenizer_dir: Path, seed: int, steps: int = 600,
@@ -139,13 +144,7 @@ def build_reward(dst: Path, tokenizer, tokenizer_dir: Path, seed: int, steps: in
         opt.zero_grad(set_to_none=True)
         if step % 200 == 0 or step == steps - 1:
             log(f"tiny-rm step {step}: mse {loss.item():.3f}")
-    with tempfile.TemporaryDirectory() as tmp:
-        hf = Path(tmp) / "hf"
-        model.eval().save_pretrained(str(hf))
-        for f in tokenizer_dir.iterdir():
-            shutil.copy(f, hf / f.name)
-        convert_checkpoint(hf, dst)
-    return dst
+    return _save_and_convert(model, tokenizer_dir, dst)
 
 
 def stage_tiny(models_dir: str | Path, ids: tuple[str, ...] = TINY_IDS, seed: int = 0, force: bool = False,
