@@ -53,8 +53,15 @@ def environment_report(models_dir: Path) -> dict[str, Any]:
 def model_params(model_id: str, models_dir: Path) -> tuple[float | None, dict[str, Any] | None]:
     """Parameter count (billions) from the local config when staged, else from the registry."""
     cfg_path = models_dir / model_id / "config.json"
+    entry = load_registry().model(model_id)
+    cfg = None
     if cfg_path.is_file():
         cfg = json.loads(cfg_path.read_text())
+    elif entry.format == "tiny":
+        from wmtp_lib.tiny import tiny_config_dict
+
+        cfg = tiny_config_dict(model_id)
+    if cfg is not None:
         D, L, V = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
         F = cfg["intermediate_size"]
         kv = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
@@ -62,7 +69,7 @@ def model_params(model_id: str, models_dir: Path) -> tuple[float | None, dict[st
         block = 2 * D * D + 2 * D * kv * hd + 3 * D * F + 2 * D
         n = L * block + 2 * V * D + D
         return n / 1e9, cfg
-    return load_registry().model(model_id).params_billion, None
+    return entry.params_billion, None
 
 
 def locate_model(model_id: str, models_dir: Path, storage: str, check_s3: bool, check_hub: bool) -> dict[str, Any]:

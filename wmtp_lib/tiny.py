@@ -29,6 +29,15 @@ TINY_DIMS = dict(hidden_size=64, intermediate_size=176, num_attention_heads=4, n
                  max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0)
 
 
+def tiny_config_dict(model_id: str, n_future: int = 4) -> dict:
+    """The architecture each tiny model is built with (what preflight sizes before they exist)."""
+    # tiny-mtp: 4 trunk blocks + one per head (the trunk/head cost ratio matters for self-speculative decoding)
+    layers = {"tiny-mtp": 4 + n_future, "tiny-ref": 3, "tiny-rm": 2}
+    if model_id not in layers:
+        raise ValueError(f"not a tiny model id: {model_id!r}")
+    return {"vocab_size": TINY_VOCAB, "num_hidden_layers": layers[model_id], **TINY_DIMS}
+
+
 def train_tokenizer(texts: list[str], vocab_size: int = TINY_VOCAB):
     """A byte-level BPE fast tokenizer with Llama's special-token ids (pad 0, bos 1, eos 2)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -64,9 +73,8 @@ def build_tokenizer(workdir: Path, seed: int):
 def build_base(dst: Path, tokenizer_dir: Path, vocab: int, seed: int, n_future: int = 4) -> Path:
     """A random-initialised MTP base written in Meta's layout, then converted with `convert_checkpoint`."""
     torch.manual_seed(seed)
-    # 4 trunk blocks + one per head: the trunk/head cost ratio matters for self-speculative decoding
-    config = mtp_config(n_future, vocab_size=vocab, num_hidden_layers=4 + n_future, bos_token_id=1,
-                        eos_token_id=2, pad_token_id=0, **TINY_DIMS)
+    dims = {**tiny_config_dict("tiny-mtp", n_future), "vocab_size": vocab}
+    config = mtp_config(n_future, bos_token_id=1, eos_token_id=2, pad_token_id=0, **dims)
     model = MTPModel(config)
     with tempfile.TemporaryDirectory() as tmp:
         meta_dir = Path(tmp) / "meta"
@@ -94,8 +102,8 @@ def build_reference(dst: Path, tokenizer, tokenizer_dir: Path, seed: int, steps:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), num_hidden_layers=3, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=0, **TINY_DIMS)
+    config = LlamaConfig(**{**tiny_config_dict("tiny-ref"), "vocab_size": len(tokenizer)}, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0)
     model = LlamaForCausalLM(config).train()
     samples = synthetic_tasks(800, "train", seed + 1, noise_fraction=0.0)
     rows = [encode_sample(tokenizer, s, prompt_masking=False)[0] for s in samples]
@@ -121,8 +129,8 @@ def build_reward(dst: Path, tokenizer, tokenizer_dir: Path, seed: int, steps: in
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), num_hidden_layers=2, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=0, num_labels=1, **TINY_DIMS)
+    config = LlamaConfig(**{**tiny_config_dict("tiny-rm"), "vocab_size": len(tokenizer)}, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0, num_labels=1)
     model = LlamaForSequenceClassification(config).train()
     samples: list[Sample] = synthetic_tasks(600, "train", seed + 2, noise_fraction=0.5)
     rows = [encode_sample(tokenizer, s, prompt_masking=False)[0][:-1] for s in samples]  # text, no EOS
