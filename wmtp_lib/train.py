@@ -39,7 +39,7 @@ from wmtp_lib.loaders import check_tokenizer_compat, load_tokenizer, verify_mani
 from wmtp_lib.losses import align_reference, critic_weights, rho1_weights
 from wmtp_lib.registry import load_registry
 from wmtp_lib.step import HeadWeightFn, sequential_mtp_step, uniform_weights
-from wmtp_lib.weight_stats import add_sums, noisy_targets, summarize, weight_sums
+from wmtp_lib.weight_stats import SUM_KEYS, add_sums, noisy_targets, summarize, weight_sums
 
 COMPLETE_MARKER = "COMPLETE"
 
@@ -77,6 +77,13 @@ class Dist:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.tolist()
+
+    def all_reduce_tensor(self, values: torch.Tensor) -> list[float]:
+        """Sum of a float64 tensor over processes, read back to the host (the one sync per log)."""
+        if self.active:
+            values = values.clone()
+            dist.all_reduce(values)
+        return values.cpu().tolist()
 
     def all_reduce_max(self, value: float) -> float:
         if not self.active:
@@ -501,7 +508,7 @@ class Trainer:
         steps = cfg["critic"]["stage1_steps"]
         data, rewards = self.stage1_data()
         schedule = BatchSchedule(len(data), cfg["train"]["micro_batch_size"], 1, d.world, cfg["seed"] + 1)
-        window: list[float] = []
+        window: list[torch.Tensor] = []
         for step in range(start, steps):
             b = self.batch(step, 0, d.rank, schedule, data)
             with torch.no_grad():
@@ -511,9 +518,11 @@ class Trainer:
             d.average_grads(list(self.value_head.parameters()))
             self.value_optimizer.step()
             self.value_optimizer.zero_grad(set_to_none=True)
-            window.append(float(loss.detach()))
+            window.append(loss.detach().double())
             if (step + 1) % cfg["train"]["log_every"] == 0 or step + 1 == steps:
-                vl = d.all_reduce_sum([sum(window), len(window)])
+                vl = d.all_reduce_tensor(torch.stack([torch.stack(window).sum(),
+                                                      torch.tensor(float(len(window)), dtype=torch.float64,
+                                                                   device=self.device)]))
                 rec = {"stage": "value", "step": step + 1, "value_loss": vl[0] / vl[1]}
                 self.write_metrics(rec)
                 log_line(d, f"[value] step {step + 1}/{steps} value_loss {rec['value_loss']:.4f}")
@@ -553,24 +562,25 @@ class Trainer:
                     g["lr"] = t["lr"]
         accum = t["grad_accum"]
         stop_at = t["stop_after"] if t["stop_after"] is not None else t["steps"]
-        window_loss, window_heads, window_value = 0.0, torch.zeros(self.H, dtype=torch.float64), 0.0
-        window_n, window_tokens, sums = 0, 0, {}
-        window_gn, window_steps, window_time = 0.0, 0, 0.0
-        t0 = time.perf_counter()
+        # The window's numbers stay on the device (no host sync inside a step); they are read at log time.
+        # layout: loss, micro-batches, tokens, value loss, grad norm, then one entry per head
+        window = torch.zeros(5 + self.H, dtype=torch.float64, device=self.device)
+        sums: dict[str, torch.Tensor] = {}
+        window_steps = 0
+        t0 = window_start = time.perf_counter()
+        vc = cfg["critic"]["value_coef"]
         for step in range(start, min(t["steps"], stop_at)):
-            step_start = time.perf_counter()
             for slot in range(accum):
                 b = self.batch(step, slot, d.rank)
                 factory = self.weight_fn_factory(b)
                 extra_fn = None
-                value_acc: list[float] = []
+                value_acc: list[torch.Tensor] = []
                 if self.value_head is not None:
-                    vc = cfg["critic"]["value_coef"]
                     to_trunk = cfg["critic"]["value_grad_to_trunk"]
 
-                    def extra_fn(trunk, b=b, vc=vc, to_trunk=to_trunk, value_acc=value_acc):
+                    def extra_fn(trunk, b=b, to_trunk=to_trunk, value_acc=value_acc):
                         vl = self.value_loss_on(trunk if to_trunk else trunk.detach(), b)
-                        value_acc.append(float(vl.detach()))
+                        value_acc.append(vl.detach())
                         return vc * vl
 
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
@@ -578,17 +588,20 @@ class Trainer:
                                               head_weights=t["head_weights"], chunk_size=t["chunk_size"],
                                               loss_scale=1.0 / accum, weight_fn_factory=factory,
                                               extra_trunk_loss=extra_fn)
-                window_loss += float(out.loss) - (cfg["critic"]["value_coef"] * value_acc[0] if value_acc else 0.0)
-                window_heads += out.head_losses.double().cpu()
-                window_value += value_acc[0] if value_acc else 0.0
-                window_n += 1
-                window_tokens += int(b["attention_mask"].sum())
+                value = value_acc[0].double() if value_acc else torch.zeros((), dtype=torch.float64, device=self.device)
+                window[0] += out.loss.double() - vc * value
+                window[1] += 1
+                window[2] += b["attention_mask"].sum()
+                window[3] += value
+                window[5:] += out.head_losses.double()
                 if self.scheme != "uniform":
                     sums = add_sums(sums, weight_sums(out.weights, out.valid, noisy_targets(b["noisy"], self.H)))
             if not d.fsdp:
                 d.average_grads(self.params)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, t["max_grad_norm"]))
-            window_gn += grad_norm
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t["max_grad_norm"])
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns the norm as a DTensor
+                grad_norm = grad_norm.full_tensor()
+            window[4] += grad_norm.double()
             if self.value_head is not None:
                 d.average_grads(list(self.value_head.parameters()))
                 self.value_optimizer.step()
@@ -598,38 +611,40 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             window_steps += 1
-            window_time += time.perf_counter() - step_start
             done = step + 1
+            logged = False
             if done % t["log_every"] == 0 or done == t["steps"]:
-                totals = d.all_reduce_sum([window_loss, window_n, window_tokens, window_value, window_gn]
-                                          + window_heads.tolist())
-                slowest = d.all_reduce_max(window_time)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                elapsed = d.all_reduce_max(time.perf_counter() - window_start)
+                totals = d.all_reduce_tensor(window)
                 n_total = totals[1]
                 rec: dict[str, Any] = {
                     "stage": "mtp", "step": done, "loss": totals[0] / n_total,
                     "head_loss": [h / n_total for h in totals[5:]], "lr": lr,
                     "grad_norm": totals[4] / d.world / window_steps,
-                    "tokens_per_s": totals[2] / max(slowest, 1e-9),
+                    "tokens_per_s": totals[2] / max(elapsed, 1e-9),
                     "epoch": self.schedule.epoch_at(done),
                 }
                 if self.value_head is not None:
                     rec["value_loss"] = totals[3] / n_total
                 if sums:
-                    keys = sorted(k for k in sums if k != "w_max")
-                    reduced = d.all_reduce_sum([sums[k] for k in keys])
-                    merged = dict(zip(keys, reduced))
-                    merged["w_max"] = d.all_reduce_max(sums.get("w_max", 0.0))
+                    reduced = d.all_reduce_tensor(torch.stack([sums[k].double() for k in SUM_KEYS]))
+                    merged = dict(zip(SUM_KEYS, reduced))
+                    merged["w_max"] = d.all_reduce_max(float(sums["w_max"]))
                     rec.update(summarize(merged))
                 self.write_metrics(rec)
                 msg = f"step {done}/{t['steps']} loss {rec['loss']:.4f} lr {lr:.2e} gnorm {rec['grad_norm']:.3f}"
                 if "weight_noisy" in rec and "weight_clean" in rec:
                     msg += f" w_noisy {rec['weight_noisy']:.3f} w_clean {rec['weight_clean']:.3f}"
                 log_line(d, msg)
-                window_loss, window_heads, window_value = 0.0, torch.zeros(self.H, dtype=torch.float64), 0.0
-                window_n, window_tokens, sums, window_gn = 0, 0, {}, 0.0
-                window_steps, window_time = 0, 0.0
+                window.zero_()
+                sums, window_steps, logged = {}, 0, True
             if done % t["save_every"] == 0 or done == t["steps"] or done == stop_at:
                 self.save_checkpoint(done, "mtp")
+            if logged:
+                # tokens/s covers training only, not the checkpoint written after a log
+                window_start = time.perf_counter()
         wall = time.perf_counter() - t0
         finished = min(t["steps"], stop_at) == t["steps"]
         if finished:

@@ -1,4 +1,8 @@
-"""Summaries of token weights for the metrics log: sums that add up across micro-batches and ranks."""
+"""Summaries of token weights for the metrics log: sums that add up across micro-batches and ranks.
+
+Everything stays a device tensor (masked arithmetic, no boolean indexing) so the training step never
+waits on the GPU for a statistic; the window is read once, when it is logged.
+"""
 
 from __future__ import annotations
 
@@ -6,46 +10,51 @@ import math
 
 import torch
 
-# Every entry is a sum (or a max) so windows and processes combine by addition (max by max).
+# Every entry is a sum, except w_max (combined by max), so windows and processes combine by addition.
 SUM_KEYS = ("n_valid", "w_sum", "w_sq_sum", "n_kept", "entropy_sum", "entropy_n",
             "w_noisy_sum", "n_noisy", "w_clean_sum", "n_clean")
 
 
 def weight_sums(weights: torch.Tensor, valid: torch.Tensor, noisy_targets: torch.Tensor | None = None
-                ) -> dict[str, float]:
+                ) -> dict[str, torch.Tensor]:
     """Sums over valid entries of ``(B, T, H)`` weights; ``noisy_targets`` marks targets from noisy samples."""
     m = valid.bool()
-    w = weights.float()[m]
-    out = {k: 0.0 for k in SUM_KEYS}
-    out["w_max"] = float(w.max()) if w.numel() else 0.0
-    out["n_valid"] = float(w.numel())
-    out["w_sum"] = float(w.sum())
-    out["w_sq_sum"] = float((w * w).sum())
-    out["n_kept"] = float((w > 0).sum())
-    for k in range(weights.shape[-1]):
-        wk = weights[..., k].float()[m[..., k]]
-        n = wk.numel()
-        total = float(wk.sum())
-        if n > 1 and total > 0:
-            p = wk / total
-            p = p[p > 0]
-            out["entropy_sum"] += float(-(p * p.log()).sum()) / math.log(n)
-            out["entropy_n"] += 1.0
+    mf = m.float()
+    w = weights.float() * mf
+    out: dict[str, torch.Tensor] = {
+        "n_valid": mf.sum(),
+        "w_sum": w.sum(),
+        "w_sq_sum": (w * w).sum(),
+        "n_kept": ((weights > 0) & m).float().sum(),
+        "w_max": torch.where(m, weights.float(), torch.zeros_like(w)).amax() if m.numel() else w.sum(),
+    }
+    # normalised entropy of each head's weight distribution over its valid targets (1 = uniform)
+    n_k = mf.sum(dim=(0, 1))
+    total_k = w.sum(dim=(0, 1))
+    p = w / total_k.clamp(min=torch.finfo(w.dtype).tiny)
+    ent_k = -torch.xlogy(p, p).sum(dim=(0, 1))
+    has = (n_k > 1) & (total_k > 0)
+    out["entropy_sum"] = torch.where(has, ent_k / torch.log(n_k.clamp(min=2.0)), torch.zeros_like(ent_k)).sum()
+    out["entropy_n"] = has.float().sum()
+    zero = w.sum() * 0.0
     if noisy_targets is not None:
-        noisy = noisy_targets.bool() & m
-        clean = (~noisy_targets.bool()) & m
-        out["w_noisy_sum"] = float(weights.float()[noisy].sum())
-        out["n_noisy"] = float(noisy.sum())
-        out["w_clean_sum"] = float(weights.float()[clean].sum())
-        out["n_clean"] = float(clean.sum())
+        noisy = (noisy_targets.bool() & m).float()
+        clean = ((~noisy_targets.bool()) & m).float()
+        out["w_noisy_sum"] = (w * noisy).sum()
+        out["n_noisy"] = noisy.sum()
+        out["w_clean_sum"] = (w * clean).sum()
+        out["n_clean"] = clean.sum()
+    else:
+        for key in ("w_noisy_sum", "n_noisy", "w_clean_sum", "n_clean"):
+            out[key] = zero
     return out
 
 
-def add_sums(acc: dict[str, float], new: dict[str, float]) -> dict[str, float]:
-    out = dict(acc)
-    for k in SUM_KEYS:
-        out[k] = out.get(k, 0.0) + new.get(k, 0.0)
-    out["w_max"] = max(out.get("w_max", 0.0), new.get("w_max", 0.0))
+def add_sums(acc: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if not acc:
+        return dict(new)
+    out = {k: acc[k] + new[k] for k in SUM_KEYS}
+    out["w_max"] = torch.maximum(acc["w_max"], new["w_max"])
     return out
 
 
