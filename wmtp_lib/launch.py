@@ -91,9 +91,9 @@ def launch_training(cfg: dict[str, Any], config_path: Path, num_processes: int |
                 bar.n = int(m.group(1))
                 bar.set_postfix_str(line.split(" ", 2)[2].strip()[:80])
                 bar.refresh()
-            elif bar is None or not m:
-                if any(word in line for word in ("error", "Error", "resumed", "staged", "scoring", "[value]", "data:")):
-                    print(line.rstrip())
+            elif m or any(word in line for word in ("error", "Error", "resumed", "staged", "scoring", "[value]",
+                                                    "data:", "rollouts:", "rewards:")):
+                print(line.rstrip())
         code = proc.wait()
     if bar is not None:
         bar.close()

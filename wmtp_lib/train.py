@@ -71,13 +71,6 @@ class Dist:
         if self.active:
             dist.barrier()
 
-    def all_reduce_sum(self, values: list[float]) -> list[float]:
-        if not self.active:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.tolist()
-
     def all_reduce_tensor(self, values: torch.Tensor) -> list[float]:
         """Sum of a float64 tensor over processes, read back to the host (the one sync per log)."""
         if self.active:
