@@ -10,6 +10,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
 echo "== heads_step (vocab 32k)"
 python3 bench/heads_step.py --device cuda --vocab 32000 --hidden 1024 --layers 8 --length 1024 --batch 8 --chunk 256 --steps 5 || echo "heads_step FAILED"
+echo "== heads_step, bf16 autocast"
+python3 bench/heads_step.py --device cuda --autocast --vocab 32000 --hidden 1024 --layers 8 --length 1024 --batch 8 --chunk 256 --steps 5 || echo "heads_step bf16 FAILED"
 echo "== weighted_step"
 python3 bench/weighted_step.py --device cuda --vocab 32000 --hidden 1024 --layers 8 --length 1024 --batch 8 --chunk 256 || echo "weighted_step FAILED"
 echo "== training on the GPU (bf16), tiny models"

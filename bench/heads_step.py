@@ -35,10 +35,11 @@ def run_variant(args: argparse.Namespace) -> dict:
     x = torch.randint(0, args.vocab, (args.batch, args.length), device=device)
 
     def step():
-        if args.variant == "sequential":
-            sequential_mtp_step(model, x, chunk_size=args.chunk)
-        else:
-            all_heads_step(model, x)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):
+            if args.variant == "sequential":
+                sequential_mtp_step(model, x, chunk_size=args.chunk)
+            else:
+                all_heads_step(model, x)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -72,6 +73,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu (peak RSS) or cuda (peak allocated)")
+    parser.add_argument("--autocast", action="store_true", help="bf16 autocast (fp32 master weights)")
     parser.add_argument("--variant", choices=["sequential", "all_at_once"])
     args = parser.parse_args()
     if args.variant:
@@ -80,11 +82,12 @@ def main() -> None:
     results = {}
     for variant in ("all_at_once", "sequential"):
         cmd = [sys.executable, __file__, "--variant", variant] + [
-            f"--{k}={v}" for k, v in vars(args).items() if k != "variant" and v is not None]
+            f"--{k}={v}" for k, v in vars(args).items() if k not in ("variant", "autocast") and v is not None]
+        cmd += ["--autocast"] if args.autocast else []
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         results[variant] = json.loads(out)
     base, seq = results["all_at_once"], results["sequential"]
-    print(f"config: device={args.device} vocab={args.vocab} hidden={args.hidden} layers={args.layers} heads=4 "
+    print(f"config: device={args.device} autocast_bf16={args.autocast} vocab={args.vocab} hidden={args.hidden} layers={args.layers} heads=4 "
           f"batch={args.batch} length={args.length} chunk={args.chunk} threads={args.threads}")
     for r in (base, seq):
         print(f"{r['variant']:>12}: peak step memory {r['peak_step_mib']:8.1f} MiB, median step {r['step_s']:.3f} s")

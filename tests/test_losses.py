@@ -252,3 +252,25 @@ def test_chunked_linear_ce_value_and_grad(chunk):
     rh, rw = torch.autograd.grad((ref * g).sum(), [h, W])
     torch.testing.assert_close(gh, rh, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gw, rw, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_linear_ce_half_precision_keeps_softmax_grad():
+    """bf16 compute keeps softmax − onehot from forward; gradients match a float64 reference to bf16 precision."""
+    torch.manual_seed(9)
+    B, T, D, V = 2, 9, 16, 40
+    h64 = torch.randn(B, T, D, dtype=torch.float64)
+    W64 = torch.randn(V, D, dtype=torch.float64) * 0.3
+    targets, valid = head_targets(torch.randint(0, V, (B, T)), 0)
+    g = torch.rand(B, T, dtype=torch.float64)
+    h = h64.to(torch.bfloat16).requires_grad_(True)
+    W = W64.to(torch.bfloat16).requires_grad_(True)
+    ce = chunked_linear_ce(h, W, targets, valid, 4)
+    (ce * g.float()).sum().backward()
+    hr = h.detach().double().requires_grad_(True)
+    Wr = W.detach().double().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy((hr @ Wr.t()).reshape(-1, V), targets.reshape(-1), reduction="none")
+    ref = torch.where(valid, ref.view(B, T), torch.zeros_like(ref.view(B, T)))
+    (ref * g).sum().backward()
+    torch.testing.assert_close(ce.double(), ref.detach(), atol=0.1, rtol=0.05)
+    torch.testing.assert_close(h.grad.double(), hr.grad, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(W.grad.double(), Wr.grad, atol=0.1, rtol=0.05)

@@ -206,8 +206,21 @@ def resolve_head_weights(
     return alpha
 
 
+def _low_precision_compute(hidden: torch.Tensor) -> bool:
+    """True when the logits are computed in bf16/fp16 (autocast on CUDA, or half-precision tensors)."""
+    if hidden.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda") in (torch.bfloat16, torch.float16)
+    return hidden.dtype in (torch.bfloat16, torch.float16)
+
+
 class _ChunkedLinearCE(torch.autograd.Function):
-    """Cross-entropy of ``h @ W.T`` per token, computed in sequence chunks; logits are recomputed in backward."""
+    """Cross-entropy of ``h @ W.T`` per token, computed in sequence chunks.
+
+    In float32 the backward recomputes each chunk's logits, so no ``(B, T, V)`` float32 tensor ever
+    exists. When the logits are computed in bf16/fp16 anyway, forward keeps ``softmax − onehot`` for the
+    whole sequence in that half precision instead (one head's worth, half the bytes of float32), which
+    saves the recompute matmul in backward.
+    """
 
     # custom_fwd/custom_bwd: backward's recomputed logits use the same autocast state as forward
     @staticmethod
@@ -216,6 +229,11 @@ class _ChunkedLinearCE(torch.autograd.Function):
         B, T, _ = hidden.shape
         ce = torch.zeros(B, T, dtype=torch.float32, device=hidden.device)
         lse = torch.zeros(B, T, dtype=torch.float32, device=hidden.device)
+        dlogits = None
+        if _low_precision_compute(hidden):
+            half = torch.get_autocast_dtype("cuda") if hidden.is_cuda and torch.is_autocast_enabled("cuda") \
+                else hidden.dtype
+            dlogits = torch.empty(B, T, weight.shape[0], dtype=half, device=hidden.device)
         for start in range(0, T, chunk_size):
             stop = min(T, start + chunk_size)
             logits = (hidden[:, start:stop] @ weight.t()).float()
@@ -223,14 +241,23 @@ class _ChunkedLinearCE(torch.autograd.Function):
             picked = logits.gather(-1, targets[:, start:stop].unsqueeze(-1)).squeeze(-1)
             lse[:, start:stop] = chunk_lse
             ce[:, start:stop] = torch.where(valid[:, start:stop], chunk_lse - picked, torch.zeros_like(picked))
-        ctx.save_for_backward(hidden, weight, targets, valid, lse)
+            if dlogits is not None:
+                probs = torch.exp(logits - chunk_lse.unsqueeze(-1))
+                probs.scatter_add_(-1, targets[:, start:stop].unsqueeze(-1),
+                                   torch.full_like(chunk_lse.unsqueeze(-1), -1.0))
+                dlogits[:, start:stop] = probs.to(dlogits.dtype)
+        if dlogits is None:
+            ctx.save_for_backward(hidden, weight, targets, valid, lse)
+        else:
+            ctx.save_for_backward(hidden, weight, targets, valid, lse, dlogits)
         ctx.chunk_size = chunk_size
         return ce
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_ce):  # type: ignore[override]
-        hidden, weight, targets, valid, lse = ctx.saved_tensors
+        hidden, weight, targets, valid, lse = ctx.saved_tensors[:5]
+        dlogits = ctx.saved_tensors[5] if len(ctx.saved_tensors) > 5 else None
         chunk_size = ctx.chunk_size
         B, T, _ = hidden.shape
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
@@ -240,9 +267,12 @@ class _ChunkedLinearCE(torch.autograd.Function):
         for start in range(0, T, chunk_size):
             stop = min(T, start + chunk_size)
             h = hidden[:, start:stop]
-            probs = torch.exp((h @ weight.t()).float() - lse[:, start:stop].unsqueeze(-1))
-            probs.scatter_add_(-1, targets[:, start:stop].unsqueeze(-1),
-                               torch.full_like(lse[:, start:stop].unsqueeze(-1), -1.0))
+            if dlogits is not None:
+                probs = dlogits[:, start:stop].float()
+            else:
+                probs = torch.exp((h @ weight.t()).float() - lse[:, start:stop].unsqueeze(-1))
+                probs.scatter_add_(-1, targets[:, start:stop].unsqueeze(-1),
+                                   torch.full_like(lse[:, start:stop].unsqueeze(-1), -1.0))
             grad_logits = probs * g_all[:, start:stop].unsqueeze(-1)
             if grad_hidden is not None:
                 grad_hidden[:, start:stop] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
