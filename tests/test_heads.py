@@ -63,9 +63,8 @@ def test_strict_load_names_missing_and_unexpected_keys(tmp_path, tiny_mtp):
 
 
 def test_non_strict_load_is_refused(tiny_mtp):
-    # strict=False here is the input under test: MTPModel must refuse it
     with pytest.raises(ValueError, match="always strict"):
-        tiny_mtp.load_state_dict(tiny_mtp.state_dict(), strict=False)
+        tiny_mtp.load_state_dict(tiny_mtp.state_dict(), strict=False)  # the refused input under test
 
 
 def test_missing_directory_says_how_to_convert(tmp_path):

@@ -73,6 +73,17 @@ def _fail(path: Path, msg: str) -> None:
     raise RegistryError(f"{path}: {msg}")
 
 
+def _check_entry(path: Path, section: str, name: str, spec: Any, allowed: set[str], formats: tuple[str, ...]) -> None:
+    """An entry is a mapping of known keys with a known format."""
+    if not isinstance(spec, dict):
+        _fail(path, f"{section}.{name} must be a mapping")
+    bad = set(spec) - allowed
+    if bad:
+        _fail(path, f"{section}.{name}: unknown key(s) {sorted(bad)} (valid: {sorted(allowed)})")
+    if spec.get("format") not in formats:
+        _fail(path, f"{section}.{name}.format must be one of {formats}, got {spec.get('format')!r}")
+
+
 def load_registry(path: str | Path = REGISTRY_PATH) -> Registry:
     """Read and validate the registry; errors name the file and the bad key."""
     path = Path(path)
@@ -84,15 +95,9 @@ def load_registry(path: str | Path = REGISTRY_PATH) -> Registry:
         _fail(path, f"unknown top-level key(s) {sorted(unknown)}")
     reg = Registry(bucket=str(raw.get("bucket", "wmtp")), region=str(raw.get("region", "eu-north-1")))
     for mid, spec in (raw.get("models") or {}).items():
-        if not isinstance(spec, dict):
-            _fail(path, f"models.{mid} must be a mapping")
-        bad = set(spec) - _MODEL_KEYS
-        if bad:
-            _fail(path, f"models.{mid}: unknown key(s) {sorted(bad)} (valid: {sorted(_MODEL_KEYS)})")
+        _check_entry(path, "models", mid, spec, _MODEL_KEYS, MODEL_FORMATS)
         if spec.get("role") not in MODEL_ROLES:
             _fail(path, f"models.{mid}.role must be one of {MODEL_ROLES}, got {spec.get('role')!r}")
-        if spec.get("format") not in MODEL_FORMATS:
-            _fail(path, f"models.{mid}.format must be one of {MODEL_FORMATS}, got {spec.get('format')!r}")
         if spec["format"] in ("meta", "hf") and not spec.get("hf_repo") and not spec.get("s3"):
             _fail(path, f"models.{mid}: needs hf_repo or s3")
         if spec.get("role") == "reward" and spec.get("reward_layout") not in REWARD_LAYOUTS:
@@ -102,13 +107,7 @@ def load_registry(path: str | Path = REGISTRY_PATH) -> Registry:
             _fail(path, f"models.{mid}.s3 must be s3://{reg.bucket}/models/{mid}/ (one id, one path), got {s3!r}")
         reg.models[mid] = ModelEntry(id=mid, **{**spec, "hf_root_files": tuple(spec.get("hf_root_files") or ())})
     for did, spec in (raw.get("datasets") or {}).items():
-        if not isinstance(spec, dict):
-            _fail(path, f"datasets.{did} must be a mapping")
-        bad = set(spec) - _DATASET_KEYS
-        if bad:
-            _fail(path, f"datasets.{did}: unknown key(s) {sorted(bad)} (valid: {sorted(_DATASET_KEYS)})")
-        if spec.get("format") not in DATASET_FORMATS:
-            _fail(path, f"datasets.{did}.format must be one of {DATASET_FORMATS}, got {spec.get('format')!r}")
+        _check_entry(path, "datasets", did, spec, _DATASET_KEYS, DATASET_FORMATS)
         reg.datasets[did] = DatasetEntry(id=did, **spec)
     return reg
 

@@ -341,7 +341,8 @@ class Trainer:
               data: TokenizedData | None = None) -> dict[str, torch.Tensor]:
         rows = (schedule or self.schedule).micro_batch(step, slot, rank)
         b = (data or self.data).rows(rows)
-        return {k: v.to(self.device) for k, v in b.items()}
+        # row_index stays on the host: it indexes host-side tables (reference losses, rewards)
+        return {k: v if k == "row_index" else v.to(self.device) for k, v in b.items()}
 
     def weight_fn_factory(self, batch: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], HeadWeightFn]:
         w = self.cfg["weights"]
@@ -349,7 +350,7 @@ class Trainer:
             return lambda trunk: uniform_weights
         if self.scheme == "rho1":
             if self.ref_ce_rows is not None:
-                ref = self.ref_ce_rows[batch["row_index"].cpu()].to(self.device)
+                ref = self.ref_ce_rows[batch["row_index"]].to(self.device)
             else:
                 from wmtp_lib.reference import reference_token_ce
 
@@ -365,7 +366,7 @@ class Trainer:
         # critic: TD errors from the current value head on this micro-batch's trunk output
         ccfg = self.cfg["critic"]
         state_mask = state_mask_from_labels(batch["label_mask"])
-        rewards = sparse_rewards(self.rewards[batch["row_index"].cpu()].to(self.device), state_mask)
+        rewards = sparse_rewards(self.rewards[batch["row_index"]].to(self.device), state_mask)
 
         def make(trunk_hidden: torch.Tensor) -> HeadWeightFn:
             with torch.no_grad():
@@ -386,7 +387,7 @@ class Trainer:
         ccfg = self.cfg["critic"]
         state_mask = state_mask_from_labels(batch["label_mask"])
         table = self.rewards if row_rewards is None else row_rewards
-        rewards = sparse_rewards(table[batch["row_index"].cpu()].to(self.device), state_mask)
+        rewards = sparse_rewards(table[batch["row_index"]].to(self.device), state_mask)
         values = self.value_head(trunk_hidden)
         _, targets = value_targets(values, rewards, state_mask, ccfg["gamma"], ccfg["lam"])
         return value_loss(values, targets, state_mask)
