@@ -72,16 +72,40 @@ def test_label_mask_covers_completion_and_eos(tok):
     assert int(unmasked.label_mask[0].sum()) == total - 1  # everything but BOS
 
 
-def test_packing_fills_rows_and_tracks_noisy_tokens(tok):
+def test_packing_keeps_whole_documents_with_restarting_positions(tok):
     samples = synthetic_tasks(40, "train", 2, 0.5)
-    packed = tokenize_samples(tok, samples, 64, pack=True)
-    assert packed.attention_mask.all()
-    stream = sum(1 + len(tok(s.prompt + s.completion, add_special_tokens=False)["input_ids"]) + 1 for s in samples)
-    assert len(packed) == stream // 64 or len(packed) == (stream - 1) // 64 or len(packed) > 0
+    max_length = 256
+    padded = tokenize_samples(tok, samples, max_length)
+    packed = tokenize_samples(tok, samples, max_length, pack=True)
+    assert padded.position_ids is None and "position_ids" not in padded.rows([0])
+    lengths = padded.attention_mask.sum(1)
+    assert int(lengths.max()) < max_length  # no sample is truncated here, so each must appear whole
+    # first fit: fewer rows than samples, and no two rows that could have been one
+    used = packed.attention_mask.sum(1)
+    assert len(packed) < len(samples) and int(used.sum()) == int(lengths.sum())
+    assert int(used.sort().values[:2].sum()) > max_length
+    seen = set()
     for r in range(len(packed)):
-        for t in range(64):
-            src = int(packed.sample_index[r, t])
-            assert bool(packed.noisy[r, t]) == samples[src].noisy
+        src, pos = packed.sample_index[r], packed.position_ids[r]
+        n = int(used[r])
+        for i in src[:n].unique_consecutive().tolist():
+            assert i not in seen  # a document never continues in another row
+            seen.add(i)
+            where = (src == i).nonzero().flatten()
+            assert pos[where].tolist() == list(range(len(where)))
+            assert torch.equal(packed.input_ids[r, where], padded.input_ids[i, : int(lengths[i])])
+            assert torch.equal(packed.label_mask[r, where], padded.label_mask[i, : int(lengths[i])])
+            assert not packed.noisy[r, where].logical_xor(torch.tensor(samples[i].noisy)).any()
+        assert pos[n:].tolist() == list(range(max_length - n))  # the padding tail restarts too
+        assert (src[n:] == -1).all() and not packed.label_mask[r, n:].any() and not packed.noisy[r, n:].any()
+    assert seen == set(range(len(samples)))
+    assert torch.equal(packed.rows([1, 0])["position_ids"], packed.position_ids[[1, 0]])
+    rewards = torch.arange(len(samples), dtype=torch.float32) + 1
+    per_token = packed.token_map(rewards)
+    assert torch.equal(per_token, torch.where(packed.sample_index >= 0, packed.sample_index.float() + 1,
+                                              torch.zeros(())))
+    docs = packed.document_tokens()
+    assert [d.tolist() for d in docs] == [padded.input_ids[i, : int(lengths[i])].tolist() for i in range(len(samples))]
 
 
 def test_batch_schedule_world_and_accumulation_see_same_rows():

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from wmtp_lib.losses import align_reference
+from wmtp_lib.packing import document_ids, same_document
 
 
 class ValueHead(nn.Module):
@@ -27,22 +28,36 @@ class ValueHead(nn.Module):
         return self.fc2(self.act(self.fc1(hidden.to(self.fc1.weight.dtype)))).squeeze(-1).float()
 
 
-def state_mask_from_labels(label_mask: torch.Tensor) -> torch.Tensor:
-    """``state[b, t] = label_mask[b, t+1]`` (False at the last position)."""
-    out = torch.zeros_like(label_mask, dtype=torch.bool)
-    out[:, :-1] = label_mask[:, 1:].bool()
+def state_mask_from_labels(label_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """``state[b, t] = label_mask[b, t+1]`` (False at the last position).
+
+    Packed rows (``position_ids`` restarting at 0 per document): also False where ``t+1`` starts the
+    next document, so every transition, and with it TD bootstrapping and GAE, stops at its document's end.
+    """
+    out = same_document(position_ids, 1, label_mask)
+    out[:, :-1] &= label_mask[:, 1:].bool()
     return out
 
 
-def sparse_rewards(reward: torch.Tensor, state_mask: torch.Tensor) -> torch.Tensor:
-    """``r[b, t] = reward[b]`` at the last state of row ``b``, 0 elsewhere (``(B, T)`` float32)."""
+def sparse_rewards(reward: torch.Tensor, state_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """Each document's reward at its own last state, 0 elsewhere (``(B, T)`` float32).
+
+    ``reward`` is ``(B,)`` (one document a row) or ``(B, T)``, the reward of each token's document
+    (`TokenizedData.token_map`); ``position_ids`` marks the documents of packed rows.
+    """
     B, T = state_mask.shape
-    r = torch.zeros(B, T, dtype=torch.float32, device=state_mask.device)
-    has = state_mask.any(dim=1)
-    positions = torch.arange(T, device=state_mask.device)
-    last = (positions * state_mask.long()).argmax(dim=1)
-    r[has, last[has]] = reward.float().to(r.device)[has]
-    return r
+    m = state_mask.bool()
+    docs = torch.zeros(B, T, dtype=torch.long, device=m.device) if position_ids is None else document_ids(position_ids)
+    per_token = reward.float().to(m.device)
+    if per_token.dim() == 1:
+        per_token = per_token[:, None].expand(B, T)
+    # last state of each document: the largest state index among its tokens (-1: it has none)
+    t_index = torch.arange(T, device=m.device).expand(B, T)
+    last = torch.full((B, T), -1, dtype=torch.long, device=m.device)
+    last = last.scatter_reduce(1, docs, torch.where(m, t_index, torch.full_like(t_index, -1)), reduce="amax")
+    is_last = m & (t_index == last.gather(1, docs))
+    return torch.where(is_last, per_token, torch.zeros_like(per_token))
 
 
 def td_errors(values: torch.Tensor, rewards: torch.Tensor, state_mask: torch.Tensor, gamma: float) -> torch.Tensor:

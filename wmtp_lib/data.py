@@ -15,6 +15,8 @@ from typing import Any, Iterable
 
 import torch
 
+from wmtp_lib.packing import pack_documents
+
 # ------------------------------------------------------------------------------------------ samples
 
 
@@ -257,14 +259,34 @@ class TokenizedData:
     label_mask: torch.Tensor
     noisy: torch.Tensor
     sample_index: torch.Tensor  # (N, T) index of the sample each token came from, -1 for padding
+    # (N, T) packed rows only: positions restart at 0 at every document (and the padding tail), which
+    # is what keeps documents apart in the model and the losses (wmtp_lib.packing); None = one a row
+    position_ids: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def rows(self, idx: torch.Tensor | list[int]) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(idx, dtype=torch.long)
-        return {"input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx],
-                "label_mask": self.label_mask[idx], "noisy": self.noisy[idx], "row_index": idx}
+        out = {"input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx],
+               "label_mask": self.label_mask[idx], "noisy": self.noisy[idx], "row_index": idx}
+        if self.position_ids is not None:
+            out["position_ids"] = self.position_ids[idx]
+        return out
+
+    def token_map(self, per_sample: torch.Tensor) -> torch.Tensor:
+        """``(N, T)``: each token gets its sample's value (e.g. a sequence reward), 0 on padding."""
+        values = torch.cat([per_sample.float(), torch.zeros(1)])
+        return values[self.sample_index.clamp(min=-1)]  # index -1 picks the trailing 0
+
+    def document_tokens(self) -> list[torch.Tensor]:
+        """The token ids of every sample as they appear in the rows (truncated as trained on)."""
+        out: list[list[torch.Tensor]] = [[] for _ in range(int(self.sample_index.max()) + 1)]
+        for r in range(len(self)):
+            src = self.sample_index[r]
+            for i in src[src >= 0].unique_consecutive().tolist():
+                out[i].append(self.input_ids[r][src == i])
+        return [torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long) for parts in out]
 
 
 def encode_sample(tokenizer, sample: Sample, prompt_masking: bool = True) -> tuple[list[int], list[bool]]:
@@ -285,20 +307,21 @@ def pad_id(tokenizer) -> int:
 
 def tokenize_samples(tokenizer, samples: list[Sample], max_length: int, prompt_masking: bool = True,
                      pack: bool = False) -> TokenizedData:
-    """Right-padded rows (one sample each, truncated to ``max_length``) or packed rows."""
+    """Right-padded rows (one sample each, truncated to ``max_length``) or packed rows.
+
+    Packed rows hold whole samples (first fit, see `wmtp_lib.packing.pack_documents`), right-padded,
+    with ``position_ids`` restarting at 0 at each sample so that none attends to or predicts another.
+    """
     encoded = [encode_sample(tokenizer, s, prompt_masking) for s in samples]
     pid = pad_id(tokenizer)
-    rows_ids, rows_tgt, rows_src = [], [], []
+    rows_ids, rows_tgt, rows_src, rows_pos = [], [], [], []
     if pack:
-        stream_ids, stream_tgt, stream_src = [], [], []
-        for i, (ids, tgt) in enumerate(encoded):
-            stream_ids += ids
-            stream_tgt += tgt
-            stream_src += [i] * len(ids)
-        for start in range(0, len(stream_ids) - max_length + 1, max_length):
-            rows_ids.append(stream_ids[start:start + max_length])
-            rows_tgt.append(stream_tgt[start:start + max_length])
-            rows_src.append(stream_src[start:start + max_length])
+        # whole documents, first fit; each restarts its positions at 0 (wmtp_lib.packing)
+        for docs in pack_documents([len(ids) for ids, _ in encoded], max_length):
+            rows_ids.append([t for i in docs for t in encoded[i][0][:max_length]])
+            rows_tgt.append([m for i in docs for m in encoded[i][1][:max_length]])
+            rows_src.append([i for i in docs for _ in range(min(len(encoded[i][0]), max_length))])
+            rows_pos.append([p for i in docs for p in range(min(len(encoded[i][0]), max_length))])
     else:
         for i, (ids, tgt) in enumerate(encoded):
             rows_ids.append(ids[:max_length])
@@ -317,9 +340,16 @@ def tokenize_samples(tokenizer, samples: list[Sample], max_length: int, prompt_m
         attention[r, :n] = 1
         label[r, :n] = torch.tensor(tgt)
         src[r, :n] = torch.tensor(s)
+    position_ids = None
+    if pack:
+        # the padding tail is a document of its own, so no real token is ever in its block
+        position_ids = torch.arange(max_length).repeat(N, 1)
+        for r, pos in enumerate(rows_pos):
+            position_ids[r, :len(pos)] = torch.tensor(pos)
+            position_ids[r, len(pos):] = torch.arange(max_length - len(pos))
     noisy_flags = torch.tensor([s.noisy for s in samples] + [False], dtype=torch.bool)
     noisy = noisy_flags[src.clamp(min=-1)]  # index -1 picks the trailing False
-    return TokenizedData(input_ids, attention, label, noisy & (src >= 0), src)
+    return TokenizedData(input_ids, attention, label, noisy & (src >= 0), src, position_ids)
 
 
 class BatchSchedule:

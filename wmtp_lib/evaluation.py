@@ -77,10 +77,10 @@ def evaluate_pass_at_k(model: MTPModel, tokenizer, samples: list[Sample], benchm
             "per_problem": problems}
 
 
-def head_metric_sums(logits: torch.Tensor, input_ids: torch.Tensor, label_mask: torch.Tensor | None = None
-                     ) -> dict[str, torch.Tensor]:
+def head_metric_sums(logits: torch.Tensor, input_ids: torch.Tensor, label_mask: torch.Tensor | None = None,
+                     position_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per head: summed CE, correct top-1 count and target count over valid targets (``(H,)`` each)."""
-    ce, valid = mtp_token_ce(logits, input_ids, label_mask)
+    ce, valid = mtp_token_ce(logits, input_ids, label_mask, position_ids)
     B, T, H, _ = logits.shape
     pred = logits.argmax(-1)
     correct = torch.zeros(B, T, H, dtype=torch.bool, device=logits.device)
@@ -100,8 +100,10 @@ def head_metrics(model: torch.nn.Module, data: TokenizedData, batch_size: int = 
     for start in range(0, len(data), batch_size):
         idx = list(range(start, min(len(data), start + batch_size)))
         b = data.rows(idx)
-        logits = model(b["input_ids"].to(device), b["attention_mask"].to(device))
-        sums = head_metric_sums(logits.float(), b["input_ids"].to(device), b["label_mask"].to(device))
+        # packed rows carry position_ids: documents stay apart in attention and targets
+        positions = b["position_ids"].to(device) if "position_ids" in b else None
+        logits = model(b["input_ids"].to(device), b["attention_mask"].to(device), position_ids=positions)
+        sums = head_metric_sums(logits.float(), b["input_ids"].to(device), b["label_mask"].to(device), positions)
         totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
     assert totals is not None, "no held-out rows"
     count = totals["count"].clamp(min=1)

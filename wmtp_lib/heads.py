@@ -20,12 +20,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import Cache
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, packed_sequence_mask_function
 from transformers.models.llama.modeling_llama import (
     LlamaDecoderLayer,
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
 )
+
+from wmtp_lib.packing import document_ids
 
 # transformers renamed the KV-cache keyword from `past_key_values` to `cache` during 5.x; use
 # whichever this installation's Llama blocks and mask builder declare.
@@ -159,18 +161,35 @@ class MTPModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: Cache | None = None,
     ) -> TrunkState:
-        """Embed and run the trunk blocks; returns the trunk output and the attention context."""
+        """Embed and run the trunk blocks; returns the trunk output and the attention context.
+
+        ``attention_mask`` ``(B, T)`` marks real tokens (right padding). ``position_ids`` ``(B, T)``,
+        without a cache, marks packed rows: positions restart at 0 where a document starts and each
+        document attends only to itself (block-diagonal causal mask, `wmtp_lib.packing`).
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
         embeds = self.embed_tokens(input_ids)
+        documents = None
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        elif cache is None:
+            if tuple(position_ids.shape) != tuple(input_ids.shape):
+                raise ValueError(f"position_ids shape {tuple(position_ids.shape)} must equal input_ids shape "
+                                 f"{tuple(input_ids.shape)}")
+            # Always masked by document when positions are given (deciding whether a row restarts would
+            # cost a host sync); rows that do not restart get the plain causal mask's values.
+            documents = packed_sequence_mask_function(document_ids(position_ids))
+            if attention_mask is None:
+                # with no 2D mask transformers would also detect the packing itself (a host sync)
+                attention_mask = torch.ones_like(input_ids)
         mask = create_causal_mask(
             config=self.config,
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
+            and_mask_function=documents,
             **{_MASK_CACHE_KW: cache},
         )
         position_embeddings = self.rotary_emb(embeds, position_ids=position_ids)
@@ -216,14 +235,17 @@ class MTPModel(nn.Module):
         return self.lm_head(self.forward_head(k, state)).float()
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, return_trunk: bool = False
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+        position_ids: torch.Tensor | None = None, return_trunk: bool = False
     ) -> torch.Tensor | TrunkState:
         """Float logits ``(B, T, H, V)``: entry ``[b, t, k]`` scores token ``t + k + 1``.
 
-        ``return_trunk=True`` returns the `TrunkState` instead (the sequential step goes through
-        ``__call__`` so that FSDP's hooks gather the root parameters).
+        ``position_ids`` ``(B, T)`` (optional) restarting at 0 per document makes a packed row: no
+        document attends to another (see `forward_trunk`). ``return_trunk=True`` returns the
+        `TrunkState` instead (the sequential step goes through ``__call__`` so that FSDP's hooks
+        gather the root parameters).
         """
-        state = self.forward_trunk(input_ids, attention_mask)
+        state = self.forward_trunk(input_ids, attention_mask, position_ids)
         if return_trunk:
             return state
         return torch.stack([self.head_logits(k, state) for k in range(self.n_future)], dim=2)

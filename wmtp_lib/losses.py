@@ -12,33 +12,39 @@ from fractions import Fraction
 import torch
 import torch.nn.functional as F
 
+from wmtp_lib.packing import same_document
+
 STD_EPS = 1e-6
 
 
 def head_targets(
-    input_ids: torch.Tensor, k: int, label_mask: torch.Tensor | None = None
+    input_ids: torch.Tensor, k: int, label_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Targets and validity of head ``k``: ``target[b,t] = x[b,t+k+1]`` (0 where invalid), both ``(B, T)``."""
+    """Targets and validity of head ``k``: ``target[b,t] = x[b,t+k+1]`` (0 where invalid), both ``(B, T)``.
+
+    With packed rows' ``position_ids`` ``(B, T)``, a target in another document than ``t`` is not valid.
+    """
     B, T = input_ids.shape
     shift = k + 1
     targets = torch.zeros_like(input_ids)
-    valid = torch.zeros(B, T, dtype=torch.bool, device=input_ids.device)
+    valid = same_document(position_ids, shift, input_ids)
     if shift < T:
         targets[:, : T - shift] = input_ids[:, shift:]
-        if label_mask is None:
-            valid[:, : T - shift] = True
-        else:
-            valid[:, : T - shift] = label_mask[:, shift:].bool()
+        if label_mask is not None:
+            valid[:, : T - shift] &= label_mask[:, shift:].bool()
     targets = torch.where(valid, targets, torch.zeros_like(targets))
     return targets, valid
 
 
 def mtp_token_ce(
-    logits: torch.Tensor, input_ids: torch.Tensor, label_mask: torch.Tensor | None = None
+    logits: torch.Tensor, input_ids: torch.Tensor, label_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token cross-entropy of every head.
 
-    ``ce[b,t,k] = -log p_k(x[b,t+k+1] | x[b,<=t])``; ``valid[b,t,k] = t+k+1 < T and label_mask[b,t+k+1]``;
+    ``ce[b,t,k] = -log p_k(x[b,t+k+1] | x[b,<=t])``; ``valid[b,t,k] = t+k+1 < T and label_mask[b,t+k+1]``
+    and, for packed rows (``position_ids`` restarting at 0 per document), ``t+k+1`` in the document of ``t``;
     ``ce`` is 0 where not valid. ``logits`` is ``(B, T, H, V)``; returns float32 ``ce`` and bool ``valid``.
     """
     if logits.dim() != 4:
@@ -50,7 +56,7 @@ def mtp_token_ce(
         raise ValueError(f"label_mask shape {tuple(label_mask.shape)} must be (B, T) = {(B, T)}")
     ces, valids = [], []
     for k in range(H):
-        targets, valid = head_targets(input_ids, k, label_mask)
+        targets, valid = head_targets(input_ids, k, label_mask, position_ids)
         ce = F.cross_entropy(logits[:, :, k].float().reshape(B * T, V), targets.reshape(-1), reduction="none")
         ces.append(torch.where(valid, ce.view(B, T), torch.zeros((), dtype=ce.dtype, device=ce.device)))
         valids.append(valid)

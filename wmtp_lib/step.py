@@ -54,6 +54,7 @@ def sequential_mtp_step(
     extra_trunk_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
     backward: bool = True,
     weight_fn_factory: Callable[[torch.Tensor], HeadWeightFn] | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> StepOutput:
     """Forward + backward of the weighted MTP loss, one head at a time.
 
@@ -61,11 +62,12 @@ def sequential_mtp_step(
     those of `weighted_mtp_loss` on `MTPModel.forward` logits. ``extra_trunk_loss(trunk_hidden)`` adds a
     term that reads the (non-detached) trunk output, e.g. a value loss; its value is added to ``loss``.
     ``weight_fn_factory(trunk_hidden_detached)`` builds ``weight_fn`` from this step's trunk output
-    (the critic's TD errors need it).
+    (the critic's TD errors need it). ``position_ids`` ``(B, T)`` marks packed rows (positions restart
+    at 0 per document): no document attends to another and no target crosses a document boundary.
     """
     H = model.n_future
     alpha = resolve_head_weights(head_weights, H, input_ids.device)
-    state = model(input_ids, attention_mask, return_trunk=True)
+    state = model(input_ids, attention_mask, position_ids=position_ids, return_trunk=True)
     trunk_out = state.hidden
     grad_enabled = backward and torch.is_grad_enabled() and trunk_out.requires_grad
     trunk_in = trunk_out.detach().requires_grad_(grad_enabled)
@@ -73,7 +75,7 @@ def sequential_mtp_step(
         weight_fn = weight_fn_factory(trunk_out.detach())
     ces, weights, valids, losses = [], [], [], []
     for k in range(H):
-        targets, valid = head_targets(input_ids, k, label_mask)
+        targets, valid = head_targets(input_ids, k, label_mask, position_ids)
         hidden = model.forward_head(k, state, trunk_in)
         ce = model.lm_head(hidden, targets, valid, chunk_size)
         with torch.no_grad():
@@ -115,10 +117,11 @@ def all_heads_step(
     weight_fn: HeadWeightFn = uniform_weights,
     head_weights: torch.Tensor | list[float] | None = None,
     loss_scale: float = 1.0,
+    position_ids: torch.Tensor | None = None,
 ) -> StepOutput:
     """The plain computation: all heads' logits ``(B, T, H, V)`` at once, one backward (reference/baseline)."""
-    logits = model(input_ids, attention_mask)
-    ce, valid = mtp_token_ce(logits, input_ids, label_mask)
+    logits = model(input_ids, attention_mask, position_ids=position_ids)
+    ce, valid = mtp_token_ce(logits, input_ids, label_mask, position_ids)
     with torch.no_grad():
         w = torch.stack([weight_fn(k, ce[:, :, k].detach(), valid[:, :, k]).float()
                          for k in range(model.n_future)], dim=2)

@@ -286,18 +286,20 @@ class Trainer:
             cache_dir = project_path(cfg["paths"]["models_dir"]) / ".ref_cache"
             if d.is_main:
                 load_or_score(cache_dir, key, self.data.input_ids, self.data.attention_mask, load_ref,
-                              cfg["rho1"]["ref_batch_size"], self.device, log=lambda m: log_line(d, m))
+                              cfg["rho1"]["ref_batch_size"], self.device, log=lambda m: log_line(d, m),
+                              position_ids=self.data.position_ids)
             d.barrier()
             self.ref_ce_rows, _ = load_or_score(cache_dir, key, self.data.input_ids, self.data.attention_mask,
                                                 load_ref, cfg["rho1"]["ref_batch_size"], self.device,
-                                                log=lambda m: None)
+                                                log=lambda m: None, position_ids=self.data.position_ids)
         else:
             self.ref_model = load_ref()
             log_line(d, "reference model resident (online scoring)")
 
     def _sequence_rewards(self) -> torch.Tensor:
-        """One reward per training row (cached in the run dir): reward-model score of the gold text, or
-        the fraction of the row's unit tests its gold completion passes."""
+        """One reward per training sample (cached in the run dir): reward-model score of the gold text, or
+        the fraction of the sample's unit tests its gold completion passes. Returned as a ``(rows, T)``
+        map (each token holds its sample's reward) so packed rows give every document its own reward."""
         cfg, d = self.cfg, self.d
         path = self.run_dir / "rewards.safetensors"
         from safetensors.torch import load_file, save_file
@@ -307,31 +309,30 @@ class Trainer:
             rm_dir = model_dir(cfg["models"]["reward"], cfg, d)  # on every rank: it holds a barrier
         if d.is_main and not path.is_file():
             rewards = self._score_rows(rm_dir)
-            log_line(d, f"sequence rewards: mean {rewards.mean():.3f}, std {rewards.std():.3f} over {len(rewards)} rows")
+            log_line(d, f"sequence rewards: mean {rewards.mean():.3f}, std {rewards.std():.3f} over {len(rewards)} samples")
             tmp = path.with_name(path.name + ".tmp")
             save_file({"rewards": rewards.contiguous()}, str(tmp))
             tmp.replace(path)
         d.barrier()
         rewards = load_file(str(path))["rewards"]
-        if rewards.shape[0] != len(self.data):
-            raise RuntimeError(f"{path} holds {rewards.shape[0]} rewards but the data has {len(self.data)} rows; "
+        if rewards.shape[0] != len(self.samples):
+            raise RuntimeError(f"{path} holds {rewards.shape[0]} rewards but the data has {len(self.samples)} samples; "
                                "the data changed under this run name: use a new run_name")
-        return rewards
+        return self.data.token_map(rewards)
 
     def _score_rows(self, rm_dir: Path | None) -> torch.Tensor:
         cfg = self.cfg
         if rm_dir is None:
-            from wmtp_lib.rollouts import execution_rewards, row_rewards
+            from wmtp_lib.rollouts import execution_rewards
 
-            return row_rewards(self.data, execution_rewards(self.samples))
+            return execution_rewards(self.samples)
         from wmtp_lib.reward import RewardModel
 
         entry = load_registry().model(cfg["models"]["reward"])
         dtype = torch.bfloat16 if cfg["train"]["mixed_precision"] == "bf16" else None
         rm = RewardModel.from_dir(rm_dir, entry.reward_layout, dtype=dtype, device=self.device)
         # reward models score text: decode with the policy tokenizer, the RM re-tokenizes with its own
-        texts = [self.tokenizer.decode(self.data.input_ids[i][self.data.attention_mask[i].bool()],
-                                       skip_special_tokens=True) for i in range(len(self.data))]
+        texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in self.data.document_tokens()]
         rewards = rm.score(texts)
         del rm
         return rewards
@@ -354,7 +355,8 @@ class Trainer:
             else:
                 from wmtp_lib.reference import reference_token_ce
 
-                ref = reference_token_ce(self.ref_model, batch["input_ids"], batch["attention_mask"])
+                ref = reference_token_ce(self.ref_model, batch["input_ids"], batch["attention_mask"],
+                                         position_ids=batch.get("position_ids"))
             ref_aligned = align_reference(ref.float(), self.H)
 
             def rho1_fn(k, ce_k, valid_k):
@@ -365,8 +367,9 @@ class Trainer:
             return lambda trunk: rho1_fn
         # critic: TD errors from the current value head on this micro-batch's trunk output
         ccfg = self.cfg["critic"]
-        state_mask = state_mask_from_labels(batch["label_mask"])
-        rewards = sparse_rewards(self.rewards[batch["row_index"]].to(self.device), state_mask)
+        state_mask = state_mask_from_labels(batch["label_mask"], batch.get("position_ids"))
+        rewards = sparse_rewards(self.rewards[batch["row_index"]].to(self.device), state_mask,
+                                 batch.get("position_ids"))
 
         def make(trunk_hidden: torch.Tensor) -> HeadWeightFn:
             with torch.no_grad():
@@ -385,9 +388,9 @@ class Trainer:
     def value_loss_on(self, trunk_hidden: torch.Tensor, batch: dict[str, torch.Tensor],
                       row_rewards: torch.Tensor | None = None) -> torch.Tensor:
         ccfg = self.cfg["critic"]
-        state_mask = state_mask_from_labels(batch["label_mask"])
+        state_mask = state_mask_from_labels(batch["label_mask"], batch.get("position_ids"))
         table = self.rewards if row_rewards is None else row_rewards
-        rewards = sparse_rewards(table[batch["row_index"]].to(self.device), state_mask)
+        rewards = sparse_rewards(table[batch["row_index"]].to(self.device), state_mask, batch.get("position_ids"))
         values = self.value_head(trunk_hidden)
         _, targets = value_targets(values, rewards, state_mask, ccfg["gamma"], ccfg["lam"])
         return value_loss(values, targets, state_mask)
@@ -506,7 +509,8 @@ class Trainer:
         for step in range(start, steps):
             b = self.batch(step, 0, d.rank, schedule, data)
             with torch.no_grad():
-                trunk = self.model(b["input_ids"], b["attention_mask"], return_trunk=True).hidden
+                trunk = self.model(b["input_ids"], b["attention_mask"], position_ids=b.get("position_ids"),
+                                   return_trunk=True).hidden
             loss = self.value_loss_on(trunk.detach(), b, rewards)
             loss.backward()
             d.average_grads(list(self.value_head.parameters()))
@@ -581,7 +585,7 @@ class Trainer:
                     out = sequential_mtp_step(self.model, b["input_ids"], b["attention_mask"], b["label_mask"],
                                               head_weights=t["head_weights"], chunk_size=t["chunk_size"],
                                               loss_scale=1.0 / accum, weight_fn_factory=factory,
-                                              extra_trunk_loss=extra_fn)
+                                              extra_trunk_loss=extra_fn, position_ids=b.get("position_ids"))
                 value = value_acc[0].double() if value_acc else torch.zeros((), dtype=torch.float64, device=self.device)
                 window[0] += out.loss.double() - vc * value
                 window[1] += 1
