@@ -175,6 +175,8 @@ class MTPModel(nn.Module):
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         elif cache is None:
+            if position_ids.dim() == 2 and position_ids.shape[0] == 1:
+                position_ids = position_ids.expand(input_ids.shape[0], -1)  # one row of positions for all
             if tuple(position_ids.shape) != tuple(input_ids.shape):
                 raise ValueError(f"position_ids shape {tuple(position_ids.shape)} must equal input_ids shape "
                                  f"{tuple(input_ids.shape)}")
