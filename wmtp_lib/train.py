@@ -321,6 +321,7 @@ class Trainer:
         return self.data.token_map(rewards)
 
     def _score_rows(self, rm_dir: Path | None) -> torch.Tensor:
+        """One reward per sample (a packed row holds several): reward model or unit-test execution."""
         cfg = self.cfg
         if rm_dir is None:
             from wmtp_lib.rollouts import execution_rewards
