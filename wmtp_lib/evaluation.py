@@ -102,7 +102,8 @@ def head_metrics(model: torch.nn.Module, data: TokenizedData, batch_size: int = 
         b = data.rows(idx)
         # packed rows carry position_ids: documents stay apart in attention and targets
         positions = b["position_ids"].to(device) if "position_ids" in b else None
-        logits = model(b["input_ids"].to(device), b["attention_mask"].to(device), position_ids=positions)
+        packed = {} if positions is None else {"position_ids": positions}
+        logits = model(b["input_ids"].to(device), b["attention_mask"].to(device), **packed)
         sums = head_metric_sums(logits.float(), b["input_ids"].to(device), b["label_mask"].to(device), positions)
         totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
     assert totals is not None, "no held-out rows"
