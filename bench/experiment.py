@@ -40,7 +40,7 @@ from wmtp_lib.tiny import stage_tiny  # noqa: E402
 GROUPS = ("corrupt", "corrupt_rest", "clean_slot")
 SMOKE = {"noise": [0.4], "recipes": ["mtp_baseline", "rho1"], "seeds": [0],
          "overrides": {"train.steps": 4, "train.log_every": 2, "data.n_train": 64, "data.n_test": 4},
-         "n_samples": 2, "limit": 4}
+         "n_samples": 2, "limit": 4, "max_new_tokens": 24}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-samples", type=int, default=5, help="sampled solutions per held-out problem")
     p.add_argument("--limit", type=int, default=None, help="held-out problems (default: data.n_test)")
     p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="a synthetic solution is about 20 tokens")
     p.add_argument("--overrides", default="{}", help="JSON of dotted config keys applied to every run")
     p.add_argument("--models-dir", default=None, help="staged tiny models to reuse (default: <out>/models)")
     p.add_argument("--smoke", action="store_true", help="1 noise level x 2 recipes x 1 seed, a few steps")
@@ -67,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.noise, args.recipes, args.seeds = SMOKE["noise"], SMOKE["recipes"], SMOKE["seeds"]
         args.overrides = {**SMOKE["overrides"], **args.overrides}
-        args.n_samples, args.limit = SMOKE["n_samples"], SMOKE["limit"]
+        args.n_samples, args.limit, args.max_new_tokens = SMOKE["n_samples"], SMOKE["limit"], SMOKE["max_new_tokens"]
     return args
 
 
@@ -237,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     models_dir = Path(args.models_dir).resolve() if args.models_dir else out / "models"
     runs_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    stage_tiny(models_dir, log=lambda m: print(m, flush=True))
+    needed = ["tiny-mtp"] + (["tiny-ref"] if {"rho1", "rho1_tokenskip"} & set(args.recipes) else []) + \
+        (["tiny-rm"] if "critic" in args.recipes else [])
+    stage_tiny(models_dir, ids=tuple(needed), log=lambda m: print(m, flush=True))
     rows = []
     grid = [(n, r, s) for n in args.noise for r in args.recipes for s in args.seeds]
     for i, (noise, recipe, seed) in enumerate(grid, 1):
@@ -248,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = train_one(args, recipe, noise, seed, models_dir, runs_dir)
             cfg_test = resolve_config(recipe, args.env, {**args.overrides}, run_name=name)["data"]["n_test"]
             run_evaluation(name, ["synthetic"], n_samples=args.n_samples, ks=[1], temperature=args.temperature,
-                           limit=args.limit or cfg_test, speculative_prompts=0, seed=seed, runs_dir=runs_dir)
+                           max_new_tokens=args.max_new_tokens, limit=args.limit or cfg_test, speculative_prompts=0, seed=seed, runs_dir=runs_dir)
         evaluation = json.loads(eval_path.read_text())
         rows.append(collect(runs_dir / name, recipe, noise, seed, evaluation))
         print(f"[{i}/{len(grid)}] {name}: pass@1 {rows[-1]['pass@1']:.3f} noise imitation "
@@ -266,7 +269,6 @@ def main(argv: list[str] | None = None) -> int:
     write_tables(agg, out, header)
     write_figure(agg, out)
     (out / "experiment.json").write_text(json.dumps({"header": header, "runs": rows, "aggregate": agg}, indent=1))
-    print(header)
     print((out / "table.md").read_text())
     return 0
 
