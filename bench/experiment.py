@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = train_one(args, recipe, noise, seed, models_dir, runs_dir)
             cfg_test = resolve_config(recipe, args.env, {**args.overrides}, run_name=name)["data"]["n_test"]
             run_evaluation(name, ["synthetic"], n_samples=args.n_samples, ks=[1], temperature=args.temperature,
-                           max_new_tokens=args.max_new_tokens, limit=args.limit or cfg_test, speculative_prompts=0, seed=seed, runs_dir=runs_dir)
+                           max_new_tokens=args.max_new_tokens, limit=args.limit or cfg_test,
+                           speculative_prompts=0, seed=seed, runs_dir=runs_dir)
         evaluation = json.loads(eval_path.read_text())
         rows.append(collect(runs_dir / name, recipe, noise, seed, evaluation))
         print(f"[{i}/{len(grid)}] {name}: pass@1 {rows[-1]['pass@1']:.3f} noise imitation "

@@ -27,7 +27,8 @@ from wmtp_lib.step import sequential_mtp_step  # noqa: E402
 from wmtp_lib.tiny import TINY_DIMS, train_tokenizer  # noqa: E402
 
 PRESETS = {
-    "large": dict(hidden=1024, trunk=6, steps=60, lr=1e-3, batch=8),
+    # a brief run: the templates are learned within tens of steps, enough for the heads to draft them
+    "large": dict(hidden=1024, trunk=6, steps=30, lr=2e-3, batch=4),
     # the embedded default: tiny-mtp's dimensions (4 trunk + 4 head blocks, hidden 64)
     "tiny": dict(hidden=TINY_DIMS["hidden_size"], trunk=4, steps=300, lr=2e-3, batch=8),
 }
