@@ -210,6 +210,8 @@ def write_figure(agg: list[dict[str, Any]], out: Path) -> None:
             ax.bar(xs, vals, width, label=f"{recipe}: {group.replace('_', ' ')}",
                    color=plt.cm.tab20(4 * i + j))
     ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="mtp_baseline (every weight 1)")
+    n_heads = max((len(a["weight_corrupt_rest"]) for a in agg), default=0)
+    ax.set_xticks([k + (3 * len(weighted) - 1) * width / 2 for k in range(n_heads)], [str(k) for k in range(n_heads)])
     ax.set_xlabel("head")
     ax.set_ylabel("mean token weight")
     ax.set_title(f"weights at noise {top:g}: corrupted vs other vs clean-slot tokens")
@@ -218,10 +220,12 @@ def write_figure(agg: list[dict[str, Any]], out: Path) -> None:
     for ax, metric in zip(axes[1:], ("pass@1", "noise_imitation")):
         for i, recipe in enumerate(recipes):
             pts = sorted((a for a in agg if a["recipe"] == recipe), key=lambda a: a["noise"])
-            xs = [a["noise"] + (i - 1.5) * 0.006 for a in pts]
+            xs = [a["noise"] + (i - (len(recipes) - 1) / 2) * 0.006 for a in pts]  # side by side
             ys = [a[metric] for a in pts]
             err = [[a[metric] - a[metric + "_lo"] for a in pts], [a[metric + "_hi"] - a[metric] for a in pts]]
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=recipe)
+        ax.set_xticks(sorted({a["noise"] for a in agg}))
+        ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("noise fraction of training solutions")
         ax.set_ylabel(metric)
         ax.set_title(f"{metric} on held-out tasks (95% bootstrap CI)")
