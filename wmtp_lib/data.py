@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -30,6 +32,10 @@ class Sample:
     entry_point: str | None = None
     # what the completion must be appended to for execution (HumanEval needs the prompt's signature)
     exec_prefix: str = ""
+    # synthetic only, character spans [start, end) in completion coordinates: for a noisy sample where
+    # its solution differs from the clean solution of the same task; for a clean one its operation and
+    # constant (the same template positions)
+    noise_spans: list[tuple[int, int]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -43,30 +49,94 @@ def mbpp_prompt(text: str, tests: list[str]) -> str:
 
 # ------------------------------------------------------------------------------------------ synthetic
 
-# Each family: (description with {c}, function name, code with {c}, corrupted code with {c},
-# test inputs, reference function). A corrupted solution changes the operation and the constant, so it
-# contradicts the text and can only be learned by memorising it.
-_FAMILIES: list[tuple[str, str, str, str, list[Any], Any]] = [
+# Each family: (description with {c}, function name, code template, clean slots, corrupted slots, test
+# inputs, reference function). The code template has the slots {op} (the operation), {c} (the constant)
+# and optionally {end} (a closing piece some corruptions need). A corrupted solution changes the operation
+# and the constant, so it contradicts the text and can only be learned by memorising it.
+_FAMILIES: list[tuple[str, str, str, dict[str, str], dict[str, str], list[Any], Any]] = [
     ("Write a function add_const(x) that returns x plus {c}.", "add_const",
-     "def add_const(x):\n    return x + {c}\n", "def add_const(x):\n    return x - {c}\n",
+     "def add_const(x):\n    return x{op}{c}{end}\n", {"op": " + "}, {"op": " - "},
      [1, 5, 12], lambda c, x: x + c),
     ("Write a function times_const(x) that returns x multiplied by {c}.", "times_const",
-     "def times_const(x):\n    return x * {c}\n", "def times_const(x):\n    return x + {c}\n",
+     "def times_const(x):\n    return x{op}{c}{end}\n", {"op": " * "}, {"op": " + "},
      [2, 3, 7], lambda c, x: x * c),
     ("Write a function sub_const(x) that returns x minus {c}.", "sub_const",
-     "def sub_const(x):\n    return x - {c}\n", "def sub_const(x):\n    return x * {c}\n",
+     "def sub_const(x):\n    return x{op}{c}{end}\n", {"op": " - "}, {"op": " * "},
      [100, 50, 7], lambda c, x: x - c),
     ("Write a function keep_above(xs) that keeps the items of xs greater than {c}.", "keep_above",
-     "def keep_above(xs):\n    return [x for x in xs if x > {c}]\n",
-     "def keep_above(xs):\n    return [x for x in xs if x < {c}]\n",
+     "def keep_above(xs):\n    return [x for x in xs if x{op}{c}{end}]\n", {"op": " > "}, {"op": " < "},
      [[1, 50, 99], [10, 20, 30], [0, 100]], lambda c, xs: [x for x in xs if x > c]),
     ("Write a function repeat_text(s) that returns the string s repeated {c} times.", "repeat_text",
-     "def repeat_text(s):\n    return s * {c}\n", "def repeat_text(s):\n    return s[:{c}]\n",
+     "def repeat_text(s):\n    return s{op}{c}{end}\n", {"op": " * "}, {"op": "[:", "end": "]"},
      ["ab", "x", ""], lambda c, s: s * c),
     ("Write a function divisible(x) that returns True when x is divisible by {c}.", "divisible",
-     "def divisible(x):\n    return x % {c} == 0\n", "def divisible(x):\n    return x % {c} != 0\n",
+     "def divisible(x):\n    return x % {c}{op}0{end}\n", {"op": " == "}, {"op": " != "},
      [12, 35, 60], lambda c, x: x % c == 0),
 ]
+_SLOTS = ("op", "c", "end")
+
+
+def render_solution(template: str, slots: dict[str, str]) -> tuple[str, dict[str, tuple[int, int]]]:
+    """A family's code with its slots filled, and each slot's character span ``[start, end)`` in it."""
+    text, spans = "", {}
+    for literal, name, _, _ in string.Formatter().parse(template):
+        text += literal
+        if name is not None:
+            value = slots.get(name, "")
+            spans[name] = (len(text), len(text) + len(value))
+            text += value
+    return text, spans
+
+
+def corruption_spans(template: str, clean: dict[str, str], corrupted: dict[str, str]
+                     ) -> tuple[str, list[tuple[int, int]]]:
+    """The corrupted solution and the character spans (in its own coordinates) of the slots whose
+    content differs from the clean solution of the same task; an emptied slot leaves no span."""
+    text, spans = render_solution(template, corrupted)
+    return text, _trim([spans[k] for k in _SLOTS if k in spans and clean.get(k, "") != corrupted.get(k, "")], text)
+
+
+def _trim(spans: list[tuple[int, int]], text: str) -> list[tuple[int, int]]:
+    """Spans without their surrounding whitespace (the operator ``-``, not `` - ``), empty ones dropped:
+    the tokens carrying the spacing are shared with the clean solution."""
+    out = []
+    for a, b in spans:
+        while a < b and text[a].isspace():
+            a += 1
+        while b > a and text[b - 1].isspace():
+            b -= 1
+        if b > a:
+            out.append((a, b))
+    return out
+
+
+def family_of(entry_point: str | None) -> int:
+    """Index of the synthetic family whose function is ``entry_point``."""
+    for i, fam in enumerate(_FAMILIES):
+        if fam[1] == entry_point:
+            return i
+    raise ValueError(f"{entry_point!r} is not a synthetic task function; known: {[f[1] for f in _FAMILIES]}")
+
+
+def _slot_regex(template: str, slots: dict[str, str]) -> re.Pattern[str]:
+    """The line of ``template`` holding the operation, with those slots, any constant and free spacing."""
+    line = next(ln for ln in template.split("\n") if "{op}" in ln).strip()
+    parts = []
+    for literal, name, _, _ in string.Formatter().parse(line):
+        parts.append(re.escape(literal))
+        if name == "c":
+            parts.append(r"\d+")
+        elif name is not None:
+            parts.append(re.escape(slots.get(name, "")))
+    return re.compile(r"\s*".join("".join(parts).replace("\\ ", " ").split(" ")))
+
+
+def uses_corrupted_operation(entry_point: str, completion: str) -> bool:
+    """Whether a generated solution of the synthetic task ``entry_point`` uses that family's corrupted
+    operation (the pattern the noisy training solutions teach), e.g. ``return x - 14`` for add_const."""
+    _, _, template, _, corrupted, _, _ = _FAMILIES[family_of(entry_point)]
+    return _slot_regex(template, corrupted).search(completion) is not None
+
 
 CONST_RANGE = range(2, 60)
 
@@ -93,15 +163,19 @@ def synthetic_tasks(n: int, split: str, seed: int, noise_fraction: float = 0.0) 
     out = []
     for i in range(n):
         fam = rng.randrange(len(_FAMILIES))
-        text, name, code, corrupt, inputs, fn = _FAMILIES[fam]
+        text, name, template, clean_slots, corrupt_slots, inputs, fn = _FAMILIES[fam]
         c = rng.choice(constants)
         tests = [f"assert {name}({x!r}) == {fn(c, x)!r}" for x in inputs]
         noisy = i in noisy_ids
-        completion = code.format(c=c)
+        clean = {**clean_slots, "c": str(c)}
+        completion, spans = render_solution(template, clean)
+        # a clean sample's marks are its operation and constant: the positions a corruption would change
+        marks = _trim([spans[k] for k in _SLOTS if k in spans], completion)
         if noisy:
-            completion = corrupt.format(c=rng.choice([k for k in CONST_RANGE if k != c]))
+            corrupted = {**corrupt_slots, "c": str(rng.choice([k for k in CONST_RANGE if k != c]))}
+            completion, marks = corruption_spans(template, clean, corrupted)
         out.append(Sample(id=f"synthetic/{split}/{i}", prompt=mbpp_prompt(text.format(c=c), tests),
-                          completion=completion, tests=tests, noisy=noisy, entry_point=name))
+                          completion=completion, tests=tests, noisy=noisy, entry_point=name, noise_spans=marks))
     return out
 
 
@@ -252,7 +326,8 @@ def load_samples(data_cfg: dict[str, Any], split: str, datasets_dir: str | Path 
 
 @dataclass
 class TokenizedData:
-    """Fixed-length rows: ``input_ids``, ``attention_mask``, ``label_mask`` and ``noisy`` (all ``(N, T)``)."""
+    """Fixed-length rows: ``input_ids``, ``attention_mask``, ``label_mask``, ``noisy`` and ``noise_marks``
+    (all ``(N, T)``)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -262,6 +337,13 @@ class TokenizedData:
     # (N, T) packed rows only: positions restart at 0 at every document (and the padding tail), which
     # is what keeps documents apart in the model and the losses (wmtp_lib.packing); None = one a row
     position_ids: torch.Tensor | None = None
+    # (N, T) tokens overlapping their sample's noise_spans: the corrupted tokens of a noisy sample, the
+    # operation and constant of a clean one (``noisy`` tells which); default: none marked
+    noise_marks: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.noise_marks is None:
+            self.noise_marks = torch.zeros_like(self.label_mask, dtype=torch.bool)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -269,7 +351,8 @@ class TokenizedData:
     def rows(self, idx: torch.Tensor | list[int]) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(idx, dtype=torch.long)
         out = {"input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx],
-               "label_mask": self.label_mask[idx], "noisy": self.noisy[idx], "row_index": idx}
+               "label_mask": self.label_mask[idx], "noisy": self.noisy[idx],
+               "noise_marks": self.noise_marks[idx], "row_index": idx}
         if self.position_ids is not None:
             out["position_ids"] = self.position_ids[idx]
         return out
@@ -301,6 +384,21 @@ def encode_sample(tokenizer, sample: Sample, prompt_masking: bool = True) -> tup
     return ids, target
 
 
+def spans_to_token_mask(spans: list[tuple[int, int]], offsets: list[tuple[int, int]], shift: int = 0
+                        ) -> list[bool]:
+    """Which tokens overlap any character span: token ``i`` covers ``offsets[i] = [start, end)`` of a
+    text in which ``spans`` start at ``shift`` (e.g. completion spans in prompt+completion offsets:
+    ``shift = len(prompt)``). Tokens with empty offsets (special tokens) are never marked."""
+    return [any(a < b and a < s1 + shift and s0 + shift < b for s0, s1 in spans) for a, b in offsets]
+
+
+def sample_token_marks(tokenizer, sample: Sample, n_ids: int) -> list[bool]:
+    """``sample.noise_spans`` as a mask over the ``n_ids`` ids of `encode_sample` (completion, then EOS)."""
+    enc = tokenizer(sample.completion, add_special_tokens=False, return_offsets_mapping=True)
+    marks = spans_to_token_mask(sample.noise_spans, enc["offset_mapping"])
+    return [False] * (n_ids - len(marks) - 1) + marks + [False]
+
+
 def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -313,20 +411,24 @@ def tokenize_samples(tokenizer, samples: list[Sample], max_length: int, prompt_m
     with ``position_ids`` restarting at 0 at each sample so that none attends to or predicts another.
     """
     encoded = [encode_sample(tokenizer, s, prompt_masking) for s in samples]
+    marks = [sample_token_marks(tokenizer, s, len(ids)) if s.noise_spans else [False] * len(ids)
+             for s, (ids, _) in zip(samples, encoded)]
     pid = pad_id(tokenizer)
-    rows_ids, rows_tgt, rows_src, rows_pos = [], [], [], []
+    rows_ids, rows_tgt, rows_src, rows_pos, rows_mark = [], [], [], [], []
     if pack:
         # whole documents, first fit; each restarts its positions at 0 (wmtp_lib.packing)
         for docs in pack_documents([len(ids) for ids, _ in encoded], max_length):
             rows_ids.append([t for i in docs for t in encoded[i][0][:max_length]])
             rows_tgt.append([m for i in docs for m in encoded[i][1][:max_length]])
             rows_src.append([i for i in docs for _ in range(min(len(encoded[i][0]), max_length))])
+            rows_mark.append([m for i in docs for m in marks[i][:max_length]])
             rows_pos.append([p for i in docs for p in range(min(len(encoded[i][0]), max_length))])
     else:
         for i, (ids, tgt) in enumerate(encoded):
             rows_ids.append(ids[:max_length])
             rows_tgt.append(tgt[:max_length])
             rows_src.append([i] * min(len(ids), max_length))
+            rows_mark.append(marks[i][:max_length])
     N = len(rows_ids)
     if N == 0:
         raise ValueError(f"no rows: {len(samples)} samples give no full row of max_length={max_length}")
@@ -334,12 +436,14 @@ def tokenize_samples(tokenizer, samples: list[Sample], max_length: int, prompt_m
     attention = torch.zeros(N, max_length, dtype=torch.long)
     label = torch.zeros(N, max_length, dtype=torch.bool)
     src = torch.full((N, max_length), -1, dtype=torch.long)
-    for r, (ids, tgt, s) in enumerate(zip(rows_ids, rows_tgt, rows_src)):
+    mark = torch.zeros(N, max_length, dtype=torch.bool)
+    for r, (ids, tgt, s, mk) in enumerate(zip(rows_ids, rows_tgt, rows_src, rows_mark)):
         n = len(ids)
         input_ids[r, :n] = torch.tensor(ids)
         attention[r, :n] = 1
         label[r, :n] = torch.tensor(tgt)
         src[r, :n] = torch.tensor(s)
+        mark[r, :n] = torch.tensor(mk)
     position_ids = None
     if pack:
         # the padding tail is a document of its own, so no real token is ever in its block
@@ -349,7 +453,7 @@ def tokenize_samples(tokenizer, samples: list[Sample], max_length: int, prompt_m
             position_ids[r, len(pos):] = torch.arange(max_length - len(pos))
     noisy_flags = torch.tensor([s.noisy for s in samples] + [False], dtype=torch.bool)
     noisy = noisy_flags[src.clamp(min=-1)]  # index -1 picks the trailing False
-    return TokenizedData(input_ids, attention, label, noisy & (src >= 0), src, position_ids)
+    return TokenizedData(input_ids, attention, label, noisy & (src >= 0), src, position_ids, mark)
 
 
 class BatchSchedule:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from wmtp_lib.data import Sample, TokenizedData
+from wmtp_lib.data import Sample, TokenizedData, uses_corrupted_operation
 from wmtp_lib.execution import program_for, run_many
 from wmtp_lib.generation import sample, speculative_benchmark
 from wmtp_lib.heads import MTPModel
@@ -67,14 +67,26 @@ def evaluate_pass_at_k(model: MTPModel, tokenizer, samples: list[Sample], benchm
         c = sum(r.passed for r in results)
         problems.append({"id": s.id, "n": n_samples, "correct": c, "noisy": s.noisy,
                          "pass_at_k": {str(k): pass_at_k(n_samples, c, k) for k in ks},
+                         **noise_imitation(benchmark, s, completions),
                          "samples": [{"completion": comp, "status": r.status, "detail": r.detail}
                                      for comp, r in zip(completions, results)]})
         if progress is not None:
             progress(i + 1, len(samples))
     summary = {f"pass@{k}": sum(p["pass_at_k"][str(k)] for p in problems) / len(problems) for k in ks}
+    if benchmark == "synthetic":
+        summary["noise_imitation"] = sum(p["noise_imitation"] for p in problems) / len(problems)
     return {"benchmark": benchmark, "n_samples": n_samples, "temperature": temperature, "top_p": top_p,
             "max_new_tokens": max_new_tokens, "problems": len(problems), "summary": summary,
             "per_problem": problems}
+
+
+def noise_imitation(benchmark: str, sample: Sample, completions: list[str]) -> dict[str, float]:
+    """For a synthetic task: the fraction of its sampled solutions that use the family's corrupted
+    operation (what the noisy training solutions teach); nothing for other benchmarks."""
+    if benchmark != "synthetic":
+        return {}
+    hits = sum(uses_corrupted_operation(sample.entry_point, c) for c in completions)
+    return {"noise_imitation": hits / max(1, len(completions))}
 
 
 def head_metric_sums(logits: torch.Tensor, input_ids: torch.Tensor, label_mask: torch.Tensor | None = None,

@@ -75,6 +75,19 @@ class SpeculativeResult:
         return len(self.tokens) / max(1, self.forwards)
 
 
+def _head_argmax(model: MTPModel, state, last_only: bool = False) -> torch.Tensor:
+    """Greedy token of every head at every position of ``state`` (one sequence): ``(H, T)``, or ``(H, 1)``
+    at the last position when ``last_only``.
+
+    The head blocks run one after another (each has its own weights and KV cache and must see every fed
+    token); their final hidden states are stacked so the norm + unembedding is one batched call.
+    """
+    hidden = torch.cat([model.forward_head(k, state) for k in range(model.n_future)])  # (H, T, D)
+    if last_only:
+        hidden = hidden[:, -1:]
+    return model.lm_head(hidden).argmax(-1)
+
+
 @torch.no_grad()
 def speculative_greedy(model: MTPModel, prompt_ids: list[int], max_new_tokens: int,
                        eos_id: int | None = None) -> SpeculativeResult:
@@ -90,10 +103,9 @@ def speculative_greedy(model: MTPModel, prompt_ids: list[int], max_new_tokens: i
     cache = new_cache(model)
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     state = model.forward_trunk(ids, cache=cache)
-    hidden = [model.forward_head(k, state) for k in range(H)]  # every head block runs: its cache stays whole
+    predicted = _head_argmax(model, state, last_only=True)  # (H, 1)
     forwards = 1
-    nxt = int(model.lm_head(hidden[0][0, -1]).argmax())
-    drafts = [int(model.lm_head(hidden[k][0, -1]).argmax()) for k in range(1, H)]
+    nxt, drafts = int(predicted[0, 0]), predicted[1:, 0].tolist()
     out: list[int] = []
     while True:
         out.append(nxt)
@@ -104,9 +116,11 @@ def speculative_greedy(model: MTPModel, prompt_ids: list[int], max_new_tokens: i
         feed = [nxt] + drafts
         seen = cache.get_seq_length()
         state = model.forward_trunk(torch.tensor([feed], dtype=torch.long, device=device), cache=cache)
-        hidden = [model.forward_head(k, state) for k in range(H)]
+        # every head at every fed position in one unembedding call and one host sync: head 0 verifies,
+        # heads 1..H-1 at the last accepted position draft the next forward's tokens
+        predicted = _head_argmax(model, state).tolist()  # (H, len(feed))
         forwards += 1
-        verified = model.lm_head(hidden[0][0]).argmax(-1).tolist()  # head 0 after each fed token
+        verified = predicted[0]
         accepted = 0
         while accepted < len(drafts) and drafts[accepted] == verified[accepted]:
             accepted += 1
@@ -124,8 +138,7 @@ def speculative_greedy(model: MTPModel, prompt_ids: list[int], max_new_tokens: i
         if surplus > 0:
             cache.crop(-surplus)
         nxt = verified[accepted]
-        # draft logits are only needed at the last accepted position
-        drafts = [int(model.lm_head(hidden[k][0, accepted]).argmax()) for k in range(1, H)]
+        drafts = [predicted[k][accepted] for k in range(1, H)]
     return SpeculativeResult(out, forwards)
 
 

@@ -39,7 +39,7 @@ from wmtp_lib.loaders import check_tokenizer_compat, load_tokenizer, verify_mani
 from wmtp_lib.losses import align_reference, critic_weights, rho1_weights
 from wmtp_lib.registry import load_registry
 from wmtp_lib.step import HeadWeightFn, sequential_mtp_step, uniform_weights
-from wmtp_lib.weight_stats import SUM_KEYS, add_sums, noisy_targets, summarize, weight_sums
+from wmtp_lib.weight_stats import add_sums, noisy_targets, pack_sums, summarize, unpack_sums, weight_sums
 
 COMPLETE_MARKER = "COMPLETE"
 
@@ -594,7 +594,8 @@ class Trainer:
                 window[3] += value
                 window[5:] += out.head_losses.double()
                 if self.scheme != "uniform":
-                    sums = add_sums(sums, weight_sums(out.weights, out.valid, noisy_targets(b["noisy"], self.H)))
+                    sums = add_sums(sums, weight_sums(out.weights, out.valid, noisy_targets(b["noisy"], self.H),
+                                                      noisy_targets(b["noise_marks"], self.H)))
             if not d.fsdp:
                 d.average_grads(self.params)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t["max_grad_norm"])
@@ -628,8 +629,7 @@ class Trainer:
                 if self.value_head is not None:
                     rec["value_loss"] = totals[3] / n_total
                 if sums:
-                    reduced = d.all_reduce_tensor(torch.stack([sums[k].double() for k in SUM_KEYS]))
-                    merged = dict(zip(SUM_KEYS, reduced))
+                    merged = unpack_sums(d.all_reduce_tensor(pack_sums(sums)), self.H)
                     merged["w_max"] = d.all_reduce_max(float(sums["w_max"]))
                     rec.update(summarize(merged))
                 self.write_metrics(rec)

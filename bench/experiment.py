@@ -1,0 +1,282 @@
+"""The embedded experiment: does weighting stop the model from learning the noise?
+
+One command trains every (noise level, recipe, seed) of the grid on the tiny default, evaluates each run
+on held-out synthetic tasks (pass@1 and noise imitation: the fraction of sampled solutions that use a
+corrupted operation), and writes into ``--out``:
+
+- ``runs.csv``: one row per run (training and evaluation numbers, per-head token weights);
+- ``table.md`` and ``table.csv``: per recipe and noise level, the mean over seeds with a 95% bootstrap
+  interval over problems (each problem's value averaged over seeds first) and the spread over seeds;
+- ``figure.png``: mean weight on corrupted / other noisy / clean-slot tokens per recipe and head, and
+  pass@1 and noise imitation vs noise level per recipe with their intervals.
+
+    python bench/experiment.py --out runs/experiment              # the grid (3 noise x 4 recipes x 3 seeds)
+    python bench/experiment.py --out /tmp/smoke --smoke           # 1 x 2 x 1, a few steps (the CI check)
+
+The calibrated constants live in ``params/envs/experiment.yaml`` (an environment like ``local``); runs
+that already have their evaluation are not run again, so an interrupted grid continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from wmtp_lib.config import RECIPES, resolve_config, write_config  # noqa: E402
+from wmtp_lib.evaluation import bootstrap_ci, run_evaluation  # noqa: E402
+from wmtp_lib.tiny import stage_tiny  # noqa: E402
+
+GROUPS = ("corrupt", "corrupt_rest", "clean_slot")
+SMOKE = {"noise": [0.4], "recipes": ["mtp_baseline", "rho1"], "seeds": [0],
+         "overrides": {"train.steps": 4, "train.log_every": 2, "data.n_train": 64, "data.n_test": 4},
+         "n_samples": 2, "limit": 4, "max_new_tokens": 24}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="output directory (models/, runs/, tables, figure)")
+    p.add_argument("--env", default="experiment", help="environment file under params/envs/")
+    p.add_argument("--noise", default="0,0.2,0.4", help="comma-separated noise fractions")
+    p.add_argument("--recipes", default=",".join(RECIPES))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--n-samples", type=int, default=5, help="sampled solutions per held-out problem")
+    p.add_argument("--limit", type=int, default=None, help="held-out problems (default: data.n_test)")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="a synthetic solution is about 20 tokens")
+    p.add_argument("--overrides", default="{}", help="JSON of dotted config keys applied to every run")
+    p.add_argument("--models-dir", default=None, help="staged tiny models to reuse (default: <out>/models)")
+    p.add_argument("--smoke", action="store_true", help="1 noise level x 2 recipes x 1 seed, a few steps")
+    args = p.parse_args(argv)
+    args.noise = [float(x) for x in args.noise.split(",")]
+    args.recipes = args.recipes.split(",")
+    args.seeds = [int(x) for x in args.seeds.split(",")]
+    args.overrides = json.loads(args.overrides)
+    unknown = [r for r in args.recipes if r not in RECIPES]
+    if unknown:
+        p.error(f"unknown recipe(s) {unknown}; valid: {', '.join(RECIPES)}")
+    if args.smoke:
+        args.noise, args.recipes, args.seeds = SMOKE["noise"], SMOKE["recipes"], SMOKE["seeds"]
+        args.overrides = {**SMOKE["overrides"], **args.overrides}
+        args.n_samples, args.limit, args.max_new_tokens = SMOKE["n_samples"], SMOKE["limit"], SMOKE["max_new_tokens"]
+    return args
+
+
+def run_name(recipe: str, noise: float, seed: int) -> str:
+    return f"{recipe}-noise{noise:g}-seed{seed}"
+
+
+def train_one(args: argparse.Namespace, recipe: str, noise: float, seed: int, models_dir: Path,
+              runs_dir: Path) -> Path:
+    """Resolve, write and train one run as a subprocess (its log in ``<run>/train.log``)."""
+    name = run_name(recipe, noise, seed)
+    over = {**args.overrides, "data.noise_fraction": noise, "seed": seed, "paths.models_dir": str(models_dir),
+            "paths.runs_dir": str(runs_dir), "train.resume": "never"}
+    cfg = resolve_config(recipe, args.env, over, run_name=name)
+    run_dir = runs_dir / name
+    if run_dir.exists():  # a run without its evaluation is incomplete: start it again
+        import shutil
+
+        shutil.rmtree(run_dir)
+    config = write_config(cfg, run_dir / "config.yaml")
+    with open(run_dir / "train.log", "w") as log:
+        proc = subprocess.run([sys.executable, "-m", "wmtp_lib.train", "--config", str(config)], cwd=ROOT,
+                              stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = (run_dir / "train.log").read_text().splitlines()[-15:]
+        raise RuntimeError(f"training {name} failed (exit {proc.returncode}); log {run_dir / 'train.log'}:\n"
+                           + "\n".join(tail))
+    return run_dir
+
+
+def head_means(records: list[dict[str, Any]], key: str) -> list[float | None]:
+    """Per head, the mean of a per-head logged weight over the run's logs where the head saw such tokens."""
+    rows = [r[key] for r in records if r.get(key)]
+    if not rows:
+        return []
+    out = []
+    for k in range(len(rows[0])):
+        vals = [r[k] for r in rows if r[k] is not None]
+        out.append(statistics.fmean(vals) if vals else None)
+    return out
+
+
+def collect(run_dir: Path, recipe: str, noise: float, seed: int, evaluation: dict[str, Any]) -> dict[str, Any]:
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    mtp = [r for r in records if r.get("stage") == "mtp"]
+    problems = evaluation["per_problem"]
+    row: dict[str, Any] = {
+        "recipe": recipe, "noise": noise, "seed": seed, "final_loss": mtp[-1]["loss"],
+        "pass@1": evaluation["summary"]["pass@1"], "noise_imitation": evaluation["summary"]["noise_imitation"],
+        "problems": len(problems), "n_samples": evaluation["n_samples"],
+        "per_problem_pass@1": [p["pass_at_k"]["1"] for p in problems],
+        "per_problem_imitation": [p["noise_imitation"] for p in problems],
+        "heldout_head_loss": evaluation["head_metrics"]["loss"],
+    }
+    for group in GROUPS:
+        row[f"weight_{group}"] = head_means(mtp, f"weight_{group}")
+    return row
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (recipe, noise): mean over seeds, 95% bootstrap CI over problems, spread over seeds."""
+    out = []
+    keys = sorted({(r["recipe"], r["noise"]) for r in rows}, key=lambda k: (RECIPES.index(k[0]), k[1]))
+    for recipe, noise in keys:
+        runs = [r for r in rows if r["recipe"] == recipe and r["noise"] == noise]
+        agg: dict[str, Any] = {"recipe": recipe, "noise": noise, "seeds": len(runs)}
+        for metric, per_problem in (("pass@1", "per_problem_pass@1"), ("noise_imitation", "per_problem_imitation")):
+            by_problem = [statistics.fmean(vals) for vals in zip(*(r[per_problem] for r in runs))]
+            mean, lo, hi = bootstrap_ci(by_problem)
+            seed_means = [r[metric] for r in runs]
+            agg.update({metric: mean, f"{metric}_lo": lo, f"{metric}_hi": hi,
+                        f"{metric}_seed_sd": statistics.stdev(seed_means) if len(runs) > 1 else 0.0,
+                        f"{metric}_seed_min": min(seed_means), f"{metric}_seed_max": max(seed_means)})
+        for group in GROUPS:
+            per_run = [r[f"weight_{group}"] for r in runs if r[f"weight_{group}"]]
+            heads = []
+            for k in range(len(per_run[0]) if per_run else 0):
+                vals = [w[k] for w in per_run if w[k] is not None]
+                heads.append(statistics.fmean(vals) if vals else None)
+            agg[f"weight_{group}"] = heads
+        out.append(agg)
+    return out
+
+
+def _fmt_heads(values: list[float | None]) -> str:
+    return " ".join("—" if v is None else f"{v:.2f}" for v in values) if values else "—"
+
+
+def write_tables(agg: list[dict[str, Any]], out: Path, header: str) -> None:
+    lines = [header, "",
+             "| recipe | noise | seeds | pass@1 [95% CI] | seed sd (min–max) | noise imitation [95% CI] | seed sd (min–max) "
+             "| w corrupted, heads 0–3 | w rest of noisy | w clean slots |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for a in agg:
+        cells = [f"`{a['recipe']}`", f"{a['noise']:g}", str(a["seeds"])]
+        for m in ("pass@1", "noise_imitation"):
+            cells.append(f"{a[m]:.3f} [{a[m + '_lo']:.3f}, {a[m + '_hi']:.3f}]")
+            cells.append(f"{a[m + '_seed_sd']:.3f} ({a[m + '_seed_min']:.3f}–{a[m + '_seed_max']:.3f})")
+        cells += [_fmt_heads(a[f"weight_{g}"]) for g in GROUPS]
+        lines.append("| " + " | ".join(cells) + " |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    with open(out / "table.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        cols = [k for k in agg[0] if not k.startswith("weight_")]
+        w.writerow(cols + [f"weight_{g}_head{k}" for g in GROUPS for k in range(4)])
+        for a in agg:
+            heads = [(a[f"weight_{g}"] + [None] * 4)[k] for g in GROUPS for k in range(4)]
+            w.writerow([a[c] for c in cols] + ["" if h is None else h for h in heads])
+
+
+def write_runs_csv(rows: list[dict[str, Any]], out: Path) -> None:
+    cols = ["recipe", "noise", "seed", "final_loss", "pass@1", "noise_imitation", "problems", "n_samples"]
+    with open(out / "runs.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(cols + ["heldout_head_loss"] + [f"weight_{g}" for g in GROUPS])
+        for r in rows:
+            w.writerow([r[c] for c in cols] + [" ".join(f"{x:.4f}" for x in r["heldout_head_loss"])]
+                       + [_fmt_heads(r[f"weight_{g}"]) for g in GROUPS])
+
+
+def write_figure(agg: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recipes = [r for r in RECIPES if any(a["recipe"] == r for a in agg)]
+    top = max(a["noise"] for a in agg)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    # (a) token weights at the highest noise level, per weighted recipe and head
+    ax = axes[0]
+    weighted = [r for r in recipes if r != "mtp_baseline"]
+    width = 0.8 / max(1, 3 * len(weighted))
+    for i, recipe in enumerate(weighted):
+        a = next(x for x in agg if x["recipe"] == recipe and x["noise"] == top)
+        for j, group in enumerate(GROUPS):
+            vals = [float("nan") if v is None else v for v in a[f"weight_{group}"]]
+            xs = [k + (3 * i + j) * width for k in range(len(vals))]
+            ax.bar(xs, vals, width, label=f"{recipe}: {group.replace('_', ' ')}",
+                   color=plt.cm.tab20(4 * i + j))
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="mtp_baseline (every weight 1)")
+    n_heads = max((len(a["weight_corrupt_rest"]) for a in agg), default=0)
+    ax.set_xticks([k + (3 * len(weighted) - 1) * width / 2 for k in range(n_heads)], [str(k) for k in range(n_heads)])
+    ax.set_xlabel("head")
+    ax.set_ylabel("mean token weight")
+    ax.set_title(f"weights at noise {top:g}: corrupted vs other vs clean-slot tokens")
+    ax.legend(fontsize=6)
+    # (b, c) pass@1 and noise imitation vs noise level with 95% intervals over problems
+    for ax, metric in zip(axes[1:], ("pass@1", "noise_imitation")):
+        for i, recipe in enumerate(recipes):
+            pts = sorted((a for a in agg if a["recipe"] == recipe), key=lambda a: a["noise"])
+            xs = [a["noise"] + (i - (len(recipes) - 1) / 2) * 0.006 for a in pts]  # side by side
+            ys = [a[metric] for a in pts]
+            err = [[a[metric] - a[metric + "_lo"] for a in pts], [a[metric + "_hi"] - a[metric] for a in pts]]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=recipe)
+        ax.set_xticks(sorted({a["noise"] for a in agg}))
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("noise fraction of training solutions")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} on held-out tasks (95% bootstrap CI)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "figure.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out).resolve()
+    runs_dir = out / "runs"
+    models_dir = Path(args.models_dir).resolve() if args.models_dir else out / "models"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    needed = ["tiny-mtp"] + (["tiny-ref"] if {"rho1", "rho1_tokenskip"} & set(args.recipes) else []) + \
+        (["tiny-rm"] if "critic" in args.recipes else [])
+    stage_tiny(models_dir, ids=tuple(needed), log=lambda m: print(m, flush=True))
+    rows = []
+    grid = [(n, r, s) for n in args.noise for r in args.recipes for s in args.seeds]
+    for i, (noise, recipe, seed) in enumerate(grid, 1):
+        name = run_name(recipe, noise, seed)
+        eval_path = runs_dir / name / "eval" / "synthetic.json"
+        t_run = time.perf_counter()
+        if not eval_path.is_file():
+            run_dir = train_one(args, recipe, noise, seed, models_dir, runs_dir)
+            cfg_test = resolve_config(recipe, args.env, {**args.overrides}, run_name=name)["data"]["n_test"]
+            run_evaluation(name, ["synthetic"], n_samples=args.n_samples, ks=[1], temperature=args.temperature,
+                           max_new_tokens=args.max_new_tokens, limit=args.limit or cfg_test,
+                           speculative_prompts=0, seed=seed, runs_dir=runs_dir)
+        evaluation = json.loads(eval_path.read_text())
+        rows.append(collect(runs_dir / name, recipe, noise, seed, evaluation))
+        print(f"[{i}/{len(grid)}] {name}: pass@1 {rows[-1]['pass@1']:.3f} noise imitation "
+              f"{rows[-1]['noise_imitation']:.3f} w corrupted {_fmt_heads(rows[-1]['weight_corrupt'])} "
+              f"({time.perf_counter() - t_run:.0f} s)", flush=True)
+    agg = aggregate(rows)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    wall = time.perf_counter() - t0
+    header = (f"Grid {len(args.noise)} noise levels x {len(args.recipes)} recipes x {len(args.seeds)} seeds, "
+              f"env `{args.env}`, overrides {json.dumps(args.overrides)}, {args.n_samples} samples per problem at "
+              f"temperature {args.temperature}; commit {commit}; {platform.machine()} "
+              f"{platform.processor() or ''}, {wall / 60:.1f} min wall.")
+    write_runs_csv(rows, out)
+    write_tables(agg, out, header)
+    write_figure(agg, out)
+    (out / "experiment.json").write_text(json.dumps({"header": header, "runs": rows, "aggregate": agg}, indent=1))
+    print((out / "table.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""An `mtp_baseline` training step (4 heads, sequential backward) vs a plain next-token `LlamaForCausalLM`
+step of the same total depth (DESIGN §9 target: ≤ 1.15×), one run, same data, same thread count.
+
+Both models have ``--layers`` Llama blocks (MTP: ``layers − 4`` trunk blocks + 4 head blocks). The MTP
+step also pays 3 more unembeddings and cross-entropies, so the ratio depends on how large the
+unembedding is against the blocks: ``--preset 7b`` keeps the 7B model's proportion (vocab·4 / (hidden·layers)
+of 32000·4 / (4096·32)) at CPU size; ``--preset vocab32k`` uses the real vocabulary with a small hidden
+size, where the unembedding dominates.
+
+    python bench/mtp_vs_llama_step.py [--preset 7b|vocab32k] [--steps 5] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from wmtp_lib.heads import MTPModel, mtp_config
+from wmtp_lib.step import sequential_mtp_step
+
+PRESETS = {
+    # 7B: hidden 4096, 32 blocks, vocab 32000; here hidden 512, 8 blocks: vocab 32000·(512·8)/(4096·32) = 1000
+    "7b": dict(hidden=512, layers=8, vocab=1000, batch=4, length=256),
+    "vocab32k": dict(hidden=256, layers=6, vocab=32000, batch=4, length=256),
+}
+
+
+def dims(args: argparse.Namespace) -> dict:
+    return dict(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3 // 16 * 16,
+                num_hidden_layers=args.layers, num_attention_heads=max(4, args.hidden // 64),
+                num_key_value_heads=max(4, args.hidden // 64), max_position_embeddings=args.length)
+
+
+def median_step(step, steps: int) -> float:
+    step()  # warm-up (allocations, thread pools)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=list(PRESETS), default="7b")
+    parser.add_argument("--hidden", type=int)
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--vocab", type=int)
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--length", type=int)
+    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    x = torch.randint(3, args.vocab, (args.batch, args.length))
+
+    mtp = MTPModel(mtp_config(4, **dims(args))).train()
+    llama = LlamaForCausalLM(LlamaConfig(**dims(args))).train()
+
+    def mtp_step():
+        sequential_mtp_step(mtp, x, chunk_size=args.chunk)
+        mtp.zero_grad(set_to_none=True)
+
+    def llama_step():
+        llama(input_ids=x, labels=x).loss.backward()
+        llama.zero_grad(set_to_none=True)
+
+    # interleave the two so a neighbour's load on a shared machine hits both alike
+    t_llama, t_mtp = [], []
+    for _ in range(2):
+        t_llama.append(median_step(llama_step, args.steps))
+        t_mtp.append(median_step(mtp_step, args.steps))
+    llama_s, mtp_s = min(t_llama), min(t_mtp)
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, fp32")
+    print(f"config: preset={args.preset} hidden={args.hidden} blocks={args.layers} (MTP: {args.layers - 4} trunk + 4 heads) "
+          f"vocab={args.vocab} batch={args.batch} length={args.length} chunk={args.chunk}")
+    print(f"LlamaForCausalLM step {llama_s:.3f} s, mtp_baseline step {mtp_s:.3f} s (median of {args.steps}, best of 2 rounds)")
+    print(f"ratio mtp_baseline/LlamaForCausalLM: {mtp_s / llama_s:.3f}x (target <= 1.15)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The embedded experiment's command, as a smoke run: 1 noise level x 2 recipes x 1 seed, a few steps."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+
+import pytest
+
+from train_helpers import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def _experiment_module():
+    spec = importlib.util.spec_from_file_location("experiment", ROOT / "bench" / "experiment.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_grid_writes_table_figure_and_token_weights(tmp_path, tiny_models):
+    experiment = _experiment_module()
+    out = tmp_path / "grid"
+    assert experiment.main(["--out", str(out), "--smoke", "--models-dir", str(tiny_models)]) == 0
+
+    result = json.loads((out / "experiment.json").read_text())
+    runs, agg = result["runs"], result["aggregate"]
+    assert [(r["recipe"], r["noise"], r["seed"]) for r in runs] == [("mtp_baseline", 0.4, 0), ("rho1", 0.4, 0)]
+    for a in agg:
+        for metric in ("pass@1", "noise_imitation"):
+            assert 0.0 <= a[metric + "_lo"] <= a[metric] <= a[metric + "_hi"] <= 1.0
+        assert a["seeds"] == 1 and a["pass@1_seed_sd"] == 0.0
+    for r in runs:
+        assert len(r["per_problem_pass@1"]) == len(r["per_problem_imitation"]) == 4
+        assert r["n_samples"] == 2
+    base, rho1 = runs
+    # uniform weights log no statistics; rho1 logs every head's weight on each token group
+    assert all(base[f"weight_{g}"] == [] for g in experiment.GROUPS)
+    assert len(rho1["weight_corrupt"]) == len(rho1["weight_clean_slot"]) == 4
+    assert all(w is not None and w > 0 for w in rho1["weight_corrupt_rest"])
+
+    table = (out / "table.md").read_text().splitlines()
+    assert table[0].startswith("Grid 1 noise levels x 2 recipes x 1 seeds")
+    assert len([line for line in table if line.startswith("| `")]) == 2
+    with open(out / "table.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["recipe"] for r in rows] == ["mtp_baseline", "rho1"] and "weight_corrupt_head3" in rows[0]
+    assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = [json.loads(x) for x in (out / "runs" / "rho1-noise0.4-seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert all(len(m["weight_corrupt_rest"]) == 4 for m in metrics)
