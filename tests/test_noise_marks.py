@@ -99,10 +99,14 @@ def test_token_marks_decode_to_the_corrupted_pieces(tok):
             assert s.completion[a:b] in decoded, (s.completion, decoded)
         assert decoded.replace(" ", "") == "".join(s.completion[a:b] for a, b in sorted(s.noise_spans)), decoded
         assert not (data.noise_marks[i] & ~data.label_mask[i]).any()
-    # packed rows carry the same marks as the samples' own rows, in stream order
-    packed = tokenize_samples(tok, samples, max_length=64, pack=True)
-    stream = torch.cat([data.noise_marks[i][data.attention_mask[i].bool()] for i in range(len(samples))])
-    assert torch.equal(packed.noise_marks.reshape(-1), stream[: packed.noise_marks.numel()])
+    # packed rows (whole documents, positions restarting at 0) carry the same marks as the samples' own rows
+    packed = tokenize_samples(tok, samples, max_length=192, pack=True)
+    assert len(packed) < len(samples)
+    real = packed.sample_index >= 0
+    own = data.noise_marks[packed.sample_index[real], packed.position_ids[real]]
+    assert torch.equal(packed.noise_marks[real], own)
+    assert not packed.noise_marks[~real].any()
+    assert int(packed.noise_marks.sum()) == int(data.noise_marks.sum())
     assert sum(s.noisy for s in samples) == 20
 
 
