@@ -187,5 +187,6 @@ def test_notebook_list_and_dict_parameters_from_text():
     assert as_dict('{"train.steps": 5}', "overrides") == {"train.steps": 5}
     with pytest.raises(ConfigError, match="parameter overrides: not a JSON object"):
         as_dict("{train.steps: 5", "overrides")
+    assert as_list(3, "k") == [3]  # `-p k 3`
     with pytest.raises(ConfigError, match="parameter k must be a list"):
-        as_list(3, "k")
+        as_list(None, "k")

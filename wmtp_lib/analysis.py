@@ -1,4 +1,8 @@
-"""Cross-run analysis for `notebooks/analysis.ipynb`: curves, weights, pass@k with bootstrap CIs."""
+"""Tables (pandas DataFrames) and figures for `notebooks/evaluate.ipynb` and `notebooks/analysis.ipynb`.
+
+Curves, token weights, pass@k with bootstrap CIs across runs; per-head metrics and self-speculative
+decoding of one evaluation. Tables are DataFrames so they sort, filter and ``.to_csv()``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from wmtp_lib.evaluation import bootstrap_ci
+
+PASS_AT_K_COLUMNS = ["run", "benchmark", "k", "pass@k", "ci95_low", "ci95_high", "problems"]
 
 
 def discover_runs(runs_dir: str | Path) -> list[str]:
@@ -24,7 +32,15 @@ def load_run(runs_dir: str | Path, name: str) -> dict[str, Any]:
     return {"name": name, "metrics": metrics, "summary": summary, "eval": evals}
 
 
-def pass_at_k_table(runs: list[dict[str, Any]], n_boot: int = 2000) -> list[dict[str, Any]]:
+def runs_table(runs: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per run: recipe, steps, final loss and the noisy/clean mean token weights of its summary."""
+    return pd.DataFrame([{"run": r["name"], "recipe": r["summary"].get("recipe"), "steps": r["summary"].get("steps"),
+                          "final_loss": r["summary"].get("final_loss"), "w_noisy": r["summary"].get("weight_noisy"),
+                          "w_clean": r["summary"].get("weight_clean")} for r in runs],
+                        columns=["run", "recipe", "steps", "final_loss", "w_noisy", "w_clean"])
+
+
+def pass_at_k_table(runs: list[dict[str, Any]], n_boot: int = 2000) -> pd.DataFrame:
     """One row per (run, benchmark, k): mean pass@k over problems with a 95% bootstrap interval."""
     rows = []
     for run in runs:
@@ -35,10 +51,11 @@ def pass_at_k_table(runs: list[dict[str, Any]], n_boot: int = 2000) -> list[dict
                 mean, lo, hi = bootstrap_ci(values, n_boot=n_boot)
                 rows.append({"run": run["name"], "benchmark": bench, "k": int(k), "pass@k": mean,
                              "ci95_low": lo, "ci95_high": hi, "problems": len(values)})
-    return rows
+    return pd.DataFrame(rows, columns=PASS_AT_K_COLUMNS)
 
 
-def speculative_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def speculative_table(runs: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per (run, benchmark): accepted tokens per forward, wall-clock speed-up, prompts equal to greedy."""
     rows = []
     for run in runs:
         for bench, res in run["eval"].items():
@@ -46,7 +63,7 @@ def speculative_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if s:
                 rows.append({"run": run["name"], "benchmark": bench, "tokens_per_forward": s["tokens_per_forward"],
                              "speedup": s["speedup"], "identical": f"{s['identical_to_greedy']}/{s['prompts']}"})
-    return rows
+    return pd.DataFrame(rows, columns=["run", "benchmark", "tokens_per_forward", "speedup", "identical"])
 
 
 def plot_curves(runs: list[dict[str, Any]], save_to: str | Path | None = None):
@@ -97,15 +114,16 @@ def plot_weights(runs: list[dict[str, Any]], save_to: str | Path | None = None):
     return fig
 
 
-def plot_pass_at_k(rows: list[dict[str, Any]], save_to: str | Path | None = None):
+def plot_pass_at_k(table: pd.DataFrame, save_to: str | Path | None = None):
+    """Bars of `pass_at_k_table` with their 95% bootstrap intervals."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 3.8))
-    labels = [f"{r['run']}\n{r['benchmark']} pass@{r['k']}" for r in rows]
-    means = [r["pass@k"] for r in rows]
-    err = [[m - r["ci95_low"] for m, r in zip(means, rows)], [r["ci95_high"] - m for m, r in zip(means, rows)]]
-    ax.bar(range(len(rows)), means, yerr=err, capsize=3)
-    ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=6)
+    labels = [f"{r.run}\n{r.benchmark} pass@{r.k}" for r in table.itertuples()]
+    means = table["pass@k"]
+    err = [means - table["ci95_low"], table["ci95_high"] - means]
+    ax.bar(range(len(table)), means, yerr=err, capsize=3)
+    ax.set_xticks(range(len(table)), labels, rotation=60, ha="right", fontsize=6)
     ax.set_title("pass@k with 95% bootstrap CI over problems")
     fig.tight_layout()
     if save_to:
@@ -113,13 +131,43 @@ def plot_pass_at_k(rows: list[dict[str, Any]], save_to: str | Path | None = None
     return fig
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """A plain-text table (no extra dependency)."""
-    if not rows:
-        return "(no rows)"
-    cols = list(rows[0])
-    cells = [[f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
+# ------------------------------------------------------------------ one evaluation (evaluate.ipynb)
+
+
+def evaluation_pass_at_k(results: dict[str, Any]) -> pd.DataFrame:
+    """`run_evaluation` results → one row per benchmark: problems, pass@k columns, sandbox level."""
+    return pd.DataFrame([{"benchmark": b, "problems": r["problems"], **r["summary"], "sandbox": r["sandbox_isolation"]}
+                         for b, r in results.items()])
+
+
+def evaluation_head_metrics(results: dict[str, Any]) -> pd.DataFrame:
+    """One row per (benchmark, head k): held-out loss and top-1 accuracy for token t+k+1."""
+    rows = [{"benchmark": b, "head": h, "predicts": f"t+{h + 1}", "loss": loss, "top1": r["head_metrics"]["accuracy"][h]}
+            for b, r in results.items() for h, loss in enumerate(r["head_metrics"]["loss"])]
+    return pd.DataFrame(rows, columns=["benchmark", "head", "predicts", "loss", "top1"])
+
+
+def evaluation_speculative(results: dict[str, Any]) -> pd.DataFrame:
+    """One row per benchmark: the self-speculative decoding report."""
+    return pd.DataFrame([{"benchmark": b, **r["speculative"]} for b, r in results.items()])
+
+
+def plot_head_metrics(results: dict[str, Any], save_to: str | Path | None = None):
+    """Loss and top-1 accuracy of head k on held-out data, one line per benchmark."""
+    import matplotlib.pyplot as plt
+
+    table = evaluation_head_metrics(results)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for bench, rows in table.groupby("benchmark", sort=False):
+        axes[0].plot(rows["head"], rows["loss"], "o-", label=bench)
+        axes[1].plot(rows["head"], rows["top1"], "o-", label=bench)
+    axes[0].set_title("loss of head k")
+    axes[1].set_title("top-1 accuracy of head k")
+    for ax in axes:
+        ax.set_xlabel("head k (predicts t+k+1)")
+        ax.legend()
+    fig.tight_layout()
+    if save_to:
+        Path(save_to).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(save_to, dpi=100)
+    return fig

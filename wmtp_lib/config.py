@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,13 +217,16 @@ def load_env(env: str) -> dict[str, Any]:
 
 def resolve_config(recipe: str, env: str = "local", overrides: dict[str, Any] | None = None,
                    run_name: str | None = None) -> dict[str, Any]:
-    """Defaults ← recipe ← environment ← overrides; returns the validated, resolved config."""
+    """Defaults ← recipe ← environment (← CI sizing under ``WMTP_CI=1``) ← overrides; validated and resolved."""
     recipe_cfg = load_recipe(recipe)
     env_cfg = load_env(env)
     over = expand_dotted(overrides or {})
     _check(over, SCHEMA, "overrides")
     cfg = _merge(defaults(), recipe_cfg)
     cfg = _merge(cfg, {k: v for k, v in env_cfg.items() if k not in ENV_ONLY_KEYS})
+    ci = ci_sizing()
+    if ci is not None:
+        cfg = _merge(cfg, ci["config"])
     cfg = _merge(cfg, over)
     cfg["env"] = env_cfg.get("name", env)
     if run_name:
@@ -281,9 +285,11 @@ def project_path(p: str | Path) -> Path:
 
 
 def as_list(value: Any, name: str) -> list[Any]:
-    """A notebook list parameter: a list, or the JSON / comma-separated text papermill's ``-p`` passes."""
+    """A notebook list parameter: a list, one scalar (``-p k 1``), or the JSON / comma-separated text of ``-p``."""
     if isinstance(value, (list, tuple)):
         return list(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [value]
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
@@ -308,3 +314,31 @@ def as_dict(value: Any, name: str) -> dict[str, Any]:
         if isinstance(parsed, dict):
             return parsed
     raise ConfigError(f"parameter {name} must be a dict, got {type(value).__name__} {value!r}")
+
+
+CI_FILE = PARAMS_DIR / "ci.yaml"
+
+
+def ci_active() -> bool:
+    """True when ``WMTP_CI`` asks for CI-sized runs (any value but empty or ``0``)."""
+    return os.environ.get("WMTP_CI", "") not in ("", "0")
+
+
+def ci_sizing() -> dict[str, Any] | None:
+    """``params/ci.yaml`` (validated) when `ci_active`, else None."""
+    if not ci_active():
+        return None
+    data = read_yaml(CI_FILE)
+    if set(data) != {"config", "evaluate"}:
+        raise ConfigError(f"{CI_FILE}: top level must have exactly the keys 'config' and 'evaluate'")
+    _check(data["config"], SCHEMA, f"{CI_FILE.relative_to(PROJECT_ROOT)} config")
+    return data
+
+
+def default_runs_dir() -> Path:
+    """Where runs live: the local environment's ``paths.runs_dir`` (``runs/ci`` under ``WMTP_CI=1``)."""
+    paths = _merge(defaults()["paths"], load_env("local").get("paths", {}))
+    ci = ci_sizing()
+    if ci is not None:
+        paths = _merge(paths, ci["config"].get("paths", {}))
+    return project_path(paths["runs_dir"])

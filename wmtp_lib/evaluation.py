@@ -191,17 +191,31 @@ def benchmark_samples(benchmark: str, limit: int | None, data_cfg: dict[str, Any
 
 def run_evaluation(run: str, benchmarks: list[str], n_samples: int = 5, ks: list[int] | None = None,
                    temperature: float = 0.8, top_p: float = 0.95, max_new_tokens: int = 96, limit: int | None = 50,
-                   speculative_prompts: int = 20, seed: int = 0, runs_dir: str | Path = "runs",
-                   datasets_dir: str | Path = "datasets", progress=None) -> dict[str, Any]:
-    """Everything `notebooks/evaluate.ipynb` reports; results saved to ``<run>/eval/<benchmark>.json``."""
+                   speculative_prompts: int = 20, seed: int = 0, runs_dir: str | Path | None = None,
+                   datasets_dir: str | Path = "datasets", progress=None, log=print) -> dict[str, Any]:
+    """Everything `notebooks/evaluate.ipynb` reports; results saved to ``<run>/eval/<benchmark>.json``.
+
+    ``runs_dir`` defaults to `default_runs_dir`; under ``WMTP_CI=1`` the sizes are capped by ``params/ci.yaml``.
+    """
     from wmtp_lib.data import tokenize_samples
     from wmtp_lib.execution import isolation
     from wmtp_lib.loaders import load_tokenizer
 
-    from wmtp_lib.config import as_list
+    from wmtp_lib.config import as_list, ci_sizing, default_runs_dir
 
     benchmarks = [str(b) for b in as_list(benchmarks, "benchmarks")]
     ks = [int(k) for k in as_list(ks, "k")] if ks is not None else None
+    runs_dir = runs_dir or default_runs_dir()
+    ci = ci_sizing()
+    if ci is not None:
+        caps = ci["evaluate"]
+        n_samples = min(n_samples, caps["n_samples"])
+        limit = min(limit or caps["limit"], caps["limit"])
+        speculative_prompts = min(speculative_prompts, caps["speculative_prompts"])
+        max_new_tokens = min(max_new_tokens, caps["max_new_tokens"])
+        ks = [k for k in (ks or []) if k <= n_samples] or list(caps["k"])
+        log(f"WMTP_CI=1: evaluation capped by params/ci.yaml to n_samples={n_samples}, k={ks}, limit={limit}, "
+            f"speculative_prompts={speculative_prompts}, max_new_tokens={max_new_tokens}")
     model_dir, run_dir = resolve_model_dir(run, runs_dir)
     out_dir = (run_dir or model_dir) / "eval"
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -91,7 +91,9 @@ def launch_training(cfg: dict[str, Any], config_path: Path, num_processes: int |
                 bar.n = int(m.group(1))
                 bar.set_postfix_str(line.split(" ", 2)[2].strip()[:80])
                 bar.refresh()
-            elif m or any(word in line for word in ("error", "Error", "resumed", "staged", "scoring", "[value]",
+            # The bar is the live view only (a saved notebook, nbviewer or a job log keeps none of its
+            # updates); the printed step lines are the record, so they are printed with or without a bar.
+            if m or any(word in line for word in ("error", "Error", "resumed", "staged", "scoring", "[value]",
                                                     "data:", "rollouts:", "rewards:")):
                 print(line.rstrip())
         code = proc.wait()
