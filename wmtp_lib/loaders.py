@@ -24,6 +24,11 @@ import torch
 from safetensors.torch import save_file
 
 from wmtp_lib.heads import MTPModel, mtp_config
+from wmtp_lib.tokenization import (  # noqa: F401  (re-exported: the compatibility check lives there)
+    TokenizerMismatchError,
+    check_tokenizer_compat,
+    convert_sentencepiece,
+)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "wmtp-manifest-v1"
@@ -293,18 +298,6 @@ def _find_tokenizer_model(src: Path) -> Path | None:
     return None
 
 
-def sentencepiece_to_fast(model_file: Path, dst: Path) -> None:
-    """Meta's SentencePiece ``tokenizer.model`` → a Hugging Face fast tokenizer saved in ``dst``."""
-    from transformers import LlamaTokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        shutil.copy(model_file, Path(tmp) / "tokenizer.model")
-        tok = LlamaTokenizer.from_pretrained(tmp)
-    tok.save_pretrained(str(dst))
-    # Keep the original too: it is the source of truth for the vocabulary.
-    shutil.copy(model_file, dst / "tokenizer.model")
-
-
 def _copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     copied = []
     for name in TOKENIZER_FILES:
@@ -335,10 +328,10 @@ def convert_meta(src: Path, dst: Path) -> dict[str, Any]:
     model.load_state_dict(state, strict=True, assign=True)
     model.rotary_emb = type(model.rotary_emb)(config=config)
     model.save_pretrained(dst)
-    tok_files = _copy_tokenizer_files(src, dst)
+    _copy_tokenizer_files(src, dst)
     spm_file = _find_tokenizer_model(src)
-    if "tokenizer.json" not in tok_files and spm_file is not None:
-        sentencepiece_to_fast(spm_file, dst)
+    if spm_file is not None:
+        convert_sentencepiece(spm_file, dst)
     return {"source_format": "meta", "n_future_tokens": config.n_future_tokens, "dtype": str(emb.dtype)}
 
 
@@ -438,12 +431,12 @@ def convert_hf(src: Path, dst: Path) -> dict[str, Any]:
         index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}
         (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     shutil.copy(src / "config.json", dst / "config.json")
-    tok_files = _copy_tokenizer_files(src, dst)
+    _copy_tokenizer_files(src, dst)
     spm_file = src / "tokenizer.model"
     if spm_file.is_file():
-        shutil.copy(spm_file, dst / "tokenizer.model")
-        if "tokenizer.json" not in tok_files:
-            sentencepiece_to_fast(spm_file, dst)
+        # The SentencePiece model is the source of truth: its exact conversion replaces any shipped
+        # tokenizer.json (CodeLlama's own conversion is not proven equal to SentencePiece).
+        convert_sentencepiece(spm_file, dst)
     for extra in ("v_head.json",):
         if (src / extra).is_file():
             shutil.copy(src / extra, dst / extra)
@@ -502,35 +495,13 @@ PROBE_TEXT = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + f
 
 
 def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
-    """What must agree between two tokenizers for per-token losses to be comparable."""
+    """What identifies a tokenizer's ids (the reference-loss cache key)."""
     specials = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "unk", "pad")}
     return {
         "vocab_size": len(tokenizer),
         "special_ids": specials,
         "probe_ids": tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"],
     }
-
-
-class TokenizerMismatchError(ValueError):
-    """Base and reference tokenizers differ: per-token losses cannot be compared."""
-
-
-def check_tokenizer_compat(base, reference, base_name: str = "base", ref_name: str = "reference") -> None:
-    """Raise `TokenizerMismatchError` naming what differs (vocabulary size, special tokens, probe ids)."""
-    a, b = tokenizer_fingerprint(base), tokenizer_fingerprint(reference)
-    problems = []
-    if a["vocab_size"] != b["vocab_size"]:
-        problems.append(f"vocabulary size {a['vocab_size']} vs {b['vocab_size']}")
-    for name in ("bos", "eos", "unk"):
-        if a["special_ids"][name] != b["special_ids"][name]:
-            problems.append(f"{name} id {a['special_ids'][name]} vs {b['special_ids'][name]}")
-    if a["probe_ids"] != b["probe_ids"]:
-        problems.append("the probe text tokenizes to different ids")
-    if problems:
-        raise TokenizerMismatchError(
-            f"tokenizers of {base_name} and {ref_name} differ: " + "; ".join(problems)
-            + ". Rho-1 needs a reference that shares the base model's tokenizer."
-        )
 
 
 # ---------------------------------------------------------------------------------------- CLI
