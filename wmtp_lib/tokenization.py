@@ -177,6 +177,12 @@ def base_vocab_size(tokenizer) -> int:
     return int(tokenizer.vocab_size)
 
 
+def compat_texts(samples, n: int = COMPAT_SAMPLE_ROWS) -> list[str]:
+    """``prompt + completion`` of ``n`` evenly spaced samples: the texts the compatibility check compares."""
+    step = max(1, len(samples) // n)
+    return [s.prompt + s.completion for s in samples[::step][:n]]
+
+
 def check_tokenizer_compat(base, reference, texts: Iterable[str], base_name: str = "base",
                            ref_name: str = "reference") -> int:
     """Raise `TokenizerMismatchError` unless ``reference`` tokenizes exactly like ``base``.
