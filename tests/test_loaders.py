@@ -253,3 +253,20 @@ def test_tokenizer_compat_from_files(tmp_path, llama_spm):
         other = spm_to_fast(llama_spm)
         other.bos_token = "</s>"
         check_tokenizer_compat(base, other, texts)
+
+def test_converter_shards_with_an_index_and_manifest(tmp_path, tiny_mtp):
+    meta = save_meta_checkpoint(tiny_mtp, tmp_path / "meta")
+    dst = convert_checkpoint(meta, tmp_path / "mtp", max_shard_size=20_000)
+    manifest = verify_manifest(dst)
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and set(shards) | {"model.safetensors.index.json"} <= set(manifest["files"])
+    x = torch.randint(0, 61, (1, 6))
+    assert torch.equal(MTPModel.from_pretrained(dst)(x), tiny_mtp(x))
+    torch.manual_seed(2)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4)).eval()
+    llama.save_pretrained(str(tmp_path / "hf"))
+    hf = convert_checkpoint(tmp_path / "hf", tmp_path / "hf-out", max_shard_size=20_000)
+    assert len(json.loads((hf / "model.safetensors.index.json").read_text())["weight_map"]) == len(llama.state_dict())
+    assert torch.equal(load_causal_lm(hf)(input_ids=x).logits, llama(input_ids=x).logits)

@@ -401,6 +401,7 @@ class MTPModel(nn.Module):
         with torch.device("meta"):
             lm = LlamaForCausalLM(config)
         lm.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True, assign=True)
+        lm.model.rotary_emb = LlamaRotaryEmbedding(config=config)  # its buffers were built on meta
         return keep_rope_float32(lm.to(device=self.device, dtype=self.dtype)).eval()
 
     def export_head0(self, dst: str | Path) -> Path:
