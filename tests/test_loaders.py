@@ -234,20 +234,20 @@ def test_tokenizer_compat_from_files(tmp_path, llama_spm):
     assert len(ref) == len(base) + 4
     texts = ["def f(x):\n    return x + 1\n", "class A:\n\tpass\r\n"] * 3
     assert check_tokenizer_compat(base, ref, texts) == len(texts)
-    # a reference whose model never emits one piece: same piece at every id, different ids on text
+    # one changed piece that the texts use: fails naming the text
     proto = model_pb2.ModelProto()
     proto.ParseFromString(llama_spm.read_bytes())
-    pieces = {p.piece: p for p in proto.pieces}
-    pieces["return"].type = model_pb2.ModelProto.SentencePiece.UNUSED
+    next(p for p in proto.pieces if p.piece == "return").piece = "r3turn"
     (tmp_path / "ref").mkdir()
     (tmp_path / "ref" / "tokenizer.model").write_bytes(proto.SerializeToString())
-    changed = load_tokenizer_files(tmp_path / "ref")
     with pytest.raises(TokenizerMismatchError, match="return x"):
-        check_tokenizer_compat(base, changed, texts, "mtp-7b", "ref")
-    # a changed piece at an id: named by id
-    proto.pieces[300].piece = "▁zzzz"
+        check_tokenizer_compat(base, load_tokenizer_files(tmp_path / "ref"), texts, "mtp-7b", "ref")
+    # a changed piece the texts never use: named by its id
+    proto.ParseFromString(llama_spm.read_bytes())
+    last = len(proto.pieces) - 1
+    proto.pieces[last].piece = "\u2581zzzz"
     (tmp_path / "ref" / "tokenizer.model").write_bytes(proto.SerializeToString())
-    with pytest.raises(TokenizerMismatchError, match="id 300"):
+    with pytest.raises(TokenizerMismatchError, match=f"id {last}"):
         check_tokenizer_compat(base, load_tokenizer_files(tmp_path / "ref"), texts)
     with pytest.raises(TokenizerMismatchError, match="bos id 1 vs 2"):
         other = spm_to_fast(llama_spm)

@@ -195,3 +195,30 @@ def test_hub_staging_fetches_tokenizer_first_and_names_a_missing_repo(tmp_path, 
     assert len(hub.calls) == 1
     with pytest.raises(StagingError, match="does not exist on the Hugging Face Hub"):
         hub_download("sfair/Llama-3-8B-RM-Reward-Model", None, (), tmp_path / "dl2", log=lambda m: None)
+
+
+def test_preflight_compares_rho1_tokenizers_from_tokenizer_files_only(tmp_path, llama_spm):
+    """Base and reference dirs hold tokenizer files and no weights: the check runs before weights move."""
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    from wmtp_lib.config import resolve_config
+    from wmtp_lib.preflight import tokenizer_check
+    from wmtp_lib.tokenization import convert_sentencepiece
+
+    cfg = resolve_config("rho1", "local")
+    base, ref = cfg["models"]["base"], cfg["models"]["reference"]
+    convert_sentencepiece(llama_spm, tmp_path / base)
+    ref_tok = convert_sentencepiece(llama_spm, tmp_path / ref)
+    ref_tok.add_tokens(["\u2581<PRE>", "\u2581<SUF>", "\u2581<MID>", "\u2581<EOT>"], special_tokens=True)
+    ref_tok.save_pretrained(str(tmp_path / ref))  # CodeLlama-like: 4 unused added tokens
+    check = tokenizer_check(cfg, tmp_path, check_s3=False, check_hub=False)
+    assert check["status"] == "compatible" and check["texts"] == 256
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(llama_spm.read_bytes())
+    next(p for p in proto.pieces if p.piece == "\u2581function").piece = "\u2581functi0n"  # one changed piece
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / ref / name).unlink()
+    (tmp_path / ref / "tokenizer.model").write_bytes(proto.SerializeToString())
+    check = tokenizer_check(cfg, tmp_path, check_s3=False, check_hub=False)
+    assert check["status"] == "mismatch" and "tokenizes to different ids" in check["reason"]
+    assert "Write a function" in check["reason"]  # names the first differing training text
