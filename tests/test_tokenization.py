@@ -60,3 +60,16 @@ def test_inexact_tokenizer_is_refused_naming_the_text(llama_spm):
     tok.backend_tokenizer.normalizer = None  # drops the dummy prefix: ids differ from SentencePiece
     with pytest.raises(TokenizerConversionError, match="def f"):
         verify_against_sentencepiece(tok, llama_spm, ["def f(x):\n    return x\n"])
+
+
+def test_generated_continuation_keeps_its_indentation(llama_spm):
+    """Decoding generated tokens alone drops the first space (SentencePiece strips it); evaluation must not."""
+    from wmtp_lib.tokenization import decode_continuation
+
+    tok = spm_to_fast(llama_spm)
+    for prompt, completion in [(p, s) for p, s in zip(humaneval_texts()[:164], humaneval_texts()[164:])][:40]:
+        prompt_ids = [tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]
+        ids = tok(prompt + completion, add_special_tokens=False)["input_ids"]
+        assert ids[:len(prompt_ids) - 1] == prompt_ids[1:]  # prompts end with a newline: a clean cut
+        assert decode_continuation(tok, prompt_ids, ids[len(prompt_ids) - 1:]) == completion
+    assert tok.decode(tok("x\n    return x", add_special_tokens=False)["input_ids"][2:]) == "   return x"

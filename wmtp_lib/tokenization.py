@@ -238,3 +238,17 @@ def load_tokenizer_files(path: str | Path):
         verify_against_sentencepiece(tok, path / "tokenizer.model", conversion_check_texts())
         return tok
     raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model")
+
+
+def decode_continuation(tokenizer, prefix_ids: list[int], new_ids: list[int]) -> str:
+    """The text ``new_ids`` add after ``prefix_ids``.
+
+    Decoding the new tokens alone would drop a space: a SentencePiece decode strips the leading ``▁`` of its
+    first piece (so ``▁▁▁▁return`` would come back with three spaces of indentation). Decode with the prefix
+    and cut the prefix's text instead.
+    """
+    prefix = tokenizer.decode(prefix_ids, skip_special_tokens=True)
+    full = tokenizer.decode(list(prefix_ids) + list(new_ids), skip_special_tokens=True)
+    if not full.startswith(prefix):
+        raise ValueError("decoding the prefix with its continuation changed the prefix's text")
+    return full[len(prefix):]
