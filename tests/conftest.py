@@ -61,3 +61,29 @@ def tiny_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     stage_tiny(root, log=lambda m: None)
     return root
+
+
+def python_corpus(max_chars: int = 1_500_000) -> list[str]:
+    """Lines of the Python standard library's own source: a real code corpus available offline."""
+    import sysconfig
+    from pathlib import Path
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    lines: list[str] = []
+    total = 0
+    for path in sorted(root.glob("*.py")):
+        for line in path.read_text(encoding="utf-8", errors="replace").split("\n"):
+            lines.append(line)
+            total += len(line) + 1
+        if total >= max_chars:
+            break
+    return lines
+
+
+@pytest.fixture(scope="session")
+def llama_spm(tmp_path_factory):
+    """A SentencePiece ``tokenizer.model`` trained with Llama-2's settings on Python code (trained once)."""
+    from wmtp_lib.tokenization import train_llama_sentencepiece
+
+    path = tmp_path_factory.mktemp("spm") / "tokenizer.model"
+    return train_llama_sentencepiece(python_corpus(), path, vocab_size=2000)

@@ -10,6 +10,9 @@ import torch
 
 from wmtp_lib.data import (
     BatchSchedule,
+    Sample,
+    char_spans_to_token_positions,
+    encode_with_offsets,
     is_test_constant,
     load_humaneval,
     load_mbpp,
@@ -22,10 +25,19 @@ from wmtp_lib.tiny import train_tokenizer
 
 
 @pytest.fixture(scope="module")
-def tok():
+def tok_dir(tmp_path_factory):
     from wmtp_lib.data import synthetic_corpus
 
-    return train_tokenizer(synthetic_corpus(n=200), vocab_size=400)
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer(synthetic_corpus(n=200), vocab_size=400, workdir=out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir):
+    from wmtp_lib.loaders import load_tokenizer
+
+    return load_tokenizer(tok_dir)
 
 
 def _constant(sample):
@@ -55,21 +67,41 @@ def test_clean_solutions_pass_and_noisy_ones_fail_their_tests():
         assert ok == (not s.noisy), (s.completion, s.tests)
 
 
-def test_label_mask_covers_completion_and_eos(tok):
-    s = synthetic_tasks(1, "train", 0)[0]
-    data = tokenize_samples(tok, [s], max_length=256)
-    n_prompt = len(tok(s.prompt, add_special_tokens=False)["input_ids"])
-    n_comp = len(tok(s.completion, add_special_tokens=False)["input_ids"])
-    ids, mask, attn = data.input_ids[0], data.label_mask[0], data.attention_mask[0]
-    assert ids[0] == tok.bos_token_id
-    total = 1 + n_prompt + n_comp + 1
-    assert int(attn.sum()) == total
-    assert mask[: 1 + n_prompt].sum() == 0
-    assert mask[1 + n_prompt: total].all() and mask[total:].sum() == 0
-    assert ids[total - 1] == tok.eos_token_id
-    assert (ids[total:] == tok.pad_token_id).all()
-    unmasked = tokenize_samples(tok, [s], 256, prompt_masking=False)
-    assert int(unmasked.label_mask[0].sum()) == total - 1  # everything but BOS
+def test_rows_are_one_sentencepiece_tokenization_with_completion_mask(tok, tok_dir):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tok_dir / "tokenizer.model"))
+    samples = synthetic_tasks(20, "train", 0) + [
+        Sample(id="boundary", prompt='x = "ab', completion='cd"\n    return  x\n'),  # a token straddles it
+        Sample(id="literal", prompt="# <s> is text\n", completion="y = '</s>'\n")]
+    data = tokenize_samples(tok, samples, max_length=256)
+    for row, s in enumerate(samples):
+        text = s.prompt + s.completion
+        expected = [tok.bos_token_id] + sp.encode(text) + [tok.eos_token_id]
+        n = len(expected)
+        assert data.input_ids[row, :n].tolist() == expected  # no spurious "▁" at the boundary
+        assert int(data.attention_mask[row].sum()) == n
+        assert (data.input_ids[row, n:] == tok.eos_token_id).all()  # Llama has no pad: EOS pads
+        # targets: exactly the tokens carrying completion characters (SentencePiece's own byte spans), then EOS
+        prompt_bytes = len(s.prompt.encode())
+        proto = sp.encode(text, out_type="proto")
+        want = [False] + [piece.end > prompt_bytes for piece in proto.pieces] + [True]
+        assert data.label_mask[row, :n].tolist() == want, s.id
+    unmasked = tokenize_samples(tok, samples[:1], 256, prompt_masking=False)
+    assert int(unmasked.label_mask[0].sum()) == int(unmasked.attention_mask[0].sum()) - 1  # all but BOS
+
+
+def test_char_spans_map_to_the_tokens_that_carry_them(tok):
+    text = "def f(x):\n    return x + 42  # é\n"
+    ids, offsets = encode_with_offsets(tok, text)
+    assert len(ids) == len(offsets) and offsets[-1][1] == len(text)
+    start = text.index("42")
+    positions = char_spans_to_token_positions(offsets, [(start, start + 2)])
+    assert [tok.convert_ids_to_tokens(ids[i]) for i in positions] == ["4", "2"]  # split_digits
+    e = text.index("é")  # two byte-fallback tokens, both carry the character
+    assert [tok.convert_ids_to_tokens(ids[i]) for i in char_spans_to_token_positions(offsets, [(e, e + 1)])] == \
+        ["<0xC3>", "<0xA9>"]
+    assert char_spans_to_token_positions(offsets, []) == []
 
 
 def test_packing_keeps_whole_documents_with_restarting_positions(tok):

@@ -133,3 +133,53 @@ def test_side_files_are_not_model_weights(tmp_path, tiny_mtp):
     save_file({"fc1.weight": torch.zeros(2, 2)}, str(tmp_path / "final" / "value_head.safetensors"))
     x = torch.randint(0, 61, (1, 6))
     assert torch.equal(MTPModel.from_pretrained(tmp_path / "final").eval()(x), tiny_mtp(x))
+
+
+def test_bf16_rope_stays_float32_and_head0_equals_llama_at_long_positions(tmp_path):
+    """A bf16 checkpoint: every MTPModel load path keeps inv_freq float32, as LlamaForCausalLM does, so
+    head 0 gives the source model's logits at positions up to 4096 (a bf16 inv_freq drifts there)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(str(tmp_path / "llama"))
+    llama = LlamaForCausalLM.from_pretrained(str(tmp_path / "llama"), dtype=torch.bfloat16).eval()
+    assert llama.model.rotary_emb.inv_freq.dtype == torch.float32
+    ids = torch.randint(0, 64, (1, 4096), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = llama(input_ids=ids).logits.float()
+        mtp = MTPModel.from_causal_lm(tmp_path / "llama", n_future=2).eval()
+        mtp.save_pretrained(tmp_path / "mtp")
+        loaded = MTPModel.from_pretrained(tmp_path / "mtp").eval()
+        mtp.export_head0(tmp_path / "head0")
+        exported = LlamaForCausalLM.from_pretrained(str(tmp_path / "head0"), dtype=torch.bfloat16).eval()
+        for model in (mtp, loaded, loaded.to(torch.float32).to(torch.bfloat16)):
+            assert model.dtype == torch.bfloat16 and model.rotary_emb.inv_freq.dtype == torch.float32
+            assert torch.equal(model(ids)[:, :, 0], want)
+        head0 = mtp.head0_causal_lm()
+        assert head0.model.rotary_emb.inv_freq.dtype == torch.float32
+        assert torch.equal(head0(input_ids=ids).logits.float(), want)
+        assert torch.equal(exported(input_ids=ids).logits.float(), want)
+        # the failure this guards against: a bf16 inv_freq moves the far positions' logits
+        llama.model.rotary_emb.inv_freq = llama.model.rotary_emb.inv_freq.to(torch.bfloat16)
+        assert not torch.equal(llama(input_ids=ids).logits.float()[:, -64:], want[:, -64:])
+
+
+def test_mtp_directory_has_its_own_model_type_and_shards_with_an_index(tmp_path, tiny_mtp):
+    from transformers import AutoModelForCausalLM
+
+    from wmtp_lib.heads import load_safetensors_dir
+
+    path = tiny_mtp.save_pretrained(tmp_path / "final", max_shard_size=20_000)
+    assert json.loads((path / "config.json").read_text())["model_type"] == "wmtp_mtp"
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and all((path / s).is_file() for s in shards)
+    assert set(index["weight_map"]) == set(tiny_mtp.state_dict())
+    back = MTPModel.from_pretrained(path).eval()
+    x = torch.randint(0, 61, (2, 7))
+    assert torch.equal(back(x), tiny_mtp(x))
+    with pytest.raises(ValueError, match="Unrecognized configuration class"):
+        AutoModelForCausalLM.from_pretrained(str(path))  # loudly, never a Llama with random weights
+    (path / shards[1]).unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_safetensors_dir(path)

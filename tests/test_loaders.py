@@ -188,39 +188,85 @@ def test_cli_convert_and_errors(tmp_path, tiny_mtp):
     assert missing.returncode == 1 and "not a directory" in missing.stderr
 
 
-def test_sentencepiece_tokenizer_converted_beside_weights(tmp_path, tiny_mtp):
+def test_sentencepiece_tokenizer_converted_beside_weights(tmp_path, tiny_mtp, llama_spm):
+    """Meta's repo layout: tokenizer.model at the root, weights in the 7B_1T_4 folder."""
+    import shutil
+
     import sentencepiece as spm
 
-    text = ["def add(a, b):\n    return a + b\n", "print('hello world')", "for i in range(10): x += i"] * 40
     meta = save_meta_checkpoint(tiny_mtp, tmp_path / "repo" / "7B_1T_4")
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(tmp_path / "repo" / "tokenizer"),
-                                   vocab_size=61, model_type="bpe", character_coverage=1.0,
-                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1)
+    shutil.copy(llama_spm, tmp_path / "repo" / "tokenizer.model")
     dst = convert_checkpoint(meta, tmp_path / "out")
-    assert (dst / "tokenizer.json").is_file()
+    assert (dst / "tokenizer.json").is_file() and (dst / "tokenizer.model").is_file()
     from wmtp_lib.loaders import load_tokenizer
 
     tok = load_tokenizer(dst)
-    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "repo" / "tokenizer.model"))
-    sample = "def add(a, b): return a"
+    sp = spm.SentencePieceProcessor(model_file=str(llama_spm))
+    sample = "def add(a, b):\n    return a + b  # <s>\n"
     assert tok(sample, add_special_tokens=False)["input_ids"] == sp.encode(sample)
 
 
-def test_tokenizer_mismatch_refused():
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+def test_non_llama_sentencepiece_model_refused(tmp_path, tiny_mtp):
+    import sentencepiece as spm
 
-    def make(vocab, specials=("<unk>", "<s>", "</s>")):
-        tok = Tokenizer(models.BPE(unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=list(specials),
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        tok.train_from_iterator(["def f(x): return x + 1", "print(f(2))"] * 30, trainer)
-        return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    from wmtp_lib.tokenization import TokenizerConversionError
 
-    a, b = make(300), make(300)
-    check_tokenizer_compat(a, b)
-    with pytest.raises(TokenizerMismatchError, match="vocabulary size"):
-        check_tokenizer_compat(a, make(300, ("<unk>", "<s>", "</s>", "<extra>")))
-    with pytest.raises(TokenizerMismatchError, match="bos id 1 vs 0"):
-        check_tokenizer_compat(a, make(300, ("<s>", "<unk>", "</s>")))
+    text = ["def add(a, b):\n    return a + b\n", "print('hello world')"] * 40
+    meta = save_meta_checkpoint(tiny_mtp, tmp_path / "repo" / "7B_1T_4")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(tmp_path / "repo" / "tokenizer"),
+                                   vocab_size=61, model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+                                   minloglevel=2)  # default normalizer nmt_nfkc, no byte fallback
+    with pytest.raises(TokenizerConversionError, match="nmt_nfkc"):
+        convert_checkpoint(meta, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_compat_from_files(tmp_path, llama_spm):
+    """Unused added tokens beyond the base vocabulary pass (CodeLlama's 32004); a changed piece fails naming the text."""
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+    from tokenizers import AddedToken
+
+    from wmtp_lib.tokenization import load_tokenizer_files, spm_to_fast
+
+    base = spm_to_fast(llama_spm)
+    ref = spm_to_fast(llama_spm)
+    ref.add_tokens([AddedToken(t, special=True) for t in ("▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>")])
+    assert len(ref) == len(base) + 4
+    texts = ["def f(x):\n    return x + 1\n", "class A:\n\tpass\r\n"] * 3
+    assert check_tokenizer_compat(base, ref, texts) == len(texts)
+    # one changed piece that the texts use: fails naming the text
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(llama_spm.read_bytes())
+    next(p for p in proto.pieces if p.piece == "return").piece = "r3turn"
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "ref" / "tokenizer.model").write_bytes(proto.SerializeToString())
+    with pytest.raises(TokenizerMismatchError, match="return x"):
+        check_tokenizer_compat(base, load_tokenizer_files(tmp_path / "ref"), texts, "mtp-7b", "ref")
+    # a changed piece the texts never use: named by its id
+    proto.ParseFromString(llama_spm.read_bytes())
+    last = len(proto.pieces) - 1
+    proto.pieces[last].piece = "\u2581zzzz"
+    (tmp_path / "ref" / "tokenizer.model").write_bytes(proto.SerializeToString())
+    with pytest.raises(TokenizerMismatchError, match=f"id {last}"):
+        check_tokenizer_compat(base, load_tokenizer_files(tmp_path / "ref"), texts)
+    with pytest.raises(TokenizerMismatchError, match="bos id 1 vs 2"):
+        other = spm_to_fast(llama_spm)
+        other.bos_token = "</s>"
+        check_tokenizer_compat(base, other, texts)
+
+def test_converter_shards_with_an_index_and_manifest(tmp_path, tiny_mtp):
+    meta = save_meta_checkpoint(tiny_mtp, tmp_path / "meta")
+    dst = convert_checkpoint(meta, tmp_path / "mtp", max_shard_size=20_000)
+    manifest = verify_manifest(dst)
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and set(shards) | {"model.safetensors.index.json"} <= set(manifest["files"])
+    x = torch.randint(0, 61, (1, 6))
+    assert torch.equal(MTPModel.from_pretrained(dst)(x), tiny_mtp(x))
+    torch.manual_seed(2)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4)).eval()
+    llama.save_pretrained(str(tmp_path / "hf"))
+    hf = convert_checkpoint(tmp_path / "hf", tmp_path / "hf-out", max_shard_size=20_000)
+    assert len(json.loads((hf / "model.safetensors.index.json").read_text())["weight_map"]) == len(llama.state_dict())
+    assert torch.equal(load_causal_lm(hf)(input_ids=x).logits, llama(input_ids=x).logits)

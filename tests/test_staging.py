@@ -111,3 +111,114 @@ def test_preflight_blocks_missing_models_with_fix_command(tmp_path, monkeypatch)
     report = preflight.run_preflight("vessl", check_s3=False, out=tmp_path / "p2.json")
     text = (tmp_path / "p2.json").read_text()
     assert "do-not-leak-me" not in text and "AWS_SECRET_ACCESS_KEY" in text
+
+
+def test_staging_selects_only_what_it_converts():
+    from wmtp_lib.staging import select_repo_files
+
+    codellama = ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                 "model.safetensors.index.json", "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin",
+                 "pytorch_model.bin.index.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "README.md"]
+    small, weights = select_repo_files(codellama)
+    assert weights == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                       "model.safetensors.index.json"]  # not the .bin copies (+13.5 GB)
+    assert "tokenizer.model" in small and "config.json" in small
+    starling = ["config.json", "pytorch_model.bin", "optimizer.pt", "training_args.bin", "latest",
+                "global_step1000/zero_pp_rank_0_mp_rank_00_optim_states.pt", "global_step1000/mp_rank_00_model_states.pt"]
+    assert select_repo_files(starling) == (["config.json"], ["pytorch_model.bin"])
+    meta = ["tokenizer.model", "7B_1T_4/params.json", "7B_1T_4/consolidated.00.pth", "7B_1T_1/consolidated.00.pth"]
+    assert select_repo_files(meta, "7B_1T_4", ("tokenizer.model",)) == (
+        ["7B_1T_4/params.json", "tokenizer.model"], ["7B_1T_4/consolidated.00.pth"])
+
+
+class _FakeHub:
+    """A Hub repo served from a local folder: listing and allow_patterns downloads, with the call order."""
+
+    def __init__(self, repos):
+        self.repos, self.calls = repos, []
+
+    def list_repo_files(self, repo):
+        if repo not in self.repos:
+            import httpx
+            from huggingface_hub.errors import RepositoryNotFoundError
+
+            request = httpx.Request("GET", f"https://huggingface.co/api/models/{repo}")
+            raise RepositoryNotFoundError("401 Client Error", response=httpx.Response(401, request=request))
+        root = self.repos[repo]
+        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+    def snapshot_download(self, repo_id, allow_patterns, local_dir, token=None):
+        import fnmatch
+        import shutil
+        from pathlib import Path
+
+        self.calls.append((repo_id, sorted(allow_patterns)))
+        for rel in self.list_repo_files(repo_id):
+            if any(fnmatch.fnmatch(rel, pat) for pat in allow_patterns):
+                (Path(local_dir) / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(self.repos[repo_id] / rel, Path(local_dir) / rel)
+        return local_dir
+
+
+def _patch_hub(monkeypatch, hub):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo: hub.list_repo_files(repo))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot_download)
+
+
+def test_hub_staging_fetches_tokenizer_first_and_names_a_missing_repo(tmp_path, monkeypatch, tiny_mtp, llama_spm):
+    import shutil
+
+    from wmtp_lib.staging import hub_download
+
+    repo = tmp_path / "facebook-mtp"
+    save_meta_checkpoint(tiny_mtp, repo / "7B_1T_4")
+    (repo / "7B_1T_4" / "optimizer.pt").write_bytes(b"x")  # never fetched
+    shutil.copy(llama_spm, repo / "tokenizer.model")
+    hub = _FakeHub({"facebook/multi-token-prediction": repo})
+    _patch_hub(monkeypatch, hub)
+    reg = load_registry()
+    out = stage_model("mtp-7b", "hf", "local", tmp_path / "models", reg, log=lambda m: None)
+    assert [c[1] for c in hub.calls] == [["7B_1T_4/params.json", "tokenizer.model"], ["7B_1T_4/consolidated.00.pth"]]
+    assert MTPModel.from_pretrained(out["local"]).n_future == tiny_mtp.n_future
+    # a tokenizer that cannot be converted exactly stops staging before any weight moves
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["def f(x): return x"] * 50),
+                                   model_prefix=str(repo / "tokenizer"), vocab_size=16, minloglevel=2)
+    hub.calls.clear()
+    with pytest.raises(ValueError, match="identity"):
+        hub_download("facebook/multi-token-prediction", "7B_1T_4", ("tokenizer.model",), tmp_path / "dl",
+                     log=lambda m: None)
+    assert len(hub.calls) == 1
+    with pytest.raises(StagingError, match="does not exist on the Hugging Face Hub"):
+        hub_download("sfair/Llama-3-8B-RM-Reward-Model", None, (), tmp_path / "dl2", log=lambda m: None)
+
+
+def test_preflight_compares_rho1_tokenizers_from_tokenizer_files_only(tmp_path, llama_spm):
+    """Base and reference dirs hold tokenizer files and no weights: the check runs before weights move."""
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    from wmtp_lib.config import resolve_config
+    from wmtp_lib.preflight import tokenizer_check
+    from wmtp_lib.tokenization import convert_sentencepiece
+
+    cfg = resolve_config("rho1", "local")
+    base, ref = cfg["models"]["base"], cfg["models"]["reference"]
+    convert_sentencepiece(llama_spm, tmp_path / base)
+    ref_tok = convert_sentencepiece(llama_spm, tmp_path / ref)
+    ref_tok.add_tokens(["\u2581<PRE>", "\u2581<SUF>", "\u2581<MID>", "\u2581<EOT>"], special_tokens=True)
+    ref_tok.save_pretrained(str(tmp_path / ref))  # CodeLlama-like: 4 unused added tokens
+    check = tokenizer_check(cfg, tmp_path, check_s3=False, check_hub=False)
+    assert check["status"] == "compatible" and check["texts"] == 256
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(llama_spm.read_bytes())
+    next(p for p in proto.pieces if p.piece == "\u2581function").piece = "\u2581functi0n"  # one changed piece
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / ref / name).unlink()
+    (tmp_path / ref / "tokenizer.model").write_bytes(proto.SerializeToString())
+    check = tokenizer_check(cfg, tmp_path, check_s3=False, check_hub=False)
+    assert check["status"] == "mismatch" and "tokenizes to different ids" in check["reason"]
+    assert "Write a function" in check["reason"]  # names the first differing training text

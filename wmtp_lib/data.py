@@ -372,16 +372,39 @@ class TokenizedData:
         return [torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long) for parts in out]
 
 
+def encode_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of ``text`` (no special tokens) and each token's character span ``[start, end)`` in it.
+
+    Byte-fallback tokens of one character all carry that character's span. Pure given the tokenizer.
+    """
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [tuple(span) for span in enc["offset_mapping"]]
+
+
+def char_spans_to_token_positions(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """Positions of the tokens whose character span overlaps any ``[start, end)`` of ``spans``.
+
+    ``offsets`` come from `encode_with_offsets`; positions index its ids (a row of `encode_sample` has
+    BOS in front, so add 1 there). A token that straddles a span boundary counts as inside the span.
+    """
+    return [i for i, (t_start, t_end) in enumerate(offsets)
+            if any(t_start < end and start < t_end for start, end in spans)]
+
+
 def encode_sample(tokenizer, sample: Sample, prompt_masking: bool = True) -> tuple[list[int], list[bool]]:
-    """Token ids of ``[BOS] prompt completion EOS`` and which of them are loss targets."""
+    """Token ids of ``[BOS] + tokenize(prompt + completion) + [EOS]`` and which of them are loss targets.
+
+    Prompt and completion are tokenized as one text (two calls would add a spurious ``▁`` at the
+    boundary with SentencePiece); the completion's tokens are found from character offsets.
+    """
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prompt = tokenizer(sample.prompt, add_special_tokens=False)["input_ids"]
-    completion = tokenizer(sample.completion, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; samples end with EOS")
-    ids = bos + prompt + completion + [tokenizer.eos_token_id]
-    target = [False] * len(bos) + [not prompt_masking] * len(prompt) + [True] * (len(completion) + 1)
-    return ids, target
+    text = sample.prompt + sample.completion
+    ids, offsets = encode_with_offsets(tokenizer, text)
+    completion = set(char_spans_to_token_positions(offsets, [(len(sample.prompt), len(text))]))
+    target = [False] * len(bos) + [not prompt_masking or i in completion for i in range(len(ids))] + [True]
+    return bos + ids + [tokenizer.eos_token_id], target
 
 
 def spans_to_token_mask(spans: list[tuple[int, int]], offsets: list[tuple[int, int]], shift: int = 0

@@ -14,6 +14,7 @@ from wmtp_lib.execution import program_for, run_many
 from wmtp_lib.generation import sample, speculative_benchmark
 from wmtp_lib.heads import MTPModel
 from wmtp_lib.losses import mtp_token_ce
+from wmtp_lib.tokenization import decode_continuation
 
 # Where a completion ends. HumanEval completes a function body; MBPP-style prompts ask for a whole
 # function after the task's docstring.
@@ -61,7 +62,7 @@ def evaluate_pass_at_k(model: MTPModel, tokenizer, samples: list[Sample], benchm
         prompt_ids = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + \
             tokenizer(s.prompt, add_special_tokens=False)["input_ids"]
         outs = sample(model, prompt_ids, n_samples, max_new_tokens, temperature, top_p, tokenizer.eos_token_id, gen)
-        completions = [extract_completion(tokenizer.decode(o, skip_special_tokens=True), benchmark) for o in outs]
+        completions = [extract_completion(decode_continuation(tokenizer, prompt_ids, o), benchmark) for o in outs]
         programs = [program_for(c, s.tests, s.exec_prefix) for c in completions]
         results = run_many(programs, timeout_s=timeout_s, workers=workers)
         c = sum(r.passed for r in results)

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from huggingface_hub import save_torch_state_dict
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask, packed_sequence_mask_function
 from transformers.models.llama.modeling_llama import (
@@ -35,7 +36,10 @@ _BLOCK_CACHE_KW = "cache" if "cache" in inspect.signature(LlamaDecoderLayer.forw
 _MASK_CACHE_KW = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
+MAX_SHARD_SIZE = "5GB"
+MODEL_TYPE = "wmtp_mtp"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,9 +52,22 @@ def dtype_name(dtype: torch.dtype) -> str:
     raise ValueError(f"unsupported dtype {dtype}; use one of {sorted(_DTYPES)}")
 
 
-def mtp_config(n_future_tokens: int, **llama_kwargs: Any) -> LlamaConfig:
-    """A `LlamaConfig` whose ``num_hidden_layers`` counts trunk + head blocks, plus ``n_future_tokens``."""
-    config = LlamaConfig(**llama_kwargs)
+class MTPConfig(LlamaConfig):
+    """A Llama config with ``n_future_tokens``, under its own ``model_type``.
+
+    Registered with `AutoConfig`, and with no `AutoModelForCausalLM` mapping, so a plain causal-LM load of
+    an MTP directory fails loudly instead of building a Llama with random weights.
+    """
+
+    model_type = MODEL_TYPE
+
+
+AutoConfig.register(MODEL_TYPE, MTPConfig, exist_ok=True)
+
+
+def mtp_config(n_future_tokens: int, **llama_kwargs: Any) -> MTPConfig:
+    """An `MTPConfig` whose ``num_hidden_layers`` counts trunk + head blocks, plus ``n_future_tokens``."""
+    config = MTPConfig(**llama_kwargs)
     config.n_future_tokens = int(n_future_tokens)
     config._attn_implementation = "sdpa"
     validate_mtp_config(config)
@@ -69,6 +86,27 @@ def validate_mtp_config(config: LlamaConfig) -> None:
         )
     if config.tie_word_embeddings:
         raise ValueError("config.tie_word_embeddings must be false: MTPModel keeps its own unembedding")
+
+
+class Float32RotaryEmbedding(LlamaRotaryEmbedding):
+    """Llama's RoPE whose ``inv_freq`` stays float32 through ``.to(dtype)``, as
+    ``LlamaForCausalLM.from_pretrained(dtype=bf16)`` keeps it: a bf16 ``inv_freq`` (0.1 → 0.1001) makes
+    logits drift from the source model as positions grow."""
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            # recompute rather than upcast: the bf16 values have already lost the precision
+            fresh = LlamaRotaryEmbedding(config=self.config)
+            self.inv_freq = fresh.inv_freq.to(self.inv_freq.device)
+            self.original_inv_freq = fresh.original_inv_freq.to(self.inv_freq.device)
+        return self
+
+
+def keep_rope_float32(lm: LlamaForCausalLM) -> LlamaForCausalLM:
+    """Rebuild a causal LM's RoPE buffers in float32 on its device (after a ``.to(dtype)``)."""
+    lm.model.rotary_emb = LlamaRotaryEmbedding(config=lm.config).to(lm.device)
+    return lm
 
 
 class Unembedding(nn.Linear):
@@ -116,7 +154,7 @@ class MTPModel(nn.Module):
         self.heads = nn.ModuleList([LlamaDecoderLayer(config, n_trunk + k) for k in range(n_future)])
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.lm_head = Unembedding(config.hidden_size, config.vocab_size, bias=False)
-        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.rotary_emb = Float32RotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         self.reset_parameters()
 
@@ -253,18 +291,22 @@ class MTPModel(nn.Module):
         return torch.stack([self.head_logits(k, state) for k in range(self.n_future)], dim=2)
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` (dtype kept) into ``path``."""
+    def save_pretrained(self, path: str | Path, max_shard_size: int | str = MAX_SHARD_SIZE) -> Path:
+        """Write ``config.json`` and safetensors (dtype kept): ``model.safetensors``, or shards of at most
+        ``max_shard_size`` with ``model.safetensors.index.json``."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         config = self.config.to_dict()
         config["n_future_tokens"] = self.n_future
         config["torch_dtype"] = dtype_name(self.dtype)
         config["architectures"] = ["MTPModel"]
+        config["model_type"] = MODEL_TYPE
         config.pop("_attn_implementation_autoset", None)
         (path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
-        save_file(state, str(path / WEIGHTS_NAME), metadata={"format": "pt", "n_future_tokens": str(self.n_future)})
+        save_torch_state_dict(state, str(path), filename_pattern="model{suffix}.safetensors",
+                              max_shard_size=max_shard_size,
+                              metadata={"format": "pt", "n_future_tokens": str(self.n_future)})
         return path
 
     @classmethod
@@ -304,7 +346,7 @@ class MTPModel(nn.Module):
             model = cls(config)
         model.load_state_dict(state, strict=True, assign=True)
         # Non-persistent RoPE buffers were created on meta; rebuild them.
-        model.rotary_emb = LlamaRotaryEmbedding(config=config)
+        model.rotary_emb = Float32RotaryEmbedding(config=config)
         model = model.to(device=device, dtype=dtype or stored_dtype)
         return model
 
@@ -365,7 +407,7 @@ class MTPModel(nn.Module):
                 if name.startswith(last):
                     state[f"heads.{k}.{name[len(last):]}"] = tensor.clone()
         model.load_state_dict(state, strict=True, assign=True)
-        model.rotary_emb = LlamaRotaryEmbedding(config=config)
+        model.rotary_emb = Float32RotaryEmbedding(config=config)
         return model.to(device=source.device, dtype=source.dtype)
 
     def head0_causal_lm(self) -> LlamaForCausalLM:
@@ -383,8 +425,8 @@ class MTPModel(nn.Module):
         with torch.device("meta"):
             lm = LlamaForCausalLM(config)
         lm.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True, assign=True)
-        lm.model.rotary_emb = LlamaRotaryEmbedding(config=config)
-        return lm.to(device=self.device, dtype=self.dtype).eval()
+        lm.model.rotary_emb = LlamaRotaryEmbedding(config=config)  # its buffers were built on meta
+        return keep_rope_float32(lm.to(device=self.device, dtype=self.dtype)).eval()
 
     def export_head0(self, dst: str | Path) -> Path:
         """Write head 0 as a plain `LlamaForCausalLM` directory (config + safetensors)."""
@@ -397,17 +439,31 @@ class MTPModel(nn.Module):
 
 
 def load_safetensors_dir(path: str | Path, pattern: str = "model*.safetensors") -> dict[str, torch.Tensor]:
-    """All tensors of the model's safetensors shards in ``path`` (``model.safetensors`` or
-    ``model-0000i-of-0000n.safetensors``; side files such as ``value_head.safetensors`` are not model
-    weights); a key in two shards is an error."""
+    """All tensors of a model's safetensors in ``path``: the shards named by ``model.safetensors.index.json``
+    when there is one (each key from the shard the index names), else ``model.safetensors``/``pattern`` files
+    (side files such as ``value_head.safetensors`` are not model weights); a key in two shards is an error."""
     path = Path(path)
-    files = sorted(path.glob(pattern))
-    if not files:
-        raise FileNotFoundError(f"no {pattern} files in {path}")
+    index_file = path / WEIGHTS_INDEX_NAME
+    if index_file.is_file():
+        weight_map = json.loads(index_file.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index_file}: no weight_map")
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index_file} names shards that are missing: {missing}")
+    else:
+        files = sorted(p.name for p in path.glob(pattern))
+        if not files:
+            raise FileNotFoundError(f"no {pattern} files in {path}")
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        for name, tensor in load_file(str(file)).items():
+        for name, tensor in load_file(str(path / file)).items():
             if name in state:
                 raise ValueError(f"tensor {name} appears in more than one shard of {path}")
+            if index_file.is_file() and weight_map.get(name) != file:
+                raise ValueError(f"{index_file}: tensor {name} found in {file}, index says {weight_map.get(name)}")
             state[name] = tensor
+    if index_file.is_file() and set(weight_map) != set(state):
+        raise ValueError(f"{index_file}: index lists {sorted(set(weight_map) - set(state))[:8]} not in any shard")
     return state

@@ -21,9 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from huggingface_hub import save_torch_state_dict
 
-from wmtp_lib.heads import MTPModel, mtp_config
+from wmtp_lib.heads import MAX_SHARD_SIZE, MTPModel, mtp_config
+from wmtp_lib.reward import starling_state
+from wmtp_lib.tokenization import (  # noqa: F401  (re-exported: the compatibility check lives there)
+    TokenizerMismatchError,
+    check_tokenizer_compat,
+    convert_sentencepiece,
+)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "wmtp-manifest-v1"
@@ -33,8 +39,9 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "added_tokens.json",
     "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
 )
-SHARD_BYTES = 4 * 1024**3
 
 
 class ManifestError(RuntimeError):
@@ -293,18 +300,6 @@ def _find_tokenizer_model(src: Path) -> Path | None:
     return None
 
 
-def sentencepiece_to_fast(model_file: Path, dst: Path) -> None:
-    """Meta's SentencePiece ``tokenizer.model`` → a Hugging Face fast tokenizer saved in ``dst``."""
-    from transformers import LlamaTokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        shutil.copy(model_file, Path(tmp) / "tokenizer.model")
-        tok = LlamaTokenizer.from_pretrained(tmp)
-    tok.save_pretrained(str(dst))
-    # Keep the original too: it is the source of truth for the vocabulary.
-    shutil.copy(model_file, dst / "tokenizer.model")
-
-
 def _copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     copied = []
     for name in TOKENIZER_FILES:
@@ -314,7 +309,7 @@ def _copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def convert_meta(src: Path, dst: Path) -> dict[str, Any]:
+def convert_meta(src: Path, dst: Path, max_shard_size: int | str = MAX_SHARD_SIZE) -> dict[str, Any]:
     params = json.loads((src / "params.json").read_text())
     shard_files = sorted(src.glob("consolidated*.pth"))
     meta = _merge_meta_shards([load_torch_file(f) for f in shard_files])
@@ -334,11 +329,11 @@ def convert_meta(src: Path, dst: Path) -> dict[str, Any]:
         model = MTPModel(config)
     model.load_state_dict(state, strict=True, assign=True)
     model.rotary_emb = type(model.rotary_emb)(config=config)
-    model.save_pretrained(dst)
-    tok_files = _copy_tokenizer_files(src, dst)
+    model.save_pretrained(dst, max_shard_size=max_shard_size)
+    _copy_tokenizer_files(src, dst)
     spm_file = _find_tokenizer_model(src)
-    if "tokenizer.json" not in tok_files and spm_file is not None:
-        sentencepiece_to_fast(spm_file, dst)
+    if spm_file is not None:
+        convert_sentencepiece(spm_file, dst)
     return {"source_format": "meta", "n_future_tokens": config.n_future_tokens, "dtype": str(emb.dtype)}
 
 
@@ -363,12 +358,12 @@ def _check_hf_keys(config_dict: dict[str, Any], keys: set[str], src: Path) -> No
     archs = config_dict.get("architectures") or []
     if "n_future_tokens" in config_dict:
         return
-    if "v_head.weight" in keys:  # Starling's reward layout: Llama trunk under transformer.* + v_head
+    if "v_head.weight" in keys:  # Starling's reward layout, normalised by `starling_state`
         from transformers import AutoConfig, LlamaModel
 
         with torch.device("meta"):
             trunk = LlamaModel(AutoConfig.from_pretrained(src))
-        expected = {f"transformer.{k}" for k in trunk.state_dict()} | {"v_head.weight"}
+        expected = {f"transformer.{k}" for k in trunk.state_dict()} | {k for k in keys if k.startswith("v_head.")}
         _raise_key_diff(src, "Starling reward layout", expected, {k for k in keys if not k.endswith("inv_freq")})
         return
     if not archs:
@@ -401,15 +396,13 @@ def _raise_key_diff(src: Path, what: str, expected: set[str], given: set[str]) -
                        f"unexpected {unexpected[:8]} ({len(unexpected)})")
 
 
-def convert_hf(src: Path, dst: Path) -> dict[str, Any]:
+def convert_hf(src: Path, dst: Path, max_shard_size: int | str = MAX_SHARD_SIZE) -> dict[str, Any]:
     """Re-write a Hugging Face directory with safetensors shards (+ index), config and tokenizer files."""
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src}/config.json not found: not a Hugging Face model directory")
     config_dict = json.loads((src / "config.json").read_text())
     fmt, files = _hf_weight_files(src)
-    weight_map: dict[str, str] = {}
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    sizes = [0]
+    state: dict[str, torch.Tensor] = {}
     for file in files:
         if fmt == "safetensors":
             from safetensors.torch import load_file
@@ -418,40 +411,35 @@ def convert_hf(src: Path, dst: Path) -> dict[str, Any]:
         else:
             part = load_torch_file(file)
         for name, tensor in part.items():
-            if name in weight_map or any(name in s for s in shards):
+            if name in state:
                 raise ValueError(f"{src}: tensor {name} appears in more than one weight file")
-            nbytes = tensor.numel() * tensor.element_size()
-            if sizes[-1] and sizes[-1] + nbytes > SHARD_BYTES:
-                shards.append({})
-                sizes.append(0)
             # clone: tied/shared storages cannot be written to safetensors as views
-            shards[-1][name] = tensor.detach().clone().contiguous()
-            sizes[-1] += nbytes
-    keys = {k for s in shards for k in s}
-    _check_hf_keys(config_dict, keys, src)
-    n = len(shards)
-    for i, shard in enumerate(shards):
-        name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        save_file(shard, str(dst / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-    if n > 1:
-        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}
-        (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            state[name] = tensor.detach().clone().contiguous()
+    info: dict[str, Any] = {}
+    if "v_head.weight" in state:
+        state, dropped = starling_state(state, src)
+        info["dropped_keys"] = dropped
+    _check_hf_keys(config_dict, set(state), src)
+    save_torch_state_dict(state, str(dst), filename_pattern="model{suffix}.safetensors",
+                          max_shard_size=max_shard_size, metadata={"format": "pt"})
     shutil.copy(src / "config.json", dst / "config.json")
-    tok_files = _copy_tokenizer_files(src, dst)
+    _copy_tokenizer_files(src, dst)
     spm_file = src / "tokenizer.model"
     if spm_file.is_file():
-        shutil.copy(spm_file, dst / "tokenizer.model")
-        if "tokenizer.json" not in tok_files:
-            sentencepiece_to_fast(spm_file, dst)
+        # The SentencePiece model is the source of truth: its exact conversion replaces any shipped
+        # tokenizer.json (CodeLlama's own conversion is not proven equal to SentencePiece).
+        convert_sentencepiece(spm_file, dst)
     for extra in ("v_head.json",):
         if (src / extra).is_file():
             shutil.copy(src / extra, dst / extra)
-    return {"source_format": f"hf-{fmt}", "architectures": config_dict.get("architectures")}
+    return {"source_format": f"hf-{fmt}", "architectures": config_dict.get("architectures"), **info}
 
 
-def convert_checkpoint(src: str | Path, dst: str | Path) -> Path:
+def convert_checkpoint(src: str | Path, dst: str | Path, max_shard_size: int | str = MAX_SHARD_SIZE) -> Path:
     """Meta or Hugging Face checkpoint at ``src`` → our safetensors directory at ``dst`` (+ manifest).
+
+    Weights are written as safetensors shards of at most ``max_shard_size`` with
+    ``model.safetensors.index.json`` (one ``model.safetensors`` when they fit in one).
 
     The output is written to a temporary sibling and renamed into place, so a failure leaves nothing
     half written. An existing ``dst`` is an error.
@@ -464,7 +452,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
-        info = convert_meta(src, tmp) if is_meta_layout(src) else convert_hf(src, tmp)
+        convert = convert_meta if is_meta_layout(src) else convert_hf
+        info = convert(src, tmp, max_shard_size)
         write_manifest(tmp, {"source": str(src), **info})
         os.replace(tmp, dst)
     finally:
@@ -502,35 +491,13 @@ PROBE_TEXT = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + f
 
 
 def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
-    """What must agree between two tokenizers for per-token losses to be comparable."""
+    """What identifies a tokenizer's ids (the reference-loss cache key)."""
     specials = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "unk", "pad")}
     return {
         "vocab_size": len(tokenizer),
         "special_ids": specials,
         "probe_ids": tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"],
     }
-
-
-class TokenizerMismatchError(ValueError):
-    """Base and reference tokenizers differ: per-token losses cannot be compared."""
-
-
-def check_tokenizer_compat(base, reference, base_name: str = "base", ref_name: str = "reference") -> None:
-    """Raise `TokenizerMismatchError` naming what differs (vocabulary size, special tokens, probe ids)."""
-    a, b = tokenizer_fingerprint(base), tokenizer_fingerprint(reference)
-    problems = []
-    if a["vocab_size"] != b["vocab_size"]:
-        problems.append(f"vocabulary size {a['vocab_size']} vs {b['vocab_size']}")
-    for name in ("bos", "eos", "unk"):
-        if a["special_ids"][name] != b["special_ids"][name]:
-            problems.append(f"{name} id {a['special_ids'][name]} vs {b['special_ids'][name]}")
-    if a["probe_ids"] != b["probe_ids"]:
-        problems.append("the probe text tokenizes to different ids")
-    if problems:
-        raise TokenizerMismatchError(
-            f"tokenizers of {base_name} and {ref_name} differ: " + "; ".join(problems)
-            + ". Rho-1 needs a reference that shares the base model's tokenizer."
-        )
 
 
 # ---------------------------------------------------------------------------------------- CLI

@@ -156,6 +156,81 @@ def memory_estimate(cfg: dict[str, Any], models_dir: Path, n_gpus: int) -> dict[
     }
 
 
+_TOKENIZER_NAMES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                    "chat_template.jinja")
+
+
+def fetch_tokenizer_files(model_id: str, models_dir: Path, dst: Path, check_s3: bool, check_hub: bool) -> Path | None:
+    """A directory holding ``model_id``'s tokenizer files only (no weights move): the local cache, else the
+    tokenizer files of its staged S3 prefix, else of its Hub repo; ``None`` when none is reachable."""
+    from wmtp_lib.tokenization import tokenizer_files_present
+
+    local = models_dir / model_id
+    if tokenizer_files_present(local):
+        return local
+    entry = load_registry().model(model_id)
+    dst.mkdir(parents=True, exist_ok=True)
+    if check_s3 and entry.s3:
+        from wmtp_lib.storage import parse_s3_uri, remote_manifest, s3_client
+
+        client = s3_client()
+        manifest = remote_manifest(entry.s3, client)
+        if manifest is not None:
+            loc = parse_s3_uri(entry.s3)
+            for name in (n for n in _TOKENIZER_NAMES if n in manifest["files"]):
+                client.download_file(loc.bucket, loc.key(name), str(dst / name))
+            if tokenizer_files_present(dst):
+                return dst
+    if check_hub and entry.hf_repo:
+        from huggingface_hub import HfApi, hf_hub_download
+
+        from wmtp_lib.staging import select_repo_files, tokenizer_repo_files
+
+        token = os.environ.get("HF_TOKEN") or None
+        source = tokenizer_repo_files(entry, load_registry())
+        repo = source[0] if source else entry.hf_repo
+        small, _ = select_repo_files(HfApi(token=token).list_repo_files(repo), entry.hf_subfolder if not source
+                                     else None, entry.hf_root_files if not source else source[1])
+        for name in (f for f in small if Path(f).name in _TOKENIZER_NAMES):
+            path = hf_hub_download(repo, name, token=token, local_dir=str(dst / ".hub"))
+            shutil.copy(path, dst / Path(name).name)
+        if tokenizer_files_present(dst):
+            return dst
+    return None
+
+
+def tokenizer_check(cfg: dict[str, Any], models_dir: Path, check_s3: bool, check_hub: bool) -> dict[str, Any]:
+    """Rho-1's base and reference tokenizers compared from their tokenizer files, before any weights move:
+    special ids, the piece of every base id, identical ids on 256 of the recipe's training texts."""
+    import tempfile
+
+    from wmtp_lib.data import load_samples
+    from wmtp_lib.tokenization import check_tokenizer_compat, compat_texts, load_tokenizer_files
+
+    base_id, ref_id = cfg["models"]["base"], cfg["models"]["reference"]
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = {}
+        for mid in (base_id, ref_id):
+            try:
+                dirs[mid] = fetch_tokenizer_files(mid, models_dir, Path(tmp) / mid, check_s3, check_hub)
+            except Exception as exc:  # unreachable storage is reported in the verdict, not raised
+                return {"status": "not run", "reason": f"{mid}: {type(exc).__name__}: {exc}"[:300]}
+            if dirs[mid] is None:
+                where = "local cache" + (", S3" if check_s3 else "") + (", Hub" if check_hub else "")
+                return {"status": "not run", "reason": f"no tokenizer files of {mid} reachable ({where})"}
+        try:
+            samples = load_samples(cfg["data"], "train", project_path(cfg["paths"]["datasets_dir"]))
+        except FileNotFoundError as exc:
+            return {"status": "not run", "reason": str(exc)}
+        texts = compat_texts(samples)
+        try:
+            base, ref = load_tokenizer_files(dirs[base_id]), load_tokenizer_files(dirs[ref_id])
+            n = check_tokenizer_compat(base, ref, texts, base_id, ref_id)
+        except ValueError as exc:  # TokenizerMismatchError, or a tokenizer that does not convert exactly
+            return {"status": "mismatch", "reason": str(exc)}
+    return {"status": "compatible", "texts": n, "base_vocab": int(base.vocab_size)}
+
+
 def fix_command(model_id: str, entry_s3: str | None, storage: str) -> str:
     if storage == "s3":
         return f"papermill notebooks/stage_models.ipynb runs/stage.ipynb -p models '[\"{model_id}\"]' -p source hf -p dest s3"
@@ -182,6 +257,12 @@ def recipe_report(recipe: str, env: str, env_info: dict[str, Any], check_s3: boo
     if not env_info["torch_ok"]:
         blockers.append(f"torch {env_info['torch']} < 2.6 cannot load .bin checkpoints safely")
         fixes.append('pip install "torch>=2.6"')
+    tokenizers = None
+    if cfg["weights"]["scheme"] == "rho1":
+        tokenizers = tokenizer_check(cfg, models_dir, check_s3, check_hub)
+        if tokenizers["status"] == "mismatch":
+            blockers.append(tokenizers["reason"])
+            fixes.append("choose a reference that shares the base model's tokenizer (models.reference)")
     n = n_gpus if n_gpus is not None else cfg["launch"]["num_processes"]
     mem = memory_estimate(cfg, models_dir, n)
     uses_gpu = cfg["train"]["mixed_precision"] == "bf16" or "fsdp" in cfg["launch"]["accelerate_config"]
@@ -197,8 +278,8 @@ def recipe_report(recipe: str, env: str, env_info: dict[str, Any], check_s3: boo
     if storage == "s3" and not {"AWS_ACCESS_KEY_ID", "AWS_PROFILE"} & set(env_info["credentials_present"]):
         blockers.append("no AWS credentials in the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")
         fixes.append("export the AWS credentials (on VESSL: the secrets named in docker/vessl.yaml)")
-    return {"recipe": recipe, "env": env, "models": models, "memory_per_device": mem, "num_devices": n,
-            "runnable": not blockers, "blockers": blockers, "fixes": fixes}
+    return {"recipe": recipe, "env": env, "models": models, "tokenizers": tokenizers, "memory_per_device": mem,
+            "num_devices": n, "runnable": not blockers, "blockers": blockers, "fixes": fixes}
 
 
 def run_preflight(env: str = "local", recipes: tuple[str, ...] = RECIPES, check_s3: bool | None = None,
@@ -219,6 +300,14 @@ def run_preflight(env: str = "local", recipes: tuple[str, ...] = RECIPES, check_
     return report
 
 
+def _tokenizer_verdict(check: dict[str, Any] | None) -> str:
+    if check is None:
+        return "-"
+    if check["status"] == "compatible":
+        return f"compatible ({check['texts']} texts)"
+    return f"{check['status']}: {check['reason']}"[:160]
+
+
 def verdict_rows(report: dict[str, Any]) -> list[dict[str, str]]:
     rows = []
     for r in report["recipes"]:
@@ -227,6 +316,7 @@ def verdict_rows(report: dict[str, Any]) -> list[dict[str, str]]:
             "recipe": r["recipe"],
             "verdict": "runnable" if r["runnable"] else "blocked",
             "models": ", ".join(f"{m['id']} ({m['found'] or 'missing'})" for m in r["models"]),
+            "tokenizers": _tokenizer_verdict(r.get("tokenizers")),
             "GiB/device": f"{mem:.2f}" if mem is not None else "?",
             "fix": " ; ".join(r["fixes"]),
         })

@@ -17,7 +17,7 @@ REWARD_LAYOUTS = ("sequence_classification", "starling")
 DATASET_FORMATS = ("mbpp", "codecontests", "humaneval", "jsonl", "synthetic")
 
 _MODEL_KEYS = {"role", "format", "hf_repo", "hf_subfolder", "hf_root_files", "gated", "s3", "params_billion",
-               "n_future", "reward_layout"}
+               "n_future", "reward_layout", "tokenizer_source", "input_template", "truncation_side", "note"}
 _DATASET_KEYS = {"format", "hf_repo", "hf_config", "s3", "path"}
 
 
@@ -38,6 +38,12 @@ class ModelEntry:
     params_billion: float | None = None
     n_future: int | None = None
     reward_layout: str | None = None
+    # where the tokenizer comes from: "own" (the repo's) or another registry id whose repo holds it
+    tokenizer_source: str = "own"
+    # reward models: "{prompt}"/"{response}" text template, or "chat_template" (the tokenizer's own)
+    input_template: str | None = None
+    truncation_side: str = "right"
+    note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,19 @@ def _check_entry(path: Path, section: str, name: str, spec: Any, allowed: set[st
         _fail(path, f"{section}.{name}.format must be one of {formats}, got {spec.get('format')!r}")
 
 
+def _check_reward(path: Path, mid: str, spec: dict[str, Any]) -> None:
+    """A reward model says how it reads text: layout, input template, truncation side."""
+    if spec.get("reward_layout") not in REWARD_LAYOUTS:
+        _fail(path, f"models.{mid}.reward_layout must be one of {REWARD_LAYOUTS}")
+    template = spec.get("input_template")
+    if not isinstance(template, str) or (template != "chat_template" and
+                                         ("{prompt}" not in template or "{response}" not in template)):
+        _fail(path, f"models.{mid}.input_template must be 'chat_template' or a text with {{prompt}} and "
+                    f"{{response}}, got {template!r}")
+    if spec.get("truncation_side", "right") not in ("left", "right"):
+        _fail(path, f"models.{mid}.truncation_side must be 'left' or 'right'")
+
+
 def load_registry(path: str | Path = REGISTRY_PATH) -> Registry:
     """Read and validate the registry; errors name the file and the bad key."""
     path = Path(path)
@@ -100,12 +119,16 @@ def load_registry(path: str | Path = REGISTRY_PATH) -> Registry:
             _fail(path, f"models.{mid}.role must be one of {MODEL_ROLES}, got {spec.get('role')!r}")
         if spec["format"] in ("meta", "hf") and not spec.get("hf_repo") and not spec.get("s3"):
             _fail(path, f"models.{mid}: needs hf_repo or s3")
-        if spec.get("role") == "reward" and spec.get("reward_layout") not in REWARD_LAYOUTS:
-            _fail(path, f"models.{mid}.reward_layout must be one of {REWARD_LAYOUTS}")
+        if spec.get("role") == "reward":
+            _check_reward(path, mid, spec)
         s3 = spec.get("s3")
         if s3 is not None and not str(s3).startswith(f"s3://{reg.bucket}/models/{mid}/"):
             _fail(path, f"models.{mid}.s3 must be s3://{reg.bucket}/models/{mid}/ (one id, one path), got {s3!r}")
         reg.models[mid] = ModelEntry(id=mid, **{**spec, "hf_root_files": tuple(spec.get("hf_root_files") or ())})
+    for mid, entry in reg.models.items():
+        if entry.tokenizer_source != "own" and entry.tokenizer_source not in reg.models:
+            _fail(path, f"models.{mid}.tokenizer_source must be 'own' or a model id of this file, "
+                        f"got {entry.tokenizer_source!r}")
     for did, spec in (raw.get("datasets") or {}).items():
         _check_entry(path, "datasets", did, spec, _DATASET_KEYS, DATASET_FORMATS)
         reg.datasets[did] = DatasetEntry(id=did, **spec)

@@ -1,12 +1,20 @@
-"""Reward models behind one interface: ``score(texts) -> (N,) float tensor``.
+"""Reward models as they are: ``score(prompts, responses) -> (N,) float tensor``.
 
-Two layouts: a Hugging Face sequence-classification model (``num_labels=1``, score at the last
-non-pad token) and Starling's (a Llama trunk under ``transformer.*`` plus a linear ``v_head``). Reward
-models score text, so their tokenizer may differ from the policy's: callers decode and pass strings.
+Each reward model reads text in its own input template with its own tokenizer (DESIGN §5), truncated
+on the registry's side (left keeps the end, where the score is read) and scored at the last token:
+
+- ``sequence_classification``: a Hugging Face ``*ForSequenceClassification`` (``num_labels=1``), e.g.
+  FsfairX-LLaMA3-RM with its chat template;
+- ``starling``: Starling-RM-7B-alpha, a Llama trunk plus a linear ``v_head``, input
+  ``<s>[INST] {prompt} </s> [/INST] {response}</s>`` with Llama-2's tokenizer, scored at the final ``</s>``.
+
+Scores are read at the last attended position of each row, computed here from the hidden states, so
+the result does not depend on a pad id the tokenizer may not have.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -14,21 +22,57 @@ from torch import nn
 
 from wmtp_lib.heads import load_safetensors_dir
 
+CHAT_TEMPLATE = "chat_template"  # input_template value: the tokenizer's own chat template
+REWARD_LAYOUTS = ("sequence_classification", "starling")
+_CONTROL = re.compile(r"(<s>|</s>)")
+
 
 class StarlingRewardModel(nn.Module):
-    """Llama trunk + ``v_head``; the reward is ``v_head(h)`` at the last non-pad token."""
+    """Llama trunk (``transformer``) + ``v_head``; the reward is ``v_head(h)`` at the last attended token."""
 
-    def __init__(self, config):
+    def __init__(self, config, v_head_bias: bool = False):
         super().__init__()
         from transformers import LlamaModel
 
         self.transformer = LlamaModel(config)
-        self.v_head = nn.Linear(config.hidden_size, 1, bias=False)
+        self.v_head = nn.Linear(config.hidden_size, 1, bias=v_head_bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         values = self.v_head(hidden).squeeze(-1)
         return values.gather(1, last_token_index(attention_mask).unsqueeze(1)).squeeze(1)
+
+
+def starling_state(state: dict[str, torch.Tensor], src: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Starling's file → ``transformer.*`` + ``v_head.*``; returns the state and the keys dropped.
+
+    Its authors' module holds ``model`` (a ``LlamaForCausalLM``), ``transformer`` (= ``model.model``) and
+    ``v_head`` and was saved whole, so a file may hold ``model.model.*``, ``transformer.*`` or both (then
+    they must be equal), and ``model.lm_head.weight`` (not used for the reward: dropped and listed).
+    Any other key is an error naming it.
+    """
+    out: dict[str, torch.Tensor] = {}
+    dropped, unplaced = [], []
+    for name, tensor in state.items():
+        if name.startswith("v_head.") or name.startswith("transformer."):
+            target = name
+        elif name.startswith("model.model."):
+            target = "transformer." + name[len("model.model."):]
+        elif name == "model.lm_head.weight" or name.endswith("rotary_emb.inv_freq"):
+            dropped.append(name)
+            continue
+        else:
+            unplaced.append(name)
+            continue
+        if target in out and not torch.equal(out[target], tensor):
+            raise ValueError(f"{src}: {name} and {target} hold different values; cannot tell which trunk scores")
+        out[target] = tensor
+    if unplaced:
+        raise KeyError(f"{src}: keys that fit no Starling layout (model.model.*, transformer.*, "
+                       f"model.lm_head.weight, v_head.*): {sorted(unplaced)[:8]} ({len(unplaced)} in all)")
+    if not any(k.startswith("transformer.") for k in out):
+        raise KeyError(f"{src}: a Starling file needs the Llama trunk under model.model.* or transformer.*")
+    return out, sorted(dropped)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -37,59 +81,103 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask.long()).argmax(dim=1)
 
 
-class RewardModel:
-    """Scores texts with a reward model of either layout."""
+def encode_reward_input(tokenizer, template: str, prompt: str, response: str) -> list[int]:
+    """Token ids of one (prompt, response) in a reward model's input template.
 
-    def __init__(self, model: nn.Module, tokenizer, layout: str, max_length: int = 2048,
-                 device: str | torch.device = "cpu", batch_size: int = 8):
-        if layout not in ("sequence_classification", "starling"):
-            raise ValueError(f"unknown reward layout {layout!r}")
+    A text template (``{prompt}``/``{response}`` placeholders) starts with BOS, as Llama's tokenizer adds
+    it; ``<s>``/``</s>`` written in the template are those control tokens, while the same strings inside
+    the prompt or response stay text. Each run of text between control tokens is tokenized as one text,
+    as Llama-2's tokenizer does. ``chat_template`` renders the tokenizer's own chat template (it writes
+    its own special tokens).
+    """
+    if template == CHAT_TEMPLATE:
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=False)["input_ids"]
+    ids = [tokenizer.bos_token_id]
+    for i, part in enumerate(_CONTROL.split(template)):
+        if i % 2:
+            ids.append(tokenizer.convert_tokens_to_ids(part))
+        elif part:
+            text = part.replace("{prompt}", "\0p").replace("{response}", "\0r")
+            text = text.replace("\0p", prompt).replace("\0r", response)
+            ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+class RewardModel:
+    """Scores (prompt, response) pairs with a reward model of either layout."""
+
+    def __init__(self, model: nn.Module, tokenizer, layout: str, input_template: str,
+                 truncation_side: str = "left", max_length: int = 2048, device: str | torch.device = "cpu",
+                 batch_size: int = 8):
+        if layout not in REWARD_LAYOUTS:
+            raise ValueError(f"unknown reward layout {layout!r}; use one of {REWARD_LAYOUTS}")
+        if truncation_side not in ("left", "right"):
+            raise ValueError(f"truncation_side must be 'left' or 'right', got {truncation_side!r}")
         self.model = model.to(device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.tokenizer = tokenizer
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        self.tokenizer.padding_side = "right"
         self.layout = layout
+        self.input_template = input_template
+        self.truncation_side = truncation_side
         self.max_length = max_length
         self.device = torch.device(device)
         self.batch_size = batch_size
 
     @classmethod
-    def from_dir(cls, path: str | Path, layout: str, dtype: torch.dtype | None = None,
-                 device: str | torch.device = "cpu", max_length: int = 2048) -> "RewardModel":
-        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    def from_dir(cls, path: str | Path, layout: str, input_template: str, truncation_side: str = "left",
+                 dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                 max_length: int = 2048) -> "RewardModel":
+        """A converted reward-model directory (weights, config and the tokenizer it reads text with)."""
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        from wmtp_lib.loaders import load_tokenizer
 
         path = Path(path)
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = load_tokenizer(path)
         if layout == "sequence_classification":
             model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1,
                                                                        **({"dtype": dtype} if dtype else {}))
-            if model.config.pad_token_id is None:
-                model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
-                    else tokenizer.eos_token_id
         else:
             config = AutoConfig.from_pretrained(str(path))
-            model = StarlingRewardModel(config)
             state = load_safetensors_dir(path)
+            model = StarlingRewardModel(config, v_head_bias="v_head.bias" in state)
             model.load_state_dict(state, strict=True)
             if dtype is not None:
                 model = model.to(dtype)
-        return cls(model, tokenizer, layout, max_length=max_length, device=device)
+        return cls(model, tokenizer, layout, input_template, truncation_side, max_length=max_length, device=device)
+
+    def encode(self, prompt: str, response: str) -> list[int]:
+        """Template, tokenize and truncate one pair (left truncation keeps the final token)."""
+        ids = encode_reward_input(self.tokenizer, self.input_template, prompt, response)
+        if len(ids) > self.max_length:
+            ids = ids[-self.max_length:] if self.truncation_side == "left" else ids[:self.max_length]
+        return ids
+
+    def _scores(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.layout == "starling":
+            return self.model(ids, mask)
+        # the classification head at the last attended token (what *ForSequenceClassification pools)
+        hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        last = hidden[torch.arange(ids.shape[0], device=ids.device), last_token_index(mask)]
+        return self.model.score(last)[:, 0]
 
     @torch.no_grad()
-    def score(self, texts: list[str]) -> torch.Tensor:
-        """One float reward per text."""
+    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """One float reward per (prompt, response)."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         out = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(list(texts[start:start + self.batch_size]), return_tensors="pt", padding=True,
-                                   truncation=True, max_length=self.max_length)
-            ids = batch["input_ids"].to(self.device)
-            mask = batch["attention_mask"].to(self.device)
-            if self.layout == "starling":
-                scores = self.model(ids, mask)
-            else:
-                scores = self.model(input_ids=ids, attention_mask=mask).logits[:, 0]
-            out.append(scores.float().cpu())
+        for start in range(0, len(prompts), self.batch_size):
+            rows = [self.encode(p, r) for p, r in zip(prompts[start:start + self.batch_size],
+                                                      responses[start:start + self.batch_size])]
+            width = max(len(r) for r in rows)
+            ids = torch.zeros(len(rows), width, dtype=torch.long)  # right padding; masked out
+            mask = torch.zeros(len(rows), width, dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, :len(r)] = torch.tensor(r)
+                mask[i, :len(r)] = 1
+            out.append(self._scores(ids.to(self.device), mask.to(self.device)).float().cpu())
         return torch.cat(out) if out else torch.zeros(0)

