@@ -100,7 +100,7 @@ def test_token_marks_decode_to_the_corrupted_pieces(tok):
         assert decoded.replace(" ", "") == "".join(s.completion[a:b] for a, b in sorted(s.noise_spans)), decoded
         assert not (data.noise_marks[i] & ~data.label_mask[i]).any()
     # packed rows (whole documents, positions restarting at 0) carry the same marks as the samples' own rows
-    packed = tokenize_samples(tok, samples, max_length=192, pack=True)
+    packed = tokenize_samples(tok, samples, max_length=512, pack=True)
     assert len(packed) < len(samples)
     real = packed.sample_index >= 0
     own = data.noise_marks[packed.sample_index[real], packed.position_ids[real]]

@@ -412,13 +412,15 @@ def spans_to_token_mask(spans: list[tuple[int, int]], offsets: list[tuple[int, i
     """Which tokens overlap any character span: token ``i`` covers ``offsets[i] = [start, end)`` of a
     text in which ``spans`` start at ``shift`` (e.g. completion spans in prompt+completion offsets:
     ``shift = len(prompt)``). Tokens with empty offsets (special tokens) are never marked."""
-    return [any(a < b and a < s1 + shift and s0 + shift < b for s0, s1 in spans) for a, b in offsets]
+    inside = set(char_spans_to_token_positions(offsets, [(a + shift, b + shift) for a, b in spans]))
+    return [i in inside and offsets[i][0] < offsets[i][1] for i in range(len(offsets))]
 
 
 def sample_token_marks(tokenizer, sample: Sample, n_ids: int) -> list[bool]:
-    """``sample.noise_spans`` as a mask over the ``n_ids`` ids of `encode_sample` (completion, then EOS)."""
-    enc = tokenizer(sample.completion, add_special_tokens=False, return_offsets_mapping=True)
-    marks = spans_to_token_mask(sample.noise_spans, enc["offset_mapping"])
+    """``sample.noise_spans`` as a mask over the ``n_ids`` ids of `encode_sample` ([BOS], prompt and
+    completion as one text, EOS), from the same one tokenization's character offsets."""
+    _, offsets = encode_with_offsets(tokenizer, sample.prompt + sample.completion)
+    marks = spans_to_token_mask(sample.noise_spans, offsets, shift=len(sample.prompt))
     return [False] * (n_ids - len(marks) - 1) + marks + [False]
 
 
