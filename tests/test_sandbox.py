@@ -259,3 +259,18 @@ def test_humaneval_canonical_solutions_all_pass():
                        workers=2)
     failed = [(p.id, r.detail) for p, r in zip(problems, results) if not r.passed]
     assert len(problems) == 164 and not failed, failed
+
+
+def test_preflight_reports_the_level_and_blocks_execution_rewards_below_it(monkeypatch, tmp_path):
+    from wmtp_lib import preflight
+
+    assert preflight.environment_report(tmp_path)["sandbox"]["level"] == isolation_info().level
+    monkeypatch.setattr(execution, "_ISOLATION", WEAK)
+    env_info = preflight.environment_report(tmp_path)
+    real = preflight.resolve_config
+    for allow in (False, True):
+        over = {"critic.reward_source": "execution", "allow_weak_sandbox": allow}
+        monkeypatch.setattr(preflight, "resolve_config", lambda r, e, over=over: real(r, e, over))
+        report = preflight.recipe_report("critic", "local", env_info, check_s3=False, check_hub=False)
+        blocked = [b for b in report["blockers"] if "sandbox" in b]
+        assert bool(blocked) != allow, report["blockers"]

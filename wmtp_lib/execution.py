@@ -19,6 +19,7 @@ A crash, hang, ``exit()`` or kill attempt is a failed sample, never a failed eva
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -27,6 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -70,6 +72,7 @@ class Isolation:
         return self.filesystem and self.network
 
 
+@functools.lru_cache(maxsize=1)
 def _layer_paths() -> str:
     """Directories holding landlock and pyseccomp, handed to the sandbox (its ``-I`` may not see them)."""
     dirs = []
@@ -82,6 +85,7 @@ def _layer_paths() -> str:
 
 
 _ISOLATION: Isolation | None = None
+_PROBE_LOCK = threading.Lock()  # worker threads ask at once on first use: probe once
 
 
 def probe_isolation() -> Isolation:
@@ -103,8 +107,9 @@ def probe_isolation() -> Isolation:
 def isolation_info() -> Isolation:
     """The level in force (probed on first use, then cached for the process)."""
     global _ISOLATION
-    if _ISOLATION is None:
-        _ISOLATION = probe_isolation()
+    with _PROBE_LOCK:
+        if _ISOLATION is None:
+            _ISOLATION = probe_isolation()
     return _ISOLATION
 
 
