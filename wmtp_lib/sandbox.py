@@ -5,7 +5,8 @@ the sample's own directory. Before any generated code runs it
 
 1. reads this run's secret token from the inherited pipe ``TOKEN_FD`` and closes it (the token is in no
    file, argument or environment variable the program could read);
-2. sets resource limits (memory, CPU, file size, no core files; for a non-root user also the process count);
+2. sets resource limits (memory, CPU, file size, no core files; without seccomp, for a non-root user,
+   also the process count);
 3. applies the isolation layers the harness asks for (``LAYERS``, probed once by the harness):
    ``landlock``: reads only the interpreter's libraries and stdlib, reads and writes only the sample's directory;
    ``seccomp``: no sockets, no new processes (threads stay allowed), no signals to other processes,
@@ -95,27 +96,29 @@ def apply_seccomp() -> None:
     filt.load()
 
 
-def _processes_of_uid(uid: int) -> int:
+def _tasks_of_uid(uid: int) -> int:
+    """Processes and threads of ``uid`` (what RLIMIT_NPROC counts)."""
     count = 0
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                count += os.stat(f"/proc/{entry}").st_uid == uid
-            except FileNotFoundError:
-                continue  # exited while we counted
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    count += len(os.listdir(f"/proc/{entry}/task"))
+            except (FileNotFoundError, PermissionError):
+                continue  # exited while we counted, or hidden from us
     return count
 
 
-def apply_limits(memory_mb: int, cpu_s: int) -> None:
-    """Memory, CPU time, file size, no core dumps; a process cap for non-root users (root ignores it)."""
+def apply_limits(memory_mb: int, cpu_s: int, cap_tasks: bool) -> None:
+    """Memory, CPU time, file size, no core dumps; with ``cap_tasks`` a process cap (non-root users only)."""
     mem = memory_mb * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
     resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024 * 1024, 16 * 1024 * 1024))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if os.geteuid() != 0:
-        # RLIMIT_NPROC counts every process of the user, so the cap sits a few above what already runs.
-        cap = _processes_of_uid(os.getuid()) + 8
+    if cap_tasks and os.geteuid() != 0:  # root ignores RLIMIT_NPROC
+        # It counts every process and thread of the user, so the cap sits a few above what already runs.
+        cap = _tasks_of_uid(os.getuid()) + 8
         resource.setrlimit(resource.RLIMIT_NPROC, (cap, cap))
 
 
@@ -199,7 +202,8 @@ def main(argv: list[str]) -> None:
     try:
         _add_paths(argv[5])
         _import_layers(layers)  # before Landlock: their files may lie outside what it leaves readable
-        apply_limits(job["memory_mb"], job["cpu_s"])
+        # seccomp already stops new processes and leaves threads alone; without it, cap them by rlimit
+        apply_limits(job["memory_mb"], job["cpu_s"], cap_tasks="seccomp" not in layers)
         if "landlock" in layers:
             apply_landlock(os.getcwd())
         if "seccomp" in layers:
