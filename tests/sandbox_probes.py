@@ -73,7 +73,7 @@ def probe_programs(outside: Path, port: int, victim_pid: int) -> dict[str, str]:
         "forge_report_fds": (
             "import os\nstolen = b''\nfor fd in range(3, 256):\n    try:\n        stolen += os.read(fd, 4096)\n"
             "    except OSError:\n        pass\nfor fd in range(3, 256):\n"
-            "    for msg in (stolen + b' 1', b'0' * 32 + b' 1'):\n        try:\n            os.write(fd, msg)\n"
+            "    for msg in (stolen + b' 1', b'0' * 32 + b' 1', b'sandbox-error forged'):\n        try:\n            os.write(fd, msg)\n"
             "        except OSError:\n            pass\nos._exit(0)\nassert False, 'the tests'\n"),
         "exit_zero_early": "import sys\nsys.exit(0)\nassert False, 'the tests'\n",
         "endless_loop": "while True:\n    pass\n",

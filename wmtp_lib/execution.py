@@ -183,14 +183,23 @@ def _execute(code: str, tests: list[str], timeout_s: float, memory_mb: int, allo
             report = _read_all(report_r)
         finally:
             os.close(report_r)
-    if report.startswith(b"sandbox-error"):
-        raise SandboxError(f"the sandbox could not apply level {info.level!r}: {report.decode(errors='replace')}")
+    if report.startswith(token + b" sandbox-error"):  # with the token: written before the program ran
+        detail = report[len(token) + 1:].decode(errors="replace")
+        raise SandboxError(f"the sandbox could not apply level {info.level!r}: {detail}")
     return _Outcome(exit_code, out, err, _parse_report(report, token) if exit_code == 0 else None)
 
 
 def _read_all(fd: int) -> bytes:
+    """What the pipe holds now; never waits (a stray process could keep its write end open)."""
+    os.set_blocking(fd, False)
     chunks = []
-    while chunk := os.read(fd, 65536):
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
         chunks.append(chunk)
     return b"".join(chunks)
 

@@ -11,7 +11,7 @@ the sample's own directory. Before any generated code runs it
    ``landlock``: reads only the interpreter's libraries and stdlib, reads and writes only the sample's directory;
    ``seccomp``: no sockets, no new processes (threads stay allowed), no signals to other processes,
    no ptrace, mount, namespaces or other kernel attack surface. A layer that cannot be applied stops the run
-   before the program starts (``sandbox-error`` on the report pipe), so a run never silently gets less.
+   before the program starts (``<token> sandbox-error ...`` on the report pipe), so a run never silently gets less.
 
 Then it runs ``job.json``'s program (and tests) and, only when control comes back to it normally, writes
 ``<token> <tests passed>`` to ``REPORT_FD``. ``exit()``, ``os._exit``, a signal or a crash leave no report.
@@ -209,7 +209,7 @@ def main(argv: list[str]) -> None:
         if "seccomp" in layers:
             apply_seccomp()
     except Exception as exc:  # the program has not run: this report can be trusted
-        os.write(report_fd, f"sandbox-error {type(exc).__name__}: {exc}".splitlines()[0].encode())
+        os.write(report_fd, token + f" sandbox-error {type(exc).__name__}: {exc}".splitlines()[0].encode())
         os._exit(3)
     sys.argv = ["program.py"]
     del argv, token_fd
