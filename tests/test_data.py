@@ -194,5 +194,5 @@ def test_codecontests_takes_first_python3_solution_and_public_tests(tmp_path):
     samples = load_codecontests(path)
     assert [s.id for s in samples] == ["codecontests/a"]
     assert samples[0].completion == "print(sum(map(int, input().split())))\n"
-    assert samples[0].tests == ["1 2\n\x003\n"]
+    assert samples[0].tests == [] and samples[0].io_tests == [{"input": "1 2\n", "output": "3\n"}]
     assert "Add two numbers." in samples[0].prompt

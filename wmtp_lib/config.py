@@ -39,6 +39,8 @@ SCHEMA: dict[str, Any] = {
     "recipe": F((str,), None, RECIPES, nullable=True),
     "run_name": F((str,), None, nullable=True),
     "seed": F((int,), 0),
+    # run generated code (execution rewards) even where the sandbox has no filesystem/network isolation
+    "allow_weak_sandbox": F((bool,), False),
     "models": {
         "base": F((str,), "tiny-mtp"),
         "reference": F((str,), None, nullable=True),

@@ -36,6 +36,8 @@ class Sample:
     # its solution differs from the clean solution of the same task; for a clean one its operation and
     # constant (the same template positions)
     noise_spans: list[tuple[int, int]] = field(default_factory=list)
+    # stdin/stdout tasks (CodeContests): [{"input": ..., "output": ...}], run one input at a time
+    io_tests: list[dict[str, str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -261,7 +263,8 @@ def load_humaneval(path: str | Path | None = None) -> list[Sample]:
 def load_codecontests(path: str | Path, split: str = "train", max_samples: int | None = None) -> list[Sample]:
     """CodeContests: the description as prompt, the first Python 3 solution as completion.
 
-    Its tests are stdin/stdout pairs, kept as ``tests`` in the form ``"<input>\\x00<output>"``.
+    Its tests are stdin/stdout pairs (public, then private), kept as ``io_tests``
+    ``[{"input": ..., "output": ...}]``; the program runs once per input (`wmtp_lib.execution`).
     """
     path = Path(path)
     file = path / f"{split}.jsonl" if path.is_dir() else path
@@ -273,12 +276,16 @@ def load_codecontests(path: str | Path, split: str = "train", max_samples: int |
         python = [code for lang, code in zip(langs, codes) if lang == 3]  # 3 = PYTHON3 in CodeContests
         if not python:
             continue
-        tests = []
-        public = row.get("public_tests") or {}
-        for i, o in zip(public.get("input", []), public.get("output", [])):
-            tests.append(f"{i}\x00{o}")
+        io_tests = []
+        for kind in ("public_tests", "private_tests"):
+            cases = row.get(kind) or {}
+            inputs, outputs = cases.get("input", []), cases.get("output", [])
+            if len(inputs) != len(outputs):
+                raise ValueError(f"{file}: {row.get('name')}: {kind} has {len(inputs)} inputs but "
+                                 f"{len(outputs)} outputs; re-stage the dataset")
+            io_tests += [{"input": i, "output": o} for i, o in zip(inputs, outputs)]
         out.append(Sample(id=f"codecontests/{row.get('name', len(out))}", prompt=f'"""\n{row["description"]}\n"""\n',
-                          completion=python[0].rstrip() + "\n", tests=tests))
+                          completion=python[0].rstrip() + "\n", io_tests=io_tests))
         if max_samples and len(out) >= max_samples:
             break
     return out

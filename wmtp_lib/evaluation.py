@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from wmtp_lib.data import Sample, TokenizedData, uses_corrupted_operation
-from wmtp_lib.execution import program_for, run_many
+from wmtp_lib.execution import check_completion, require_isolation, sandbox_record
 from wmtp_lib.generation import sample, speculative_benchmark
 from wmtp_lib.heads import MTPModel
 from wmtp_lib.losses import mtp_token_ce
@@ -22,6 +23,8 @@ STOP_SEQUENCES = {
     "humaneval": ["\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(", "\nassert "],
     "mbpp": ['\n"""', "\nassert ", "\nif __name__", "\nprint(", "\n\n\n"],
     "synthetic": ['\n"""', "\nassert ", "\nif __name__", "\nprint(", "\n\n\n"],
+    # a whole program that reads stdin: only the end of the code block or a long gap ends it
+    "codecontests": ['\n"""', "\n\n\n\n"],
 }
 
 
@@ -51,11 +54,17 @@ def extract_completion(text: str, benchmark: str) -> str:
 
 def evaluate_pass_at_k(model: MTPModel, tokenizer, samples: list[Sample], benchmark: str, n_samples: int,
                        ks: list[int], temperature: float = 0.8, top_p: float = 0.95, max_new_tokens: int = 128,
-                       seed: int = 0, timeout_s: float = 5.0, workers: int = 2, progress=None) -> dict[str, Any]:
-    """Sample ``n_samples`` completions per problem, execute each against its tests, report pass@k."""
+                       seed: int = 0, timeout_s: float = 5.0, workers: int = 2, progress=None,
+                       allow_weak_sandbox: bool = False) -> dict[str, Any]:
+    """Sample ``n_samples`` completions per problem, execute each against its tests, report pass@k.
+
+    Refuses to start (`WeakSandboxError`) when the machine's sandbox has no filesystem and network isolation,
+    unless ``allow_weak_sandbox``; the result records the level and the opt-in under ``"sandbox"``.
+    """
     ks = [k for k in ks if k <= n_samples]
     if not ks:
         raise ValueError(f"no k <= n_samples={n_samples}: pass@k is only reported for k <= n")
+    require_isolation(allow_weak_sandbox)  # before any sampling: a refused run costs nothing
     gen = torch.Generator(device=model.device).manual_seed(seed)
     problems = []
     for i, s in enumerate(samples):
@@ -63,8 +72,9 @@ def evaluate_pass_at_k(model: MTPModel, tokenizer, samples: list[Sample], benchm
             tokenizer(s.prompt, add_special_tokens=False)["input_ids"]
         outs = sample(model, prompt_ids, n_samples, max_new_tokens, temperature, top_p, tokenizer.eos_token_id, gen)
         completions = [extract_completion(decode_continuation(tokenizer, prompt_ids, o), benchmark) for o in outs]
-        programs = [program_for(c, s.tests, s.exec_prefix) for c in completions]
-        results = run_many(programs, timeout_s=timeout_s, workers=workers)
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            results = list(pool.map(lambda c: check_completion(c, s.tests, s.io_tests, s.exec_prefix, timeout_s,
+                                                               allow_weak=allow_weak_sandbox), completions))
         c = sum(r.passed for r in results)
         problems.append({"id": s.id, "n": n_samples, "correct": c, "noisy": s.noisy,
                          "pass_at_k": {str(k): pass_at_k(n_samples, c, k) for k in ks},
@@ -78,7 +88,7 @@ def evaluate_pass_at_k(model: MTPModel, tokenizer, samples: list[Sample], benchm
         summary["noise_imitation"] = sum(p["noise_imitation"] for p in problems) / len(problems)
     return {"benchmark": benchmark, "n_samples": n_samples, "temperature": temperature, "top_p": top_p,
             "max_new_tokens": max_new_tokens, "problems": len(problems), "summary": summary,
-            "per_problem": problems}
+            "sandbox": sandbox_record(allow_weak_sandbox), "per_problem": problems}
 
 
 def noise_imitation(benchmark: str, sample: Sample, completions: list[str]) -> dict[str, float]:
@@ -177,6 +187,8 @@ def benchmark_samples(benchmark: str, limit: int | None, data_cfg: dict[str, Any
         samples = load_humaneval()
     elif benchmark == "mbpp":
         samples = load_samples({"dataset": "mbpp"}, "test", datasets_dir)
+    elif benchmark == "codecontests":
+        samples = load_samples({"dataset": "codecontests"}, "test", datasets_dir)
     elif benchmark == "synthetic":
         cfg = dict(data_cfg or {})
         cfg.setdefault("n_train", 0)
@@ -186,26 +198,27 @@ def benchmark_samples(benchmark: str, limit: int | None, data_cfg: dict[str, Any
         cfg["dataset"] = "synthetic"
         samples = load_samples(cfg, "test")
     else:
-        raise ValueError(f"unknown benchmark {benchmark!r}; choose humaneval, mbpp or synthetic")
+        raise ValueError(f"unknown benchmark {benchmark!r}; choose humaneval, mbpp, codecontests or synthetic")
     return samples[:limit] if limit else samples
 
 
 def run_evaluation(run: str, benchmarks: list[str], n_samples: int = 5, ks: list[int] | None = None,
                    temperature: float = 0.8, top_p: float = 0.95, max_new_tokens: int = 96, limit: int | None = 50,
                    speculative_prompts: int = 20, seed: int = 0, runs_dir: str | Path | None = None,
-                   datasets_dir: str | Path = "datasets", progress=None, log=print) -> dict[str, Any]:
+                   datasets_dir: str | Path = "datasets", progress=None, log=print,
+                   allow_weak_sandbox: bool = False) -> dict[str, Any]:
     """Everything `notebooks/evaluate.ipynb` reports; results saved to ``<run>/eval/<benchmark>.json``.
 
     ``runs_dir`` defaults to `default_runs_dir`; under ``WMTP_CI=1`` the sizes are capped by ``params/ci.yaml``.
     """
     from wmtp_lib.data import tokenize_samples
-    from wmtp_lib.execution import isolation
     from wmtp_lib.loaders import load_tokenizer
 
     from wmtp_lib.config import as_list, ci_sizing, default_runs_dir
 
     benchmarks = [str(b) for b in as_list(benchmarks, "benchmarks")]
     ks = [int(k) for k in as_list(ks, "k")] if ks is not None else None
+    require_isolation(allow_weak_sandbox)  # before the model loads
     runs_dir = runs_dir or default_runs_dir()
     ci = ci_sizing()
     if ci is not None:
@@ -234,11 +247,12 @@ def run_evaluation(run: str, benchmarks: list[str], n_samples: int = 5, ks: list
         samples = benchmark_samples(bench, limit, data_cfg, datasets_dir)
         torch.manual_seed(seed)
         res = evaluate_pass_at_k(model, tokenizer, samples, bench, n_samples, ks or [1, n_samples], temperature,
-                                 top_p, max_new_tokens, seed, progress=progress)
+                                 top_p, max_new_tokens, seed, progress=progress,
+                                 allow_weak_sandbox=allow_weak_sandbox)
         held_out = tokenize_samples(tokenizer, samples, max_length)
         res["head_metrics"] = head_metrics(model, held_out)
         res["speculative"] = speculative_report(model, tokenizer, samples[:speculative_prompts], max_new_tokens)
-        res["sandbox_isolation"] = isolation()
+        res["sandbox_isolation"] = res["sandbox"]["level"]
         res["model_dir"] = str(model_dir)
         save_json(res, out_dir / f"{bench}.json")
         results[bench] = res

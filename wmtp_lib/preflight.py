@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from wmtp_lib.config import RECIPES, project_path, resolve_config
+from wmtp_lib.execution import sandbox_record
 from wmtp_lib.launch import required_models
 from wmtp_lib.registry import load_registry
 
@@ -47,6 +48,8 @@ def environment_report(models_dir: Path) -> dict[str, Any]:
         "disk_path": str(probe),
         # names only: values are never read into the report
         "credentials_present": [name for name in CREDENTIALS if os.environ.get(name)],
+        # the isolation generated code gets here (evaluation, execution rewards)
+        "sandbox": sandbox_record(),
     }
 
 
@@ -278,6 +281,11 @@ def recipe_report(recipe: str, env: str, env_info: dict[str, Any], check_s3: boo
     if storage == "s3" and not {"AWS_ACCESS_KEY_ID", "AWS_PROFILE"} & set(env_info["credentials_present"]):
         blockers.append("no AWS credentials in the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")
         fixes.append("export the AWS credentials (on VESSL: the secrets named in docker/vessl.yaml)")
+    runs_code = cfg["weights"]["scheme"] == "critic" and cfg["critic"]["reward_source"] == "execution"
+    if runs_code and not env_info["sandbox"]["strong"] and not cfg["allow_weak_sandbox"]:
+        blockers.append(f"execution rewards need a sandbox with filesystem and network isolation; this machine "
+                        f"offers {env_info['sandbox']['level']!r}")
+        fixes.append("run on a node with Landlock and seccomp (docs/cluster.md) or set allow_weak_sandbox: true")
     return {"recipe": recipe, "env": env, "models": models, "tokenizers": tokenizers, "memory_per_device": mem,
             "num_devices": n, "runnable": not blockers, "blockers": blockers, "fixes": fixes}
 

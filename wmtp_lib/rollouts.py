@@ -11,19 +11,25 @@ import torch
 
 from wmtp_lib.data import Sample, TokenizedData, tokenize_samples
 from wmtp_lib.evaluation import extract_completion
-from wmtp_lib.execution import fraction_of_tests_passed
+from wmtp_lib.execution import fraction_of_tests_passed, require_isolation, sandbox_record
 from wmtp_lib.generation import sample as sample_tokens
 from wmtp_lib.tokenization import decode_continuation
 
 
-def execution_rewards(samples: list[Sample], workers: int = 2, timeout_s: float = 5.0) -> torch.Tensor:
-    """Reward of each sample's own completion: the fraction of its unit tests that pass."""
+def execution_rewards(samples: list[Sample], workers: int = 2, timeout_s: float = 5.0,
+                      allow_weak_sandbox: bool = False) -> torch.Tensor:
+    """Reward of each sample's own completion: the fraction of its unit tests (or stdin/stdout pairs) that pass.
+
+    Refuses a sandbox without filesystem and network isolation unless ``allow_weak_sandbox`` (`WeakSandboxError`).
+    """
     for s in samples:
-        if not s.tests:
+        if not s.tests and not s.io_tests:
             raise ValueError(f"sample {s.id} has no unit tests: execution rewards need them "
                              "(use critic.reward_source: model for this dataset)")
+    require_isolation(allow_weak_sandbox)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        values = list(pool.map(lambda s: fraction_of_tests_passed(s.completion, s.tests, s.exec_prefix, timeout_s),
+        values = list(pool.map(lambda s: fraction_of_tests_passed(s.completion, s.tests, s.exec_prefix, timeout_s,
+                                                                  io_tests=s.io_tests, allow_weak=allow_weak_sandbox),
                                samples))
     return torch.tensor(values, dtype=torch.float32)
 
@@ -50,7 +56,7 @@ def sample_rollouts(model, tokenizer, prompts: list[Sample], rollouts: int, max_
                                                tokenizer.eos_token_id, gen)):
             text = extract_completion(decode_continuation(tokenizer, ids, toks), benchmark)
             out.append(Sample(id=f"{p.id}/rollout{j}", prompt=p.prompt, completion=text, tests=p.tests,
-                              exec_prefix=p.exec_prefix, entry_point=p.entry_point))
+                              exec_prefix=p.exec_prefix, entry_point=p.entry_point, io_tests=p.io_tests))
         if (i + 1) % 16 == 0:
             log(f"rollouts: {i + 1}/{len(prompts)} prompts")
     model.train(was_training)
@@ -79,10 +85,13 @@ def build_rollout_data(model, tokenizer, samples: list[Sample], cfg: dict[str, A
                 break
         rollouts = sample_rollouts(model, tokenizer, prompts, ccfg["rollouts"], ccfg["rollout_max_new_tokens"],
                                    ccfg["rollout_temperature"], cfg["seed"], log=log)
-        rewards = execution_rewards(rollouts)
+        allow_weak = cfg["allow_weak_sandbox"]
+        rewards = execution_rewards(rollouts, allow_weak_sandbox=allow_weak)
         tmp = cache.with_name(cache.name + ".tmp")
-        tmp.write_text(json.dumps({"samples": [s.to_json() for s in rollouts], "rewards": rewards.tolist()}))
+        tmp.write_text(json.dumps({"samples": [s.to_json() for s in rollouts], "rewards": rewards.tolist(),
+                                   "sandbox": sandbox_record(allow_weak)}))
         tmp.replace(cache)
-        log(f"rollouts: {len(rollouts)} sampled, mean test pass fraction {rewards.mean():.3f}")
+        log(f"rollouts: {len(rollouts)} sampled, mean test pass fraction {rewards.mean():.3f} "
+            f"(sandbox {sandbox_record(allow_weak)['level']})")
     data = tokenize_samples(tokenizer, rollouts, cfg["data"]["max_length"], cfg["data"]["prompt_masking"], pack=False)
     return data, row_rewards(data, rewards)

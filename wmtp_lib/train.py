@@ -328,7 +328,7 @@ class Trainer:
         if rm_dir is None:
             from wmtp_lib.rollouts import execution_rewards
 
-            return execution_rewards(self.samples)
+            return execution_rewards(self.samples, allow_weak_sandbox=cfg["allow_weak_sandbox"])
         from wmtp_lib.reward import RewardModel
 
         entry = load_registry().model(cfg["models"]["reward"])
