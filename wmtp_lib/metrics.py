@@ -38,35 +38,41 @@ class TrainMetrics:
         zero = torch.zeros((), dtype=torch.float64, device=self.dist.device)
         self.loss = zero.clone()  # Σ over finite steps of this rank's share of Σ_k α_k L_k
         self.head_loss = torch.zeros(self.H, dtype=torch.float64, device=self.dist.device)
-        self.value_loss = zero.clone()  # Σ over micro-batches of the value MSE
-        self.micro_batches = zero.clone()
+        self.value_loss = zero.clone()  # Σ over finite steps of this rank's share of the value MSE
         self.tokens = zero.clone()
         self.grad_norm = zero.clone()  # Σ over finite steps (the same on every rank)
         self.finite_steps = 0
         self.skipped = 0
         self.weights: dict[str, torch.Tensor] = {}
+        self._step_value = zero.clone()  # the current step's micro-batches, kept only if the step is finite
+        self._step_weights: dict[str, torch.Tensor] = {}
         self.start = time.perf_counter()
 
     # -------------------------------------------------------------- accumulate (no host sync)
     def add_micro_batch(self, batch: dict[str, torch.Tensor], value_loss: torch.Tensor | None,
                         weights: torch.Tensor | None = None, valid: torch.Tensor | None = None,
                         noisy_targets: torch.Tensor | None = None) -> None:
-        self.micro_batches += 1
         self.tokens += batch["attention_mask"].sum()
         if value_loss is not None:
-            self.value_loss += value_loss.double()
+            self._step_value += value_loss.double()
         if weights is not None:
-            self.weights = add_sums(self.weights, weight_sums(weights, valid, noisy_targets))
+            self._step_weights = add_sums(self._step_weights, weight_sums(weights, valid, noisy_targets))
 
     def add_step(self, loss: torch.Tensor, head_loss: torch.Tensor, grad_norm: torch.Tensor, finite: bool) -> None:
+        """Close a step: its numbers join the window if it was finite; a skipped step is only counted."""
         if finite:
             self.loss += loss.double()
             self.head_loss += head_loss.double()
             self.grad_norm += grad_norm.double()
+            self.value_loss += self._step_value
+            if self._step_weights:
+                self.weights = add_sums(self.weights, self._step_weights)
             self.finite_steps += 1
         else:
             self.skipped += 1
             self.skipped_total += 1
+        self._step_value = torch.zeros_like(self._step_value)
+        self._step_weights = {}
 
     # -------------------------------------------------------------- log
     def should_log(self, step: int) -> bool:
@@ -78,9 +84,8 @@ class TrainMetrics:
             torch.cuda.synchronize(self.dist.device)
         elapsed = float(self.dist.max(torch.tensor(time.perf_counter() - self.start, dtype=torch.float64,
                                                    device=self.dist.device)))
-        packed = torch.cat([torch.stack([self.loss, self.value_loss, self.micro_batches, self.tokens, self.grad_norm]),
-                            self.head_loss])
-        loss, value, micro_batches, tokens, grad_norm, *head = self.dist.sum(packed).tolist()
+        packed = torch.cat([torch.stack([self.loss, self.value_loss, self.tokens, self.grad_norm]), self.head_loss])
+        loss, value, tokens, grad_norm, *head = self.dist.sum(packed).tolist()
         n = self.finite_steps
         record: dict[str, Any] = {
             "stage": "mtp", "step": step,
@@ -90,7 +95,7 @@ class TrainMetrics:
             "skipped_steps": self.skipped, "skipped_steps_total": self.skipped_total,
         }
         if value_lr is not None:
-            record["value_loss"] = value / micro_batches
+            record["value_loss"] = value / n if n else None
             record["value_lr"] = value_lr
         if self.weights:
             sums = dict(zip(SUM_KEYS, self.dist.sum(torch.stack([self.weights[k].double() for k in SUM_KEYS])).tolist()))

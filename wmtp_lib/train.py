@@ -51,10 +51,11 @@ def forward_backward(model: MTPModel, batches: list[dict[str, torch.Tensor]], we
 
     ``N_k`` comes from the label masks before any forward (one all-reduce). Gradients are scaled by the
     world size because the cross-rank reduction (ours or FSDP's reduce-scatter) averages; the value loss is
-    a mean over micro-batches, hence ``1 / len(batches)``.
+    the same (the critic's value loss divides by the step's state count).
     """
     H = model.n_future
     n_valid = dist.sum(valid_counts(batches, H)).float()
+    weighting.begin_window(batches, dist)
     precomputed = group_weights(weighting, model, batches, dist, H) \
         if group == "global" and weighting.needs_scores else [None] * len(batches)
     loss = torch.zeros((), dtype=torch.float64, device=dist.device)
@@ -65,7 +66,7 @@ def forward_backward(model: MTPModel, batches: list[dict[str, torch.Tensor]], we
         out = sequential_mtp_step(model, batch["input_ids"], batch["attention_mask"], batch["label_mask"],
                                   head_weights=head_weights, chunk_size=chunk_size, loss_scale=dist.world,
                                   weight_fn_factory=weighting.weight_fn_factory(batch, weights),
-                                  extra_trunk_loss=extra, extra_loss_scale=1.0 / len(batches), n_valid=n_valid)
+                                  extra_trunk_loss=extra, n_valid=n_valid)
         value = extra.value if extra is not None else None
         loss += out.loss.double() - (0.0 if value is None else weighting.ccfg["value_coef"] * value.double())
         head_loss += out.head_losses.double()

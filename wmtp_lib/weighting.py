@@ -80,6 +80,9 @@ class UniformWeighting:
     def extra_trunk_loss(self, batch: Batch):
         return None
 
+    def begin_window(self, batches: list[Batch], dist: Dist) -> None:
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -193,6 +196,9 @@ class Rho1Weighting:
     def extra_trunk_loss(self, batch: Batch):
         return None
 
+    def begin_window(self, batches: list[Batch], dist: Dist) -> None:
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -226,7 +232,8 @@ class ValueTerm:
 
     def __call__(self, trunk_hidden: torch.Tensor) -> torch.Tensor:
         to_trunk = self.weighting.ccfg["value_grad_to_trunk"]
-        loss = self.weighting.value_loss(trunk_hidden if to_trunk else trunk_hidden.detach(), self.batch)
+        loss = self.weighting.value_loss(trunk_hidden if to_trunk else trunk_hidden.detach(), self.batch,
+                                         n_states=self.weighting.window_states)
         self.value = loss.detach()
         return self.weighting.ccfg["value_coef"] * loss
 
@@ -244,6 +251,7 @@ class CriticWeighting:
         self.value_head = ValueHead(hidden_size).to(device)
         self.optimizer = torch.optim.AdamW(self.value_head.parameters(), lr=self.ccfg["stage1_lr"])
         self.device = device
+        self.window_states: torch.Tensor | None = None  # states of the current optimizer step (begin_window)
 
     @classmethod
     def build(cls, cfg: dict[str, Any], H: int, hidden_size: int, tokenizer, samples, data: TokenizedData,
@@ -287,14 +295,20 @@ class CriticWeighting:
     def extra_trunk_loss(self, batch: Batch) -> ValueTerm:
         return ValueTerm(self, batch)
 
-    def value_loss(self, trunk_hidden: torch.Tensor, batch: Batch, row_rewards: torch.Tensor | None = None
-                   ) -> torch.Tensor:
+    def begin_window(self, batches: list[Batch], dist: Dist) -> None:
+        """Count the states of the optimizer step (all micro-batches and ranks; one all-reduce): the value
+        loss divides by it, like the MTP loss by ``N_k``."""
+        local = sum(state_mask_from_labels(b["label_mask"]).sum() for b in batches)
+        self.window_states = dist.sum(torch.as_tensor(local, dtype=torch.float32, device=dist.device))
+
+    def value_loss(self, trunk_hidden: torch.Tensor, batch: Batch, row_rewards: torch.Tensor | None = None,
+                   n_states: torch.Tensor | None = None) -> torch.Tensor:
         state_mask = state_mask_from_labels(batch["label_mask"])
         table = self.rewards if row_rewards is None else row_rewards
         rewards = sparse_rewards(table[batch["row_index"]].to(self.device), state_mask)
         values = self.value_head(trunk_hidden)
         _, targets = value_targets(values, rewards, state_mask, self.ccfg["gamma"], self.ccfg["lam"])
-        return value_loss(values, targets, state_mask)
+        return value_loss(values, targets, state_mask, n_states)
 
     def optimizer_step(self, dist: Dist, skip: bool) -> None:
         """Average the value head's gradients over processes and step its optimizer (unless skipped)."""
@@ -334,13 +348,15 @@ class CriticWeighting:
             batch = move_batch(data.rows(schedule.micro_batch(step, 0, dist.rank)), dist.device)
             with torch.no_grad():
                 trunk = trainer.model(batch["input_ids"], batch["attention_mask"], return_trunk=True).hidden
-            loss = self.value_loss(trunk, batch, rewards)
-            loss.backward()
+            self.begin_window([batch], dist)
+            loss = self.value_loss(trunk, batch, rewards, n_states=self.window_states)
+            (loss * dist.world).backward()  # the gradient average over ranks then gives the step's mean
             self.optimizer_step(dist, skip=False)
             window += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=dist.device)])
             done = step + 1
             if done % log_every == 0 or done == steps:
                 total, count = dist.sum(window).tolist()
+                count /= dist.world  # every rank counted each step once
                 trainer.metrics.write({"stage": "value", "step": done, "value_loss": total / count, "value_lr": self.lr})
                 dist.print(f"[value] step {done}/{steps} value_loss {total / count:.4f}")
                 window.zero_()
