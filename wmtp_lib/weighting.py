@@ -342,17 +342,22 @@ class CriticWeighting:
         cfg, dist = trainer.cfg, trainer.dist
         steps, log_every = self.ccfg["stage1_steps"], cfg["train"]["log_every"]
         data, rewards = self.stage1_data(trainer)
-        schedule = BatchSchedule(len(data), cfg["train"]["micro_batch_size"], 1, dist.world, cfg["seed"] + 1)
-        window = torch.zeros(2, dtype=torch.float64, device=dist.device)  # Σ value loss, micro-batches
+        accum = cfg["train"]["grad_accum"]
+        # the same global batch per step as training (micro × accum × processes), so the split does not matter
+        schedule = BatchSchedule(len(data), cfg["train"]["micro_batch_size"], accum, dist.world, cfg["seed"] + 1)
+        window = torch.zeros(2, dtype=torch.float64, device=dist.device)  # Σ value loss, steps
         for step in range(start, steps):
-            batch = move_batch(data.rows(schedule.micro_batch(step, 0, dist.rank)), dist.device)
-            with torch.no_grad():
-                trunk = trainer.model(batch["input_ids"], batch["attention_mask"], return_trunk=True).hidden
-            self.begin_window([batch], dist)
-            loss = self.value_loss(trunk, batch, rewards, n_states=self.window_states)
-            (loss * dist.world).backward()  # the gradient average over ranks then gives the step's mean
+            batches = [move_batch(data.rows(schedule.micro_batch(step, slot, dist.rank)), dist.device)
+                       for slot in range(accum)]
+            self.begin_window(batches, dist)
+            for batch in batches:
+                with torch.no_grad():
+                    trunk = trainer.model(batch["input_ids"], batch["attention_mask"], return_trunk=True).hidden
+                loss = self.value_loss(trunk, batch, rewards, n_states=self.window_states)
+                (loss * dist.world).backward()  # the gradient average over ranks then gives the step's mean
+                window[0] += loss.detach().double()
             self.optimizer_step(dist, skip=False)
-            window += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=dist.device)])
+            window[1] += 1
             done = step + 1
             if done % log_every == 0 or done == steps:
                 total, count = dist.sum(window).tolist()
