@@ -158,9 +158,9 @@ def test_yaml_exponent_numbers_and_ints_for_floats(tmp_path):
 def test_config_hash_ignores_where_a_run_stops_and_names_changed_keys():
     base = resolve_config("rho1", "local", {"train.steps": 20})
     assert config_hash(base) == config_hash(resolve_config("rho1", "local", {"train.steps": 20, "train.stop_after": 5}))
-    other = resolve_config("rho1", "local", {"train.steps": 20, "train.lr": 5e-4, "weights.group": "global"})
+    other = resolve_config("rho1", "local", {"train.steps": 20, "train.lr": 5e-4, "weights.weight_group": "global"})
     assert config_hash(base) != config_hash(other)
-    with pytest.raises(ConfigError, match=r"train.lr: 0.002 -> 0.0005; weights.group: 'micro_batch' -> 'global'.*"
+    with pytest.raises(ConfigError, match=r"train.lr: 0.002 -> 0.0005; weights.weight_group: 'micro_batch' -> 'global'.*"
                                           r"new run with another run_name"):
         check_same_run(base, other, "runs/x")
 

@@ -78,7 +78,7 @@ SCHEMA: dict[str, Any] = {
     },
     "weights": {
         "scheme": F((str,), "uniform", ("uniform", "rho1", "critic")),
-        "group": F((str,), "micro_batch", ("micro_batch", "global")),
+        "weight_group": F((str,), "micro_batch", ("micro_batch", "global")),  # DESIGN §4
         "mode": F((str,), "weighted", ("weighted", "tokenskip")),
         "temperature": F((float, int), 1.0),
         "keep_ratio": F((float, int), 0.7),

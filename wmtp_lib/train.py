@@ -189,7 +189,7 @@ class Trainer:
         batches = [self.batch(step, slot) for slot in range(train["grad_accum"])]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             loss, head_loss = forward_backward(self.model, batches, self.weighting, self.dist,
-                                               self.cfg["weights"]["group"], train["head_weights"],
+                                               self.cfg["weights"]["weight_group"], train["head_weights"],
                                                train["chunk_size"], self.record_micro_batch)
         if not self.dist.fsdp:
             self.dist.average_grads(self.params)
