@@ -223,6 +223,13 @@ def test_critic_resume_after_stage1_and_mid_stage2_equals_uninterrupted(tmp_path
 
     assert strip(ma) == strip(mb)
     assert [r["value_lr"] for r in mb if r["stage"] == "mtp"] == [2e-3] * 3  # stage-2 lr, not stage 1's 1e-3
+    summary = json.loads((b / "summary.json").read_text())
+    import accelerate
+    import transformers
+
+    assert (summary["torch"], summary["transformers"], summary["accelerate"]) == \
+        (torch.__version__, transformers.__version__, accelerate.__version__)
+    assert summary["git_commit"] is None or len(summary["git_commit"].split("-")[0]) == 40
     _, changed = make_config(tmp_path, "critic", tiny_models, "split", {**over, "train.lr": 1e-3})
     proc = run_training(changed, check=False)
     assert proc.returncode != 0 and "train.lr: 0.002 -> 0.001" in proc.stderr and "run_name" in proc.stderr
