@@ -1,7 +1,9 @@
-"""Cost of the token weighting: rho1 step (cached or online reference) vs the mtp_baseline step.
+"""Cost of the token weighting: rho1 step (cached or online reference, weight_group micro_batch or global)
+vs the mtp_baseline step.
 
-All three run the same sequential MTP step on the same model and batch; only the weights differ.
-Prints the ratios against mtp_baseline (DESIGN §9 target: cached rho1 ≤ 1.05×; online is reported).
+All run the same sequential MTP step on the same model and batch; only the weights differ.
+Prints the ratios against mtp_baseline (DESIGN §9 target: cached rho1 ≤ 1.05×; online and the exact
+``weight_group: global`` statistics, which add a no-grad scoring pass over the window, are reported).
 
     python bench/weighted_step.py [--vocab 32000] [--hidden 128] [--device cpu]
 """
@@ -21,6 +23,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--chunk", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--accum", type=int, default=2, help="micro-batches per optimizer step (global group)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
@@ -30,7 +33,10 @@ def main() -> None:
     from wmtp_lib.heads import MTPModel, mtp_config
     from wmtp_lib.losses import align_reference, rho1_weights
     from wmtp_lib.reference import reference_token_ce
+    from wmtp_lib.distributed import Dist
     from wmtp_lib.step import sequential_mtp_step, uniform_weights
+    from wmtp_lib.train import forward_backward
+    from wmtp_lib.weighting import Rho1Weighting
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -49,8 +55,25 @@ def main() -> None:
         return lambda k, ce_k, valid_k: rho1_weights(ce_k.unsqueeze(-1), aligned[:, :, k:k + 1],
                                                      valid_k.unsqueeze(-1)).squeeze(-1)
 
+    # one optimizer step of `accum` micro-batches through the trainer's window, micro_batch vs global group
+    rows = torch.randint(0, args.vocab, (args.batch * args.accum, args.length), device=device)
+    window = [{"input_ids": rows[i * args.batch:(i + 1) * args.batch],
+               "attention_mask": torch.ones(args.batch, args.length, dtype=torch.long, device=device),
+               "label_mask": torch.ones(args.batch, args.length, dtype=torch.bool, device=device),
+               "row_index": torch.arange(i * args.batch, (i + 1) * args.batch)} for i in range(args.accum)]
+    ref_rows = torch.cat([reference_token_ce(ref, b["input_ids"]).cpu() for b in window])
+    weighting = Rho1Weighting({"weights": {"mode": "weighted", "temperature": 1.0, "keep_ratio": 0.7, "max_weight": 3.0},
+                               "train": {"chunk_size": args.chunk}}, 4, ref_rows, None, device)
+    dist = Dist(device)
+
     def run(kind: str) -> float:
         def step():
+            if kind.startswith("window_"):
+                forward_backward(model, window, weighting, dist, kind.removeprefix("window_"), None, args.chunk)
+                model.zero_grad(set_to_none=False)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                return
             if kind == "mtp_baseline":
                 fn = uniform_weights
             elif kind == "rho1_cached":
@@ -71,15 +94,18 @@ def main() -> None:
         return sorted(times)[len(times) // 2]
 
     # interleave the variants so drift in machine speed hits all of them alike
-    results = {k: [] for k in ("mtp_baseline", "rho1_cached", "rho1_online")}
+    results = {k: [] for k in ("mtp_baseline", "rho1_cached", "rho1_online", "window_micro_batch", "window_global")}
     for _ in range(2):
         for k in results:
             results[k].append(run(k))
     med = {k: min(v) for k, v in results.items()}
     print(f"config: device={args.device} vocab={args.vocab} hidden={args.hidden} layers={args.layers} "
           f"batch={args.batch} length={args.length}")
-    for k, v in med.items():
-        print(f"{k:>13}: {v:.4f} s/step  ({v / med['mtp_baseline']:.3f}x mtp_baseline)")
+    for k in ("mtp_baseline", "rho1_cached", "rho1_online"):
+        print(f"{k:>13}: {med[k]:.4f} s/step  ({med[k] / med['mtp_baseline']:.3f}x mtp_baseline)")
+    micro, exact = med["window_micro_batch"], med["window_global"]
+    print(f"rho1 cached, optimizer step of {args.accum} micro-batches: weight_group micro_batch {micro:.4f} s, "
+          f"global {exact:.4f} s ({exact / micro:.3f}x micro_batch)")
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def brute_topk(s, valid, keep_ratio):
         entries.sort()
         n_keep = math.ceil(round(keep_ratio * len(entries), 9))
         for _, _, b, t in entries[:n_keep]:
-            w[b, t, k] = 1.0
+            w[b, t, k] = len(entries) / n_keep  # kept weights have mean 1 over valid entries
     return w
 
 
@@ -153,6 +153,28 @@ def test_soft_weights_edge_cases():
     assert w.sum().item() == pytest.approx(1.0)
 
 
+def test_soft_weights_never_overflow():
+    """z/T beyond float32's exp range (T = 0.02, or one outlier among many tokens) gives finite weights, equal
+    to the float64 formula; the unshifted exp would give inf and then NaN."""
+    torch.manual_seed(12)
+    s = torch.randn(4, 2048, 2)
+    s[1, 7, 0] = 40.0  # one outlier: z ≈ 20, z / 0.02 = 1000
+    valid = torch.ones_like(s, dtype=torch.bool)
+    valid[3, 1000:, 1] = False
+    assert torch.isinf(torch.exp(torch.tensor(1000.0)))
+    for temperature in (0.02, 0.5, 1.0):
+        w = critic_weights(s, valid, temperature=temperature, max_weight=3.0)
+        assert torch.isfinite(w).all() and (w >= 0).all(), temperature
+        s64 = s.double()
+        for k in range(2):
+            vals = s64[:, :, k][valid[:, :, k]]
+            x = (vals - vals.mean()) / (vals.std(unbiased=False) + 1e-6) / temperature
+            ref = torch.exp(x - x.max())
+            ref = (ref / ref.mean()).clamp(max=3.0)
+            torch.testing.assert_close(w[:, :, k][valid[:, :, k]].double(), ref, rtol=1e-4, atol=1e-30)
+    assert critic_weights(s, valid, temperature=0.02)[1, 7, 0].item() == 3.0  # the outlier is clipped, not NaN
+
+
 def test_weights_carry_no_gradient():
     ce = torch.rand(2, 5, 2, requires_grad=True)
     valid = torch.ones(2, 5, 2, dtype=torch.bool)
@@ -170,17 +192,18 @@ def test_tokenskip_matches_loop(keep_ratio):
     valid = torch.rand(B, T, H) > 0.2
     w = rho1_weights(ce, ref, valid, "tokenskip", keep_ratio=keep_ratio)
     expect = brute_topk(ce - ref, valid, keep_ratio)
-    assert torch.equal(w, expect)
+    torch.testing.assert_close(w, expect, rtol=1e-6, atol=0)
     for k in range(H):
         n = int(valid[:, :, k].sum())
-        assert int(w[:, :, k].sum()) == keep_count(keep_ratio, n)
+        assert int((w[:, :, k] > 0).sum()) == keep_count(keep_ratio, n)
+        assert w[:, :, k].sum().item() == pytest.approx(n, rel=1e-6)  # mean 1: loss = mean over kept tokens
 
 
 def test_tokenskip_ties_go_to_lower_flat_index():
     s = torch.zeros(2, 3, 1)
     valid = torch.ones(2, 3, 1, dtype=torch.bool)
     w = rho1_weights(s, torch.zeros_like(s), valid, "tokenskip", keep_ratio=0.5)
-    assert w[:, :, 0].flatten().tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    assert w[:, :, 0].flatten().tolist() == [2.0, 2.0, 2.0, 0.0, 0.0, 0.0]
 
 
 def test_keep_count_is_exact_decimal():
@@ -212,9 +235,32 @@ def test_weighted_mtp_loss_matches_loop(head_weights):
     total = 0.0
     for k in range(H):
         num = sum(w[b, t, k].item() * ce[b, t, k].item() for b in range(B) for t in range(T) if valid[b, t, k])
-        den = sum(w[b, t, k].item() for b in range(B) for t in range(T) if valid[b, t, k])
+        den = sum(1 for b in range(B) for t in range(T) if valid[b, t, k])  # N_k: valid targets, not Σw
         total += alpha[k] * (num / den if den > 0 else 0.0)
     assert loss.item() == pytest.approx(total, rel=1e-5)
+    # N_k of a larger optimizer step: every head term divides by its own count
+    n_valid = torch.tensor([50.0, 7.0, 0.0])
+    split = weighted_mtp_loss(ce, w, valid, head_weights, n_valid=n_valid)
+    expect = sum(alpha[k] * (ce[:, :, k] * w[:, :, k] * valid[:, :, k]).sum().item() / n_valid[k].item()
+                 for k in range(2))
+    assert split.item() == pytest.approx(expect, rel=1e-5)
+    with pytest.raises(ValueError, match="n_valid must have shape"):
+        weighted_mtp_loss(ce, w, valid, n_valid=torch.ones(2))
+
+
+def test_loss_with_global_count_is_split_invariant():
+    """Σ over micro-batches of the loss with the step's N_k equals the loss of the whole batch (any split)."""
+    torch.manual_seed(11)
+    B, T, H = 8, 9, 3
+    ce = torch.rand(B, T, H)
+    w = torch.rand(B, T, H) * 2
+    valid = torch.rand(B, T, H) > torch.linspace(0.1, 0.9, B).view(B, 1, 1)  # rows of unequal length
+    whole = weighted_mtp_loss(ce, w, valid)
+    n_valid = valid.float().sum(dim=(0, 1))
+    for parts in ([8], [4, 4], [2, 2, 2, 2], [1, 3, 4]):
+        chunks = zip(ce.split(parts), w.split(parts), valid.split(parts))
+        total = sum(weighted_mtp_loss(c, x, v, n_valid=n_valid) for c, x, v in chunks)
+        assert total.item() == pytest.approx(whole.item(), rel=1e-6), parts
 
 
 def test_uniform_weights_give_plain_mtp_loss():

@@ -156,11 +156,13 @@ def test_missing_model_error_names_path_and_staging_command(tmp_path, tiny_model
     assert "not staged at" in proc.stderr and "stage_models.ipynb" in proc.stderr
 
 
-def test_critic_with_execution_rewards_fits_on_rollouts(tmp_path, tiny_models):
-    over = {"train.steps": 5, "critic.stage1_steps": 8, "critic.reward_source": "execution", "critic.rollouts": 2,
-            "critic.rollout_max_new_tokens": 24, "train.micro_batch_size": 4, "data.n_train": 40,
-            "data.noise_fraction": 0.5}
-    _, cfg = make_config(tmp_path, "critic", tiny_models, "exec", over)
+def test_critic_with_execution_rewards_fits_on_rollouts_and_fsdp_equals_one_process(tmp_path, tiny_models):
+    """1 process × accum 2 vs 2 gloo processes under FSDP2 × accum 1 (the cluster's setup): rollouts are
+    sampled on every rank through the sharded model, gathered, and equal; so are the losses and weights."""
+    over = {"train.steps": 4, "critic.stage1_steps": 4, "critic.reward_source": "execution", "critic.rollouts": 2,
+            "critic.rollout_max_new_tokens": 16, "train.micro_batch_size": 4, "data.n_train": 40,
+            "data.noise_fraction": 0.5, "train.log_every": 2}
+    _, cfg = make_config(tmp_path, "critic", tiny_models, "exec", {**over, "train.grad_accum": 2})
     proc = run_training(cfg)
     run = tmp_path / "runs" / "exec"
     from safetensors.torch import load_file
@@ -173,9 +175,104 @@ def test_critic_with_execution_rewards_fits_on_rollouts(tmp_path, tiny_models):
     for s, r in zip(samples, rewards.tolist()):
         assert (r < 1.0) if s.noisy else (r == 1.0), (s.completion, r)
     rollouts = json.loads((run / "rollouts.json").read_text())
-    assert len(rollouts["samples"]) == 2 * 16 and all(0.0 <= r <= 1.0 for r in rollouts["rewards"])
+    assert len(rollouts["samples"]) == 2 * 8 and all(0.0 <= r <= 1.0 for r in rollouts["rewards"])
     assert "rollouts:" in proc.stdout
     assert any(r["stage"] == "value" for r in metrics(run))
+
+    fsdp_cfg = _free_port_config(tmp_path, "params/accelerate/fsdp_4gpu.yaml", num_processes=2)
+    _, two = make_config(tmp_path, "critic", tiny_models, "exec-fsdp", {**over, "train.grad_accum": 1})
+    run_training(two, processes=2, accelerate_config=fsdp_cfg)
+    fsdp_run = tmp_path / "runs" / "exec-fsdp"
+    assert json.loads((fsdp_run / "rollouts.json").read_text()) == rollouts
+    m1, m2 = metrics(run), metrics(fsdp_run)
+    assert [(r["stage"], r["step"]) for r in m1] == [(r["stage"], r["step"]) for r in m2]
+    for r1, r2 in zip(m1, m2):
+        assert r2["value_loss"] == pytest.approx(r1["value_loss"], rel=1e-4)
+        if r1["stage"] == "mtp":
+            assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5)
+            assert r2["weight_std"] == pytest.approx(r1["weight_std"], rel=1e-4)
+    w1, w2 = final_weights(run), final_weights(fsdp_run)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4)
+
+
+def test_critic_resume_after_stage1_and_mid_stage2_equals_uninterrupted(tmp_path, tiny_models):
+    """Stopped right after stage 1, then mid stage 2: same weights, value head and value-head lr as one run;
+    a relaunch under another config is refused and names the changed key."""
+    over = {"train.steps": 6, "critic.stage1_steps": 4, "train.micro_batch_size": 4, "train.save_every": 2,
+            "train.log_every": 2, "data.n_train": 80, "critic.stage1_lr": 1e-3, "train.lr": 2e-3}
+    _, straight = make_config(tmp_path, "critic", tiny_models, "straight", over)
+    run_training(straight)
+    for stop in (0, 4, None):  # mid stage 2 at a log boundary, so the logged windows match too
+        _, cfg = make_config(tmp_path, "critic", tiny_models, "split", {**over, "train.stop_after": stop})
+        proc = run_training(cfg)
+        if stop != 0:
+            assert "resumed from" in proc.stdout
+    a, b = tmp_path / "runs" / "straight", tmp_path / "runs" / "split"
+    wa, wb = final_weights(a), final_weights(b)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    from safetensors.torch import load_file
+
+    va, vb = load_file(str(a / "final" / "value_head.safetensors")), load_file(str(b / "final" / "value_head.safetensors"))
+    for k in va:
+        assert torch.equal(va[k], vb[k]), k
+    ma, mb = metrics(a), metrics(b)
+    def strip(records):  # wall-clock throughput is the one field that may differ
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+    assert strip(ma) == strip(mb)
+    assert [r["value_lr"] for r in mb if r["stage"] == "mtp"] == [2e-3] * 3  # stage-2 lr, not stage 1's 1e-3
+    summary = json.loads((b / "summary.json").read_text())
+    import accelerate
+    import transformers
+
+    assert (summary["torch"], summary["transformers"], summary["accelerate"]) == \
+        (torch.__version__, transformers.__version__, accelerate.__version__)
+    assert summary["git_commit"] is None or len(summary["git_commit"].split("-")[0]) == 40
+    _, changed = make_config(tmp_path, "critic", tiny_models, "split", {**over, "train.lr": 1e-3})
+    proc = run_training(changed, check=False)
+    assert proc.returncode != 0 and "train.lr: 0.002 -> 0.001" in proc.stderr and "run_name" in proc.stderr
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_models, monkeypatch):
+    """NaN weights on chosen steps (what an overflowing exp did): the step is skipped and counted, weights
+    and checkpoints stay finite; three in a row stop the run with the step named, checkpoints kept."""
+    from wmtp_lib import train as train_mod
+
+    calls = {"n": 0}
+    real_step = train_mod.sequential_mtp_step
+    bad_steps: set[int] = set()
+
+    def nan_on_bad_steps(*args, **kwargs):
+        calls["n"] += 1  # grad_accum 1: one call per optimizer step
+        if calls["n"] in bad_steps:
+            factory = kwargs["weight_fn_factory"]
+            kwargs["weight_fn_factory"] = lambda trunk: (lambda k, ce, valid: factory(trunk)(k, ce, valid) * float("nan"))
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "sequential_mtp_step", nan_on_bad_steps)
+    over = {"train.steps": 8, "train.save_every": 2, "train.log_every": 2, "train.micro_batch_size": 4,
+            "data.n_train": 80}
+    cfg, _ = make_config(tmp_path, "mtp_baseline", tiny_models, "skip", over)
+    bad_steps.update({3, 4})
+    assert train_mod.run(cfg)["finished"]
+    recs = metrics(tmp_path / "runs" / "skip")
+    assert [r["skipped_steps"] for r in recs] == [0, 2, 0, 0]
+    assert recs[1]["loss"] is None and all(r["loss"] > 0 for r in recs if r["step"] != 4)
+    assert all(torch.isfinite(w).all() for w in final_weights(tmp_path / "runs" / "skip").values())
+
+    calls["n"] = 0
+    bad_steps.clear()
+    bad_steps.update(range(5, 100))
+    cfg, _ = make_config(tmp_path, "mtp_baseline", tiny_models, "stop", over)
+    with pytest.raises(train_mod.NonFiniteStop, match=r"steps 5-7: non-finite .* stopped at step 7"):
+        train_mod.run(cfg)
+    ckpts = sorted(p.name for p in (tmp_path / "runs" / "stop" / "checkpoints").iterdir())
+    assert ckpts == ["mtp-0000004", "mtp-0000006"]
+    from wmtp_lib.checkpoint import read_trainer_state
+
+    assert all(read_trainer_state(tmp_path / "runs" / "stop" / "checkpoints" / c)["finite"] for c in ckpts)
 
 
 def test_notebook_list_and_dict_parameters_from_text():

@@ -7,8 +7,10 @@ choices is an error that names the key and the file it came from.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +63,7 @@ SCHEMA: dict[str, Any] = {
         "steps": F((int,), 200),
         "micro_batch_size": F((int,), 8),
         "grad_accum": F((int,), 1),
-        "lr": F((float,), 1e-3),
+        "lr": F((float, int), 1e-3),
         "weight_decay": F((float, int), 0.0),
         "warmup_steps": F((int,), 10),
         "min_lr_ratio": F((float, int), 0.1),
@@ -75,9 +77,11 @@ SCHEMA: dict[str, Any] = {
         "mixed_precision": F((str,), "no", ("no", "bf16")),
         "trackers": F((list,), []),
         "stop_after": F((int,), None, nullable=True),
+        "max_nonfinite_steps": F((int,), 3),
     },
     "weights": {
         "scheme": F((str,), "uniform", ("uniform", "rho1", "critic")),
+        "weight_group": F((str,), "micro_batch", ("micro_batch", "global")),  # DESIGN §4
         "mode": F((str,), "weighted", ("weighted", "tokenskip")),
         "temperature": F((float, int), 1.0),
         "keep_ratio": F((float, int), 0.7),
@@ -94,7 +98,7 @@ SCHEMA: dict[str, Any] = {
         "value_coef": F((float, int), 0.5),
         "value_grad_to_trunk": F((bool,), False),
         "stage1_steps": F((int,), 100),
-        "stage1_lr": F((float,), 1e-3),
+        "stage1_lr": F((float, int), 1e-3),
         "rollouts": F((int,), 4),
         "rollout_max_new_tokens": F((int,), 96),
         "rollout_temperature": F((float, int), 0.8),
@@ -115,6 +119,18 @@ SCHEMA: dict[str, Any] = {
 }
 
 ENV_ONLY_KEYS = {"name", "description"}
+# Keys a resumed run may change: they decide where a run stops, how often it logs or saves, not what it computes.
+RESUME_FREE_KEYS = ("train.stop_after", "train.resume", "train.log_every", "train.save_every", "train.trackers")
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, plus YAML 1.2 floats: ``1e-4`` (no dot) is a number, not the string "1e-4"."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
 
 
 def defaults(schema: dict[str, Any] = SCHEMA) -> dict[str, Any]:
@@ -148,6 +164,8 @@ def _check(values: dict[str, Any], schema: dict[str, Any], source: str, prefix: 
                               f"got {type(value).__name__} {value!r}")
         if spec.choices is not None and value not in spec.choices:
             raise ConfigError(f"{source}: {dotted} must be one of {list(spec.choices)}, got {value!r}")
+        if float in spec.types and isinstance(value, int):
+            values[key] = float(value)  # an int where a float is meant (lr: 1) means that float
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -178,7 +196,7 @@ def expand_dotted(overrides: dict[str, Any]) -> dict[str, Any]:
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path} not found")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = yaml.load(path.read_text(), Loader=_Loader) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return data
@@ -259,6 +277,42 @@ def validate_resolved(cfg: dict[str, Any], source: str) -> None:
             raise ConfigError(f"{source}: train.{key} must be >= 1")
     if cfg["data"]["max_length"] < 8:
         raise ConfigError(f"{source}: data.max_length must be >= 8")
+
+
+def flat_config(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1e-3}}`` → ``{"train.lr": 1e-3}``."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_view(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The flat config a checkpoint is bound to: everything but `RESUME_FREE_KEYS`."""
+    return {k: v for k, v in flat_config(cfg).items() if k not in RESUME_FREE_KEYS}
+
+
+def config_hash(cfg: dict[str, Any]) -> str:
+    """sha256 of `resume_view` (stored with every checkpoint; a resume needs the same hash)."""
+    return hashlib.sha256(json.dumps(resume_view(cfg), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every key of two `resume_view`s that differs."""
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def check_same_run(old_cfg: dict[str, Any], new_cfg: dict[str, Any], where: str | Path) -> None:
+    """Refuse to continue a run under another resolved config; the message names the changed keys."""
+    changes = changed_keys(resume_view(old_cfg), resume_view(new_cfg))
+    if changes:
+        raise ConfigError(f"{where} belongs to a run with another config ({'; '.join(changes)}); "
+                          f"start a new run with another run_name (e.g. -p run_name {new_cfg['run_name']}-2) "
+                          "or remove that run directory")
 
 
 def load_resolved(path: str | Path) -> dict[str, Any]:

@@ -99,10 +99,12 @@ def align_td(delta: torch.Tensor, H: int) -> torch.Tensor:
     return align_reference(delta, H)
 
 
-def value_loss(values: torch.Tensor, targets: torch.Tensor, state_mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over states (0 when there are none)."""
+def value_loss(values: torch.Tensor, targets: torch.Tensor, state_mask: torch.Tensor,
+               n_states: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared error summed over states, divided by ``n_states`` (the states of the whole optimizer step, so
+    the gradient does not depend on how the step is split; default: this batch's states). 0 when none."""
     m = state_mask.float()
-    n = m.sum()
+    n = m.sum() if n_states is None else n_states
     if n == 0:
         return values.sum() * 0.0
     return (((values.float() - targets.detach().float()) ** 2) * m).sum() / n

@@ -30,14 +30,19 @@ def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(model: MTPModel, prompt_ids: list[int], n: int, max_new_tokens: int, temperature: float = 0.8,
-           top_p: float = 0.95, eos_id: int | None = None, generator: torch.Generator | None = None
-           ) -> list[list[int]]:
-    """``n`` continuations of one prompt, batched, from head 0 with a KV cache (greedy when temperature is 0)."""
+           top_p: float = 0.95, eos_id: int | None = None, generator: torch.Generator | None = None,
+           fixed_steps: bool = False) -> list[list[int]]:
+    """``n`` continuations of one prompt, batched, from head 0 with a KV cache (greedy when temperature is 0).
+
+    The trunk runs through ``model(...)`` so that FSDP2's root hooks gather the sharded embedding.
+    ``fixed_steps=True`` always runs ``max_new_tokens`` forwards (no early stop when all rows ended):
+    processes that share a sharded model must run the same number of forwards.
+    """
     model.eval()
     device = model.device
     ids = torch.tensor([prompt_ids] * n, dtype=torch.long, device=device)
     cache = new_cache(model)
-    state = model.forward_trunk(ids, cache=cache)
+    state = model(ids, cache=cache, return_trunk=True)
     logits = model.lm_head(model.forward_head(0, state)[:, -1]).float()
     out = [[] for _ in range(n)]
     done = torch.zeros(n, dtype=torch.bool, device=device)
@@ -52,9 +57,9 @@ def sample(model: MTPModel, prompt_ids: list[int], n: int, max_new_tokens: int, 
                 out[i].append(int(nxt[i]))
         if eos_id is not None:
             done |= nxt == eos_id
-        if bool(done.all()):
+        if not fixed_steps and bool(done.all()):
             break
-        state = model.forward_trunk(nxt.unsqueeze(1), cache=cache)
+        state = model(nxt.unsqueeze(1), cache=cache, return_trunk=True)
         logits = model.lm_head(model.forward_head(0, state)[:, -1]).float()
     return out
 

@@ -276,16 +276,16 @@ class MTPModel(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-        position_ids: torch.Tensor | None = None, return_trunk: bool = False
+        position_ids: torch.Tensor | None = None, return_trunk: bool = False, cache: Cache | None = None,
     ) -> torch.Tensor | TrunkState:
         """Float logits ``(B, T, H, V)``: entry ``[b, t, k]`` scores token ``t + k + 1``.
 
         ``position_ids`` ``(B, T)`` (optional) restarting at 0 per document makes a packed row: no
         document attends to another (see `forward_trunk`). ``return_trunk=True`` returns the
-        `TrunkState` instead (the sequential step goes through ``__call__`` so that FSDP's hooks
-        gather the root parameters).
+        `TrunkState` instead (the sequential step and sampling go through ``__call__`` so that FSDP's
+        hooks gather the root parameters); ``cache`` is a KV cache for decoding.
         """
-        state = self.forward_trunk(input_ids, attention_mask, position_ids)
+        state = self.forward_trunk(input_ids, attention_mask, position_ids, cache=cache)
         if return_trunk:
             return state
         return torch.stack([self.head_logits(k, state) for k in range(self.n_future)], dim=2)

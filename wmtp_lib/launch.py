@@ -5,23 +5,43 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from wmtp_lib.config import as_dict, project_path, resolve_config, write_config
+from wmtp_lib.config import (
+    ConfigError,
+    as_dict,
+    check_same_run,
+    project_path,
+    read_yaml,
+    resolve_config,
+    write_config,
+)
 from wmtp_lib.registry import PROJECT_ROOT
 
 STEP_LINE = re.compile(r"^step (\d+)/(\d+)")
 
 
 def prepare_run(recipe: str, env: str = "local", run_name: str | None = None,
-                overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], Path]:
-    """Resolve recipe + environment + overrides and write ``runs/<run_name>/config.yaml``."""
+                overrides: dict[str, Any] | None = None, log=print) -> tuple[dict[str, Any], Path]:
+    """Resolve recipe + environment + overrides and write ``runs/<run_name>/config.yaml``.
+
+    A run directory that already has checkpoints belongs to its config: another resolved config under
+    the same run name is refused (naming the changed keys) before anything is written.
+    """
     cfg = resolve_config(recipe, env, as_dict(overrides or {}, "overrides"), run_name=run_name or None)
     run_dir = project_path(cfg["paths"]["runs_dir"]) / cfg["run_name"]
-    path = write_config(cfg, run_dir / "config.yaml")
+    existing = run_dir / "config.yaml"
+    has_checkpoints = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+    if existing.is_file() and has_checkpoints and cfg["train"]["resume"] == "auto":
+        check_same_run(read_yaml(existing), cfg, run_dir)
+        if (run_dir / "final").is_dir():
+            log(f"run {cfg['run_name']} already finished with this config: launching it trains nothing "
+                "(pass a new run_name to train again)")
+    path = write_config(cfg, existing)
     return cfg, path
 
 
@@ -52,12 +72,49 @@ def required_models(cfg: dict[str, Any]) -> list[str]:
 
 
 def launch_command(cfg: dict[str, Any], config_path: Path, num_processes: int | None = None) -> list[str]:
+    """The training command: plain python for one process, else ``accelerate launch`` with the env's config.
+
+    ``train.mixed_precision`` is the one mixed-precision switch; it is passed to accelerate on the command
+    line, so the accelerate files carry no second copy of it.
+    """
     n = num_processes or cfg["launch"]["num_processes"]
     acc_cfg = project_path(cfg["launch"]["accelerate_config"])
-    if n == 1 and "cpu_1proc" in acc_cfg.name:
+    acc = read_yaml(acc_cfg)
+    single = str(acc.get("distributed_type", "NO")).upper() == "NO"
+    if n > 1 and single:
+        raise ConfigError(f"{n} processes asked for, but {cfg['launch']['accelerate_config']} starts one process "
+                          "(distributed_type NO): set launch.accelerate_config to a multi-process file, e.g. "
+                          "params/accelerate/cpu_2proc.yaml on a CPU")
+    if n == 1 and single:
         return [sys.executable, "-m", "wmtp_lib.train", "--config", str(config_path)]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_cfg),
-            "--num_processes", str(n), "-m", "wmtp_lib.train", "--config", str(config_path)]
+            "--num_processes", str(n), "--mixed_precision", cfg["train"]["mixed_precision"],
+            "-m", "wmtp_lib.train", "--config", str(config_path)]
+
+
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the training process group (launcher and every worker), SIGKILL what is left after ``grace_s``."""
+    if proc.poll() is not None and not _group_alive(proc.pid):
+        return
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+        if not _group_alive(proc.pid):
+            return
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def launch_training(cfg: dict[str, Any], config_path: Path, num_processes: int | None = None,
@@ -80,23 +137,27 @@ def launch_training(cfg: dict[str, Any], config_path: Path, num_processes: int |
     tail: list[str] = []
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
+        # its own process group: an interrupted or failed cell stops the launcher and every worker with it
         proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1)
+                                text=True, bufsize=1, start_new_session=True)
         assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            tail = (tail + [line.rstrip()])[-40:]
-            m = STEP_LINE.match(line)
-            if m and bar is not None:
-                bar.n = int(m.group(1))
-                bar.set_postfix_str(line.split(" ", 2)[2].strip()[:80])
-                bar.refresh()
-            # The bar is the live view only (a saved notebook, nbviewer or a job log keeps none of its
-            # updates); the printed step lines are the record, so they are printed with or without a bar.
-            if m or any(word in line for word in ("error", "Error", "resumed", "staged", "scoring", "[value]",
-                                                    "data:", "rollouts:", "rewards:")):
-                print(line.rstrip())
-        code = proc.wait()
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                tail = (tail + [line.rstrip()])[-40:]
+                m = STEP_LINE.match(line)
+                if m and bar is not None:
+                    bar.n = int(m.group(1))
+                    bar.set_postfix_str(line.split(" ", 2)[2].strip()[:80])
+                    bar.refresh()
+                # The bar is the live view only (a saved notebook, nbviewer or a job log keeps none of its
+                # updates); the printed step lines are the record, so they are printed with or without a bar.
+                if m or any(word in line for word in ("error", "Error", "resumed", "staged", "scoring", "[value]",
+                                                        "data:", "rollouts:", "rewards:", "already finished")):
+                    print(line.rstrip())
+            code = proc.wait()
+        finally:
+            stop_process_group(proc)
     if bar is not None:
         bar.close()
     if code != 0:

@@ -89,7 +89,9 @@ def soft_weights(
 ) -> torch.Tensor:
     """Per head, over valid entries: z-score, ``exp(z / temperature)``, normalise to mean 1, clip at ``max_weight``.
 
-    ``scores`` and ``valid`` are ``(B, T, H)``; returns float32 weights, 0 where not valid.
+    ``scores`` and ``valid`` are ``(B, T, H)``; returns float32 weights, 0 where not valid. The exponent is
+    shifted by its per-head maximum before ``exp`` (the shift cancels in the normalisation), so no
+    temperature > 0 or group size overflows to inf/NaN.
     """
     _check_same_shape("scores", scores, valid)
     if temperature <= 0:
@@ -100,11 +102,11 @@ def soft_weights(
     m = valid.bool()
     mf = m.float()
     n = mf.sum(dim=(0, 1)).clamp(min=1.0)
-    mean = (s * mf).sum(dim=(0, 1)) / n
-    var = (((s - mean) ** 2) * mf).sum(dim=(0, 1)) / n
-    z = (s - mean) / (var.sqrt() + STD_EPS)
-    w = torch.exp(torch.where(m, z / temperature, torch.zeros_like(z)))
-    w = torch.where(m, w, torch.zeros_like(w))
+    mean = (torch.where(m, s, torch.zeros_like(s))).sum(dim=(0, 1)) / n
+    var = (torch.where(m, (s - mean) ** 2, torch.zeros_like(s))).sum(dim=(0, 1)) / n
+    x = torch.where(m, (s - mean) / (var.sqrt() + STD_EPS) / temperature, torch.full_like(s, -torch.inf))
+    x_max = x.amax(dim=(0, 1)).clamp(min=torch.finfo(x.dtype).min)  # heads with no valid entry: finite shift
+    w = torch.exp(x - x_max)  # in (0, 1] on valid entries, 0 elsewhere; the largest is exactly 1
     w_mean = w.sum(dim=(0, 1)) / n
     w = w / w_mean.clamp(min=torch.finfo(w.dtype).tiny)
     w = torch.clamp(w, max=max_weight)
@@ -118,7 +120,8 @@ def keep_count(keep_ratio: float, n_valid: int) -> int:
 
 @torch.no_grad()
 def topk_weights(scores: torch.Tensor, valid: torch.Tensor, keep_ratio: float = 0.7) -> torch.Tensor:
-    """Per head, weight 1 on the ``ceil(keep_ratio · n_valid)`` valid entries with the highest score, else 0.
+    """Per head, weight ``n_valid / n_kept`` on the ``n_kept = ceil(keep_ratio · n_valid)`` valid entries with
+    the highest score, else 0: weights have mean 1 over valid entries, so the loss is the mean over kept tokens.
 
     Ties go to the lower flat ``(b, t)`` index. Uses a stable sort, not ``torch.quantile``.
     """
@@ -140,7 +143,7 @@ def topk_weights(scores: torch.Tensor, valid: torch.Tensor, keep_ratio: float = 
         order = torch.sort(sk[idx], descending=True, stable=True).indices
         chosen = idx[order[:keep]]
         flat = out[:, :, k].reshape(-1).clone()
-        flat[chosen] = 1.0
+        flat[chosen] = n_valid / keep
         out[:, :, k] = flat.view(B, T)
     return out
 
@@ -177,13 +180,19 @@ def critic_weights(
     return soft_weights(td, valid, temperature=temperature, max_weight=max_weight)
 
 
-def head_loss(ce: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """``Σ w·m·ce / Σ w·m`` over all but the last dims (0 when the denominator is 0)."""
+def head_loss(ce: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor,
+              n_valid: torch.Tensor | float | None = None) -> torch.Tensor:
+    """``Σ w·m·ce / N`` over all but the last dim of ``(B, T, H)`` inputs (all dims of ``(B, T)`` inputs).
+
+    ``N`` (``n_valid``; shape ``(H,)`` or a scalar) is the number of valid targets in the whole optimizer
+    step (DESIGN §4); by default the valid count of the given batch. 0 where ``N`` is 0.
+    """
     wm = weights.detach().float() * valid.float()
     dims = tuple(range(ce.dim() - 1)) if ce.dim() == 3 else tuple(range(ce.dim()))
     num = (wm * ce.float()).sum(dim=dims)
-    den = wm.sum(dim=dims)
-    return torch.where(den > 0, num / den.clamp(min=torch.finfo(den.dtype).tiny), torch.zeros_like(num))
+    den = valid.float().sum(dim=dims) if n_valid is None else torch.as_tensor(n_valid, dtype=torch.float32,
+                                                                              device=num.device)
+    return torch.where(den > 0, num / den.clamp(min=1.0), torch.zeros_like(num))
 
 
 def weighted_mtp_loss(
@@ -191,11 +200,20 @@ def weighted_mtp_loss(
     weights: torch.Tensor,
     valid: torch.Tensor,
     head_weights: torch.Tensor | list[float] | None = None,
+    n_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``L = Σ_k α_k · Σ_{b,t} w·m·ce / Σ_{b,t} w·m`` (each head term 0 when its denominator is 0)."""
+    """``L = Σ_k α_k · Σ_{b,t} w·m·ce / N_k`` with ``N_k`` = ``n_valid[k]`` (``(H,)``), the valid targets of head
+    ``k`` in the whole optimizer step; default: the valid count of this batch. A head term is 0 when ``N_k`` is 0.
+
+    With ``N_k`` counted over the optimizer step, the gradient of a given weighting does not depend on how
+    the batch is split over micro-batches and ranks.
+    """
     _check_same_shape("ce", ce, valid)
     _check_same_shape("weights", weights, valid)
-    per_head = head_loss(ce, weights, valid)
+    if n_valid is not None and tuple(torch.as_tensor(n_valid).shape) != (ce.shape[-1],):
+        raise ValueError(f"n_valid must have shape ({ce.shape[-1]},), one count per head; "
+                         f"got {tuple(torch.as_tensor(n_valid).shape)}")
+    per_head = head_loss(ce, weights, valid, n_valid)
     alpha = resolve_head_weights(head_weights, ce.shape[-1], per_head.device)
     return (alpha * per_head).sum()
 

@@ -45,8 +45,10 @@ def reference_token_ce(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     return torch.where(valid_next, out, torch.zeros_like(out))
 
 
-def cache_key(data_cfg: dict[str, Any], tokenizer, reference_dir: str | Path, max_length: int) -> str:
-    """Identifies one scoring pass: dataset settings, tokenizer, reference weights (by manifest), length."""
+def cache_key(data_cfg: dict[str, Any], tokenizer, reference_dir: str | Path, max_length: int,
+              dtype: torch.dtype = torch.float32) -> str:
+    """Identifies one scoring pass: dataset settings, tokenizer, reference weights (by manifest), length and
+    the dtype the reference computes in (bf16 and float32 losses differ)."""
     ref_manifest = Path(reference_dir) / MANIFEST_NAME
     ref_id = hashlib.sha256(ref_manifest.read_bytes()).hexdigest() if ref_manifest.is_file() else str(reference_dir)
     payload = {
@@ -54,6 +56,7 @@ def cache_key(data_cfg: dict[str, Any], tokenizer, reference_dir: str | Path, ma
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "reference": ref_id,
         "max_length": max_length,
+        "dtype": str(dtype),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 

@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 
 from wmtp_lib.data import Sample, TokenizedData, tokenize_samples
+from wmtp_lib.distributed import Dist
 from wmtp_lib.evaluation import extract_completion
 from wmtp_lib.execution import fraction_of_tests_passed, require_isolation, sandbox_record
 from wmtp_lib.generation import sample as sample_tokens
@@ -44,33 +45,53 @@ def row_rewards(data: TokenizedData, sample_rewards: torch.Tensor) -> torch.Tens
 
 
 def sample_rollouts(model, tokenizer, prompts: list[Sample], rollouts: int, max_new_tokens: int, temperature: float,
-                    seed: int, benchmark: str = "synthetic", log: Callable[[str], None] = print) -> list[Sample]:
-    """``rollouts`` sampled completions per prompt (head 0), as samples carrying the prompt's tests."""
-    gen = torch.Generator(device=model.device).manual_seed(seed)
-    out = []
+                    seed: int, benchmark: str = "synthetic", dist: Dist | None = None,
+                    log: Callable[[str], None] = print) -> list[Sample]:
+    """``rollouts`` sampled completions per prompt (head 0), as samples carrying the prompt's tests.
+
+    With ``dist``, each process samples a shard of the prompts (every ``world``-th) through the sharded
+    model and the shards are gathered back in prompt order. Prompt ``i`` draws from its own generator
+    (seed, ``i``), so the rollouts do not depend on the number of processes. Every process runs the same
+    number of forwards (FSDP gathers weights in each): a process whose shard is shorter samples its last
+    prompt again and drops the result.
+    """
+    world, rank = (dist.world, dist.rank) if dist is not None else (1, 0)
+    mine = list(range(rank, len(prompts), world))
+    rounds = -(-len(prompts) // world)
     was_training = model.training
-    for i, p in enumerate(prompts):
+    local: list[tuple[int, list[dict]]] = []
+    for r in range(rounds):
+        i = mine[r] if r < len(mine) else mine[-1] if mine else 0
+        p = prompts[i]
         ids = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + \
             tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
-        for j, toks in enumerate(sample_tokens(model, ids, rollouts, max_new_tokens, temperature, 1.0,
-                                               tokenizer.eos_token_id, gen)):
-            text = extract_completion(decode_continuation(tokenizer, ids, toks), benchmark)
-            out.append(Sample(id=f"{p.id}/rollout{j}", prompt=p.prompt, completion=text, tests=p.tests,
-                              exec_prefix=p.exec_prefix, entry_point=p.entry_point, io_tests=p.io_tests))
-        if (i + 1) % 16 == 0:
-            log(f"rollouts: {i + 1}/{len(prompts)} prompts")
+        gen = torch.Generator(device=model.device).manual_seed(seed * 1_000_003 + i)
+        outs = sample_tokens(model, ids, rollouts, max_new_tokens, temperature, 1.0, tokenizer.eos_token_id, gen,
+                             fixed_steps=world > 1)
+        if r < len(mine):
+            local.append((i, [Sample(id=f"{p.id}/rollout{j}", prompt=p.prompt,
+                                     completion=extract_completion(decode_continuation(tokenizer, ids, toks),
+                                                                   benchmark),
+                                     tests=p.tests, exec_prefix=p.exec_prefix, entry_point=p.entry_point,
+                                     io_tests=p.io_tests).to_json()
+                              for j, toks in enumerate(outs)]))
+        if (r + 1) % 16 == 0:
+            log(f"rollouts: {min(len(prompts), (r + 1) * world)}/{len(prompts)} prompts")
     model.train(was_training)
-    return out
+    gathered = dist.gather_objects(local) if dist is not None else [local]
+    by_prompt = dict(item for shard in gathered for item in shard)
+    return [Sample(**s) for i in range(len(prompts)) for s in by_prompt[i]]
 
 
-def build_rollout_data(model, tokenizer, samples: list[Sample], cfg: dict[str, Any], cache: Path,
-                       log: Callable[[str], None] = print) -> tuple[TokenizedData, torch.Tensor]:
+def build_rollout_data(model, tokenizer, samples: list[Sample], cfg: dict[str, Any], cache: Path, dist: Dist,
+                       ) -> tuple[TokenizedData, torch.Tensor]:
     """Stage-1 data for the execution reward: rollouts of the current model and their pass fractions.
 
-    Stored in ``cache`` (a run-directory file) so a resumed run fits on the same rollouts.
+    Every process samples and runs the tests of its shard of the prompts; the main process stores the
+    gathered result in ``cache`` (a run-directory file) so a resumed run fits on the same rollouts.
     """
     ccfg, t = cfg["critic"], cfg["train"]
-    if cache.is_file():
+    if dist.broadcast_object(cache.is_file()):  # one decision for all processes: they sample together or not
         stored = json.loads(cache.read_text())
         rollouts = [Sample(**s) for s in stored["samples"]]
         rewards = torch.tensor(stored["rewards"], dtype=torch.float32)
@@ -84,14 +105,20 @@ def build_rollout_data(model, tokenizer, samples: list[Sample], cfg: dict[str, A
             if len(prompts) == n_prompts:
                 break
         rollouts = sample_rollouts(model, tokenizer, prompts, ccfg["rollouts"], ccfg["rollout_max_new_tokens"],
-                                   ccfg["rollout_temperature"], cfg["seed"], log=log)
+                                   ccfg["rollout_temperature"], cfg["seed"], dist=dist, log=dist.print)
         allow_weak = cfg["allow_weak_sandbox"]
-        rewards = execution_rewards(rollouts, allow_weak_sandbox=allow_weak)
-        tmp = cache.with_name(cache.name + ".tmp")
-        tmp.write_text(json.dumps({"samples": [s.to_json() for s in rollouts], "rewards": rewards.tolist(),
-                                   "sandbox": sandbox_record(allow_weak)}))
-        tmp.replace(cache)
-        log(f"rollouts: {len(rollouts)} sampled, mean test pass fraction {rewards.mean():.3f} "
-            f"(sandbox {sandbox_record(allow_weak)['level']})")
+        # each process runs the unit tests of every world-th rollout; results are gathered in order
+        mine = list(range(dist.rank, len(rollouts), dist.world))
+        scores = execution_rewards([rollouts[i] for i in mine], allow_weak_sandbox=allow_weak).tolist() if mine else []
+        by_index = dict(item for shard in dist.gather_objects(list(zip(mine, scores))) for item in shard)
+        rewards = torch.tensor([by_index[i] for i in range(len(rollouts))], dtype=torch.float32)
+        if dist.is_main:
+            tmp = cache.with_name(cache.name + ".tmp")
+            tmp.write_text(json.dumps({"samples": [s.to_json() for s in rollouts], "rewards": rewards.tolist(),
+                                       "sandbox": sandbox_record(allow_weak)}))
+            tmp.replace(cache)
+        dist.barrier()
+        dist.print(f"rollouts: {len(rollouts)} sampled, mean test pass fraction {rewards.mean():.3f} "
+                   f"(sandbox {sandbox_record(allow_weak)['level']})")
     data = tokenize_samples(tokenizer, rollouts, cfg["data"]["max_length"], cfg["data"]["prompt_masking"], pack=False)
     return data, row_rewards(data, rewards)

@@ -55,18 +55,23 @@ def sequential_mtp_step(
     backward: bool = True,
     weight_fn_factory: Callable[[torch.Tensor], HeadWeightFn] | None = None,
     position_ids: torch.Tensor | None = None,
+    n_valid: torch.Tensor | None = None,
+    extra_loss_scale: float | None = None,
 ) -> StepOutput:
     """Forward + backward of the weighted MTP loss, one head at a time.
 
-    Gradients (scaled by ``loss_scale``, e.g. ``1 / grad_accum``) accumulate into ``.grad``; they equal
-    those of `weighted_mtp_loss` on `MTPModel.forward` logits. ``extra_trunk_loss(trunk_hidden)`` adds a
-    term that reads the (non-detached) trunk output, e.g. a value loss; its value is added to ``loss``.
+    Gradients (scaled by ``loss_scale``) accumulate into ``.grad``; they equal those of
+    `weighted_mtp_loss(..., n_valid=n_valid)` on `MTPModel.forward` logits. ``n_valid`` ``(H,)`` is the
+    optimizer step's valid-target count per head (DESIGN §4; default: this micro-batch's).
+    ``extra_trunk_loss(trunk_hidden)`` adds a term that reads the (non-detached) trunk output, e.g. a value
+    loss, scaled by ``extra_loss_scale`` (default ``loss_scale``); its value is added to ``loss``.
     ``weight_fn_factory(trunk_hidden_detached)`` builds ``weight_fn`` from this step's trunk output
     (the critic's TD errors need it). ``position_ids`` ``(B, T)`` marks packed rows (positions restart
     at 0 per document): no document attends to another and no target crosses a document boundary.
     """
     H = model.n_future
     alpha = resolve_head_weights(head_weights, H, input_ids.device)
+    extra_scale = loss_scale if extra_loss_scale is None else extra_loss_scale
     state = model(input_ids, attention_mask, position_ids=position_ids, return_trunk=True)
     trunk_out = state.hidden
     grad_enabled = backward and torch.is_grad_enabled() and trunk_out.requires_grad
@@ -80,7 +85,7 @@ def sequential_mtp_step(
         ce = model.lm_head(hidden, targets, valid, chunk_size)
         with torch.no_grad():
             w = weight_fn(k, ce.detach(), valid).float()
-        loss_k = head_loss(ce, w, valid)
+        loss_k = head_loss(ce, w, valid, None if n_valid is None else n_valid[k])
         if grad_enabled:
             (loss_k * alpha[k] * loss_scale).backward()
         ces.append(ce.detach())
@@ -94,7 +99,7 @@ def sequential_mtp_step(
         if extra_trunk_loss is not None:
             extra = extra_trunk_loss(trunk_out)
             total = total + extra.detach()
-            torch.autograd.backward([trunk_out, extra * loss_scale], [trunk_grad, None])
+            torch.autograd.backward([trunk_out, extra * extra_scale], [trunk_grad, None])
         else:
             trunk_out.backward(trunk_grad)
     elif extra_trunk_loss is not None:

@@ -1,0 +1,429 @@
+"""Token weightings of the training recipes (DESIGN §4): `UniformWeighting`, `Rho1Weighting`, `CriticWeighting`.
+
+Each owns its setup (reference losses, sequence rewards, value head), its per-micro-batch weight function,
+its no-grad scores for the exact ``weight_group: global`` statistics, and its own state for checkpoints.
+The critic also owns its value-head fit (stage 1) and the value loss of stage 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from wmtp_lib.config import project_path
+from wmtp_lib.critic import (
+    ValueHead,
+    align_td,
+    sparse_rewards,
+    state_mask_from_labels,
+    value_loss,
+    value_targets,
+)
+from wmtp_lib.data import BatchSchedule, TokenizedData
+from wmtp_lib.distributed import Dist
+from wmtp_lib.loaders import check_tokenizer_compat, load_causal_lm, load_tokenizer
+from wmtp_lib.tokenization import compat_texts
+from wmtp_lib.losses import align_reference, critic_weights, head_targets, soft_weights, topk_weights
+from wmtp_lib.registry import load_registry
+from wmtp_lib.step import HeadWeightFn, sequential_mtp_step, uniform_weights
+
+Batch = dict[str, torch.Tensor]
+WeightFnFactory = Callable[[torch.Tensor], HeadWeightFn]
+
+
+def move_batch(batch: Batch, device) -> Batch:
+    """A micro-batch on the device; ``row_index`` stays on the host (it indexes host tables: reference losses,
+    rewards), so looking rows up costs no device sync."""
+    return {k: v if k == "row_index" else v.to(device) for k, v in batch.items()}
+
+
+def target_valid(label_mask: torch.Tensor, H: int, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """``valid[b, t, k]``: ``label_mask[b, t+k+1]`` and, in packed rows, ``t+k+1`` in the document of ``t``
+    (``(B, T, H)`` bool; False past the end), exactly as `head_targets` decides it."""
+    return torch.stack([head_targets(label_mask, k, label_mask, position_ids)[1] for k in range(H)], dim=-1)
+
+
+def valid_counts(batches: list[Batch], H: int) -> torch.Tensor:
+    """``(H,)`` float64: valid targets of each head over these micro-batches (head ``k`` targets ``x[t+k+1]``)."""
+    device = batches[0]["label_mask"].device
+    counts = torch.zeros(H, dtype=torch.float64, device=device)
+    for batch in batches:
+        counts += target_valid(batch["label_mask"], H, batch.get("position_ids")).sum(dim=(0, 1))
+    return counts
+
+
+class PrecomputedWeights:
+    """The weight function of a micro-batch whose ``(B, T, H)`` weights were computed over the global group."""
+
+    def __init__(self, weights: torch.Tensor):
+        self.weights = weights
+
+    def __call__(self, k: int, ce_k: torch.Tensor, valid_k: torch.Tensor) -> torch.Tensor:
+        return self.weights[:, :, k]
+
+
+class UniformWeighting:
+    """``mtp_baseline``: weight 1 on every valid target; no scores, no state."""
+
+    needs_scores = False
+
+    def weight_fn_factory(self, batch: Batch, precomputed: torch.Tensor | None = None) -> WeightFnFactory:
+        return lambda trunk_hidden: uniform_weights
+
+    def extra_trunk_loss(self, batch: Batch):
+        return None
+
+    def begin_window(self, batches: list[Batch], dist: Dist) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+
+def group_weights(weighting, model, batches: list[Batch], dist: Dist, H: int) -> list[torch.Tensor]:
+    """Exact ``weight_group: global`` weights: statistics over every entry of the optimizer step.
+
+    One no-grad scoring pass over this rank's micro-batches, one all-gather of the ``(A, B, T, H)`` scores
+    and validity, then the weights of the whole group in the global batch's canonical order (slot
+    ``a · world + rank``, as `BatchSchedule` numbers them), so any split of the batch over micro-batches and
+    ranks gives the same weights and the same tie order. Returns this rank's ``(B, T, H)`` weights per slot.
+    """
+    with torch.no_grad():
+        scores = torch.stack([weighting.scores(model, b).float() for b in batches])  # (A, B, T, H)
+    valid = torch.stack([target_valid(b["label_mask"], H, b.get("position_ids")) for b in batches]).to(torch.uint8)
+    A, B, T, _ = scores.shape
+    all_scores = dist.gather_stack(scores).transpose(0, 1).reshape(-1, T, H)  # (A·W·B, T, H)
+    all_valid = dist.gather_stack(valid).transpose(0, 1).reshape(-1, T, H).bool()
+    weights = weighting.weights_from_scores(all_scores, all_valid)
+    return list(weights.view(A, dist.world, B, T, H)[:, dist.rank].unbind(0))
+
+
+# ------------------------------------------------------------------------------------------ rho1
+
+
+class Rho1HeadWeights:
+    """Rho-1 weights of one micro-batch, per head, from its own excess loss ``ce − ref_ce`` (micro-batch group)."""
+
+    def __init__(self, ref_aligned: torch.Tensor, weights_cfg: dict[str, Any]):
+        self.ref_aligned = ref_aligned
+        self.cfg = weights_cfg
+
+    def __call__(self, k: int, ce_k: torch.Tensor, valid_k: torch.Tensor) -> torch.Tensor:
+        scores = (ce_k - self.ref_aligned[:, :, k]).unsqueeze(-1)
+        return rho1_from_scores(scores, valid_k.unsqueeze(-1), self.cfg).squeeze(-1)
+
+
+def rho1_from_scores(scores: torch.Tensor, valid: torch.Tensor, cfg: dict[str, Any]) -> torch.Tensor:
+    """Soft or token-skip weights of excess-loss scores ``(B, T, H)`` (DESIGN §4)."""
+    if cfg["mode"] == "tokenskip":
+        return topk_weights(scores, valid, keep_ratio=cfg["keep_ratio"])
+    return soft_weights(scores, valid, temperature=cfg["temperature"], max_weight=cfg["max_weight"])
+
+
+class Rho1Weighting:
+    """``rho1`` / ``rho1_tokenskip``: excess loss against a frozen reference (cached per row, or online)."""
+
+    needs_scores = True
+
+    def __init__(self, cfg: dict[str, Any], H: int, ref_rows: torch.Tensor | None, ref_model, device):
+        self.cfg = cfg["weights"]
+        self.H = H
+        self.ref_rows = ref_rows  # (N, T) host tensor of cached reference losses, or None (online)
+        self.ref_model = ref_model
+        self.chunk_size = cfg["train"]["chunk_size"]
+        self.device = device
+
+    @classmethod
+    def build(cls, cfg: dict[str, Any], H: int, tokenizer, samples, data: TokenizedData, dist: Dist,
+              model_dir: Callable[[str], Path]) -> "Rho1Weighting":
+        ref_dir = model_dir(cfg["models"]["reference"])
+        check_tokenizer_compat(tokenizer, load_tokenizer(ref_dir), compat_texts(samples), cfg["models"]["base"],
+                               cfg["models"]["reference"])
+        dtype = torch.bfloat16 if cfg["train"]["mixed_precision"] == "bf16" else torch.float32
+
+        def load_ref():
+            return load_causal_lm(ref_dir, dtype=dtype).to(dist.device)
+
+        if not cfg["rho1"]["ref_cache"]:
+            dist.print("reference model resident (online scoring)")
+            return cls(cfg, H, None, load_ref(), dist.device)
+        from wmtp_lib.reference import cache_key, load_or_score
+
+        key = cache_key(cfg["data"], tokenizer, ref_dir, cfg["data"]["max_length"], dtype)
+        cache_dir = project_path(cfg["paths"]["models_dir"]) / ".ref_cache"
+        args = (cache_dir, key, data.input_ids, data.attention_mask, load_ref, cfg["rho1"]["ref_batch_size"],
+                dist.device)
+        if dist.is_main:  # the main process scores once; the others read its cache
+            load_or_score(*args, log=dist.print, position_ids=data.position_ids)
+        dist.barrier()
+        ref_rows, _ = load_or_score(*args, log=lambda m: None, position_ids=data.position_ids)
+        return cls(cfg, H, ref_rows, None, dist.device)
+
+    def reference(self, batch: Batch) -> torch.Tensor:
+        """Aligned reference losses ``(B, T, H)`` of a micro-batch."""
+        if self.ref_rows is not None:
+            ref = self.ref_rows[batch["row_index"]].to(self.device)
+        else:
+            from wmtp_lib.reference import reference_token_ce
+
+            ref = reference_token_ce(self.ref_model, batch["input_ids"], batch["attention_mask"],
+                                     position_ids=batch.get("position_ids"))
+        return align_reference(ref.float(), self.H)
+
+    def weight_fn_factory(self, batch: Batch, precomputed: torch.Tensor | None = None) -> WeightFnFactory:
+        fn = PrecomputedWeights(precomputed) if precomputed is not None \
+            else Rho1HeadWeights(self.reference(batch), self.cfg)
+        return lambda trunk_hidden: fn
+
+    @torch.no_grad()
+    def scores(self, model, batch: Batch) -> torch.Tensor:
+        """Excess loss ``ce − ref_ce`` ``(B, T, H)`` from a no-grad pass of the current model."""
+        out = sequential_mtp_step(model, batch["input_ids"], batch["attention_mask"], batch["label_mask"],
+                                  chunk_size=self.chunk_size, backward=False, position_ids=batch.get("position_ids"))
+        return out.ce - self.reference(batch)
+
+    def weights_from_scores(self, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return rho1_from_scores(scores, valid, self.cfg)
+
+    def extra_trunk_loss(self, batch: Batch):
+        return None
+
+    def begin_window(self, batches: list[Batch], dist: Dist) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+
+# ------------------------------------------------------------------------------------------ critic
+
+
+class CriticHeadWeights:
+    """Critic weights of one micro-batch from the TD errors of its trunk output (micro-batch group)."""
+
+    def __init__(self, weighting: "CriticWeighting", batch: Batch):
+        self.weighting = weighting
+        self.batch = batch
+
+    def __call__(self, trunk_hidden: torch.Tensor) -> HeadWeightFn:
+        td = self.weighting.td(trunk_hidden, self.batch)
+        valid = target_valid(self.batch["label_mask"], self.weighting.H, self.batch.get("position_ids"))
+        return PrecomputedWeights(self.weighting.weights_from_scores(td, valid))
+
+
+class ValueTerm:
+    """``value_coef · MSE`` of the value head on a micro-batch's trunk output (records the MSE it computed)."""
+
+    def __init__(self, weighting: "CriticWeighting", batch: Batch):
+        self.weighting = weighting
+        self.batch = batch
+        self.value: torch.Tensor | None = None
+
+    def __call__(self, trunk_hidden: torch.Tensor) -> torch.Tensor:
+        to_trunk = self.weighting.ccfg["value_grad_to_trunk"]
+        loss = self.weighting.value_loss(trunk_hidden if to_trunk else trunk_hidden.detach(), self.batch,
+                                         n_states=self.weighting.window_states)
+        self.value = loss.detach()
+        return self.weighting.ccfg["value_coef"] * loss
+
+
+class CriticWeighting:
+    """``critic``: value head on the trunk output, TD-error soft weights, value loss; stage 1 fits the head."""
+
+    needs_scores = True
+
+    def __init__(self, cfg: dict[str, Any], H: int, hidden_size: int, rewards: torch.Tensor, device):
+        self.cfg = cfg["weights"]
+        self.ccfg = cfg["critic"]
+        self.H = H
+        self.rewards = rewards  # (N, T) host map: every token holds its sample's sequence reward
+        self.value_head = ValueHead(hidden_size).to(device)
+        self.optimizer = torch.optim.AdamW(self.value_head.parameters(), lr=self.ccfg["stage1_lr"])
+        self.device = device
+        self.window_states: torch.Tensor | None = None  # states of the current optimizer step (begin_window)
+
+    @classmethod
+    def build(cls, cfg: dict[str, Any], H: int, hidden_size: int, tokenizer, samples, data: TokenizedData,
+              dist: Dist, run_dir: Path, model_dir: Callable[[str], Path]) -> "CriticWeighting":
+        return cls(cfg, H, hidden_size, sequence_rewards(cfg, tokenizer, samples, data, dist, run_dir, model_dir),
+                   dist.device)
+
+    # stage 2 ---------------------------------------------------------------------------
+    def enter_stage2(self, lr: float) -> None:
+        """Stage 2 keeps V current with its own optimizer at the training learning rate."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    @torch.no_grad()
+    def td(self, trunk_hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Aligned TD errors ``td[b, t, k] = δ_{t+k}`` ``(B, T, H)`` from the current value head."""
+        state_mask = state_mask_from_labels(batch["label_mask"], batch.get("position_ids"))
+        rewards = sparse_rewards(self.rewards[batch["row_index"]].to(self.device), state_mask,
+                                 batch.get("position_ids"))
+        values = self.value_head(trunk_hidden.detach())
+        delta, _ = value_targets(values, rewards, state_mask, self.ccfg["gamma"], self.ccfg["lam"])
+        return align_td(delta, self.H)
+
+    def weight_fn_factory(self, batch: Batch, precomputed: torch.Tensor | None = None) -> WeightFnFactory:
+        if precomputed is not None:
+            fn = PrecomputedWeights(precomputed)
+            return lambda trunk_hidden: fn
+        return CriticHeadWeights(self, batch)
+
+    @torch.no_grad()
+    def scores(self, model, batch: Batch) -> torch.Tensor:
+        trunk = model(batch["input_ids"], batch["attention_mask"], position_ids=batch.get("position_ids"),
+                      return_trunk=True).hidden
+        return self.td(trunk, batch)
+
+    def weights_from_scores(self, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return critic_weights(scores, valid, temperature=self.cfg["temperature"], max_weight=self.cfg["max_weight"])
+
+    def extra_trunk_loss(self, batch: Batch) -> ValueTerm:
+        return ValueTerm(self, batch)
+
+    def begin_window(self, batches: list[Batch], dist: Dist) -> None:
+        """Count the states of the optimizer step (all micro-batches and ranks; one all-reduce): the value
+        loss divides by it, like the MTP loss by ``N_k``."""
+        local = sum(state_mask_from_labels(b["label_mask"], b.get("position_ids")).sum() for b in batches)
+        self.window_states = dist.sum(torch.as_tensor(local, dtype=torch.float32, device=dist.device))
+
+    def value_loss(self, trunk_hidden: torch.Tensor, batch: Batch, row_rewards: torch.Tensor | None = None,
+                   n_states: torch.Tensor | None = None) -> torch.Tensor:
+        state_mask = state_mask_from_labels(batch["label_mask"], batch.get("position_ids"))
+        table = self.rewards if row_rewards is None else row_rewards
+        rewards = sparse_rewards(table[batch["row_index"]].to(self.device), state_mask, batch.get("position_ids"))
+        values = self.value_head(trunk_hidden)
+        _, targets = value_targets(values, rewards, state_mask, self.ccfg["gamma"], self.ccfg["lam"])
+        return value_loss(values, targets, state_mask, n_states)
+
+    def optimizer_step(self, dist: Dist, skip: bool) -> None:
+        """Average the value head's gradients over processes and step its optimizer (unless skipped)."""
+        if not skip:
+            dist.average_grads(list(self.value_head.parameters()))
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value_head": self.value_head.state_dict(), "value_optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value_head.load_state_dict(state["value_head"])
+        self.optimizer.load_state_dict(state["value_optimizer"])
+
+    # stage 1 ---------------------------------------------------------------------------
+    def stage1_data(self, trainer) -> tuple[TokenizedData, torch.Tensor]:
+        """Gold rows with their rewards, or (execution reward) rollouts of the current model, sampled on
+        every process through the sharded model and cached in the run directory for a resume."""
+        if self.ccfg["reward_source"] != "execution":
+            return trainer.data, self.rewards
+        from wmtp_lib.rollouts import build_rollout_data
+
+        return build_rollout_data(trainer.model, trainer.tokenizer, trainer.samples, trainer.cfg,
+                                  trainer.run_dir / "rollouts.json", trainer.dist)
+
+    def fit_value_head(self, trainer, start: int) -> None:
+        """Stage 1: the trunk frozen, fit V by MSE to GAE targets; checkpoints as ``value-<step>``. Ends by
+        switching V's optimizer to the stage-2 learning rate and saving ``mtp-0000000``, so a resume right
+        after stage 1 continues with the same value head, optimizer state and learning rate."""
+        cfg, dist = trainer.cfg, trainer.dist
+        steps, log_every = self.ccfg["stage1_steps"], cfg["train"]["log_every"]
+        data, rewards = self.stage1_data(trainer)
+        accum = cfg["train"]["grad_accum"]
+        # the same global batch per step as training (micro × accum × processes), so the split does not matter
+        schedule = BatchSchedule(len(data), cfg["train"]["micro_batch_size"], accum, dist.world, cfg["seed"] + 1)
+        window = torch.zeros(2, dtype=torch.float64, device=dist.device)  # Σ value loss, steps
+        for step in range(start, steps):
+            batches = [move_batch(data.rows(schedule.micro_batch(step, slot, dist.rank)), dist.device)
+                       for slot in range(accum)]
+            self.begin_window(batches, dist)
+            for batch in batches:
+                with torch.no_grad():
+                    trunk = trainer.model(batch["input_ids"], batch["attention_mask"],
+                                          position_ids=batch.get("position_ids"), return_trunk=True).hidden
+                loss = self.value_loss(trunk, batch, rewards, n_states=self.window_states)
+                (loss * dist.world).backward()  # the gradient average over ranks then gives the step's mean
+                window[0] += loss.detach().double()
+            self.optimizer_step(dist, skip=False)
+            window[1] += 1
+            done = step + 1
+            if done % log_every == 0 or done == steps:
+                total, count = dist.sum(window).tolist()
+                count /= dist.world  # every rank counted each step once
+                trainer.metrics.write({"stage": "value", "step": done, "value_loss": total / count, "value_lr": self.lr})
+                dist.print(f"[value] step {done}/{steps} value_loss {total / count:.4f}")
+                window.zero_()
+            if done % cfg["train"]["save_every"] == 0 and done < steps:
+                trainer.checkpointer.save(done, "value")
+        if dist.is_main:
+            self.save_value_head(trainer.run_dir / "value_head_stage1.safetensors")
+        self.enter_stage2(cfg["train"]["lr"])
+        trainer.checkpointer.save(0, "mtp")
+
+    def save_value_head(self, path: Path) -> None:
+        save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()}, str(path))
+
+
+# ------------------------------------------------------------------------------------------ rewards
+
+
+def sequence_rewards(cfg: dict[str, Any], tokenizer, samples, data: TokenizedData, dist: Dist, run_dir: Path,
+                     model_dir: Callable[[str], Path]) -> torch.Tensor:
+    """One reward per training sample, cached in the run directory: the reward model's score of the gold
+    prompt and completion (in its own template and tokenizer), or the fraction of the sample's unit tests its
+    gold completion passes. Returned as a ``(rows, T)`` map (every token holds its sample's reward), so each
+    document of a packed row gets its own reward."""
+    path = run_dir / "rewards.safetensors"
+    rm_dir = model_dir(cfg["models"]["reward"]) if cfg["critic"]["reward_source"] == "model" else None
+    if dist.is_main and not path.is_file():
+        if rm_dir is None:
+            from wmtp_lib.rollouts import execution_rewards
+
+            rewards = execution_rewards(samples, allow_weak_sandbox=cfg["allow_weak_sandbox"])
+        else:
+            rewards = reward_model_scores(cfg, samples, rm_dir, dist.device)
+        dist.print(f"sequence rewards: mean {rewards.mean():.3f}, std {rewards.std():.3f} over {len(rewards)} samples")
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"rewards": rewards.contiguous()}, str(tmp))
+        tmp.replace(path)
+    dist.barrier()
+    rewards = load_file(str(path))["rewards"]
+    if rewards.shape[0] != len(samples):
+        raise RuntimeError(f"{path} holds {rewards.shape[0]} rewards but the data has {len(samples)} samples; "
+                           "the data changed under this run name: use a new run_name")
+    return data.token_map(rewards)
+
+
+def reward_model_scores(cfg: dict[str, Any], samples, rm_dir: Path, device) -> torch.Tensor:
+    """The registered reward model's score of every sample's gold prompt and completion."""
+    from wmtp_lib.reward import RewardModel
+
+    entry = load_registry().model(cfg["models"]["reward"])
+    dtype = torch.bfloat16 if cfg["train"]["mixed_precision"] == "bf16" else None
+    rm = RewardModel.from_dir(rm_dir, entry.reward_layout, entry.input_template, entry.truncation_side,
+                              dtype=dtype, device=device)
+    return rm.score([s.prompt for s in samples], [s.completion for s in samples])
+
+
+def build_weighting(cfg: dict[str, Any], H: int, hidden_size: int, tokenizer, samples, data: TokenizedData,
+                    dist: Dist, run_dir: Path, model_dir: Callable[[str], Path]):
+    """The weighting of ``weights.scheme`` with its setup done (reference losses scored, rewards computed)."""
+    scheme = cfg["weights"]["scheme"]
+    if scheme == "rho1":
+        return Rho1Weighting.build(cfg, H, tokenizer, samples, data, dist, model_dir)
+    if scheme == "critic":
+        return CriticWeighting.build(cfg, H, hidden_size, tokenizer, samples, data, dist, run_dir, model_dir)
+    return UniformWeighting()
