@@ -21,7 +21,7 @@ from wmtp_lib.step import all_heads_step, sequential_mtp_step
 from wmtp_lib.tiny import train_tokenizer
 
 H = 4
-T = 192
+T = 320
 
 
 @pytest.fixture(scope="module")
