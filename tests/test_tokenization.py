@@ -73,3 +73,20 @@ def test_generated_continuation_keeps_its_indentation(llama_spm):
         assert ids[:len(prompt_ids) - 1] == prompt_ids[1:]  # prompts end with a newline: a clean cut
         assert decode_continuation(tok, prompt_ids, ids[len(prompt_ids) - 1:]) == completion
     assert tok.decode(tok("x\n    return x", add_special_tokens=False)["input_ids"][2:]) == "   return x"
+
+
+def test_continuation_starting_with_stray_bytes_after_a_newline_decodes(llama_spm):
+    """A prompt ends in ``<0x0A>``; a sampled continuation that starts with bytes that are no valid UTF-8 after
+    it makes the decoder fuse both into replacement characters. The continuation is still decoded, and its
+    valid text is kept (the prompt's text is not eaten)."""
+    from wmtp_lib.tokenization import decode_continuation
+
+    tok = spm_to_fast(llama_spm)
+    prompt_ids = [tok.bos_token_id] + tok('"""\ndoc\n"""\n', add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(prompt_ids[-1]) == "<0x0A>"
+    stray = tok.convert_tokens_to_ids(["<0xC2>"])
+    tail = tok("    return 1", add_special_tokens=False)["input_ids"]
+    assert not tok.decode(prompt_ids + stray + tail, skip_special_tokens=True).startswith(
+        tok.decode(prompt_ids, skip_special_tokens=True))  # the fusing this test is about
+    text = decode_continuation(tok, prompt_ids, stray + tail)
+    assert text.endswith("return 1") and text.startswith("\ufffd")

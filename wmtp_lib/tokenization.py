@@ -240,15 +240,31 @@ def load_tokenizer_files(path: str | Path):
     raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model")
 
 
+def _anchor_id(tokenizer) -> int:
+    """A plain one-letter piece: a boundary that no byte-fallback token can merge across."""
+    for piece in ("a", "x", "e", "▁a"):
+        i = tokenizer.convert_tokens_to_ids(piece)
+        if i is not None and i != tokenizer.unk_token_id:
+            return i
+    raise ValueError("the tokenizer has no plain one-letter piece to decode a continuation against")
+
+
 def decode_continuation(tokenizer, prefix_ids: list[int], new_ids: list[int]) -> str:
     """The text ``new_ids`` add after ``prefix_ids``.
 
     Decoding the new tokens alone would drop a space: a SentencePiece decode strips the leading ``▁`` of its
     first piece (so ``▁▁▁▁return`` would come back with three spaces of indentation). Decode with the prefix
-    and cut the prefix's text instead.
+    and cut the prefix's text instead. When the prefix ends in byte-fallback tokens (Llama-2 writes ``\n`` as
+    ``<0x0A>``) and the continuation starts with bytes that are no valid UTF-8 after them, the decoder fuses
+    the two into replacement characters; the continuation is then decoded after a plain one-letter piece.
     """
     prefix = tokenizer.decode(prefix_ids, skip_special_tokens=True)
     full = tokenizer.decode(list(prefix_ids) + list(new_ids), skip_special_tokens=True)
-    if not full.startswith(prefix):
-        raise ValueError("decoding the prefix with its continuation changed the prefix's text")
-    return full[len(prefix):]
+    if full.startswith(prefix):
+        return full[len(prefix):]
+    anchor = _anchor_id(tokenizer)
+    head = tokenizer.decode([anchor], skip_special_tokens=True)
+    text = tokenizer.decode([anchor] + list(new_ids), skip_special_tokens=True)
+    if not text.startswith(head):
+        raise ValueError("decoding a continuation after a plain piece changed that piece's text")
+    return text[len(head):]
