@@ -13,7 +13,7 @@ from wmtp_lib.execution import run_program
 from wmtp_lib.generation import greedy, speculative_greedy
 from wmtp_lib.heads import MTPModel
 
-from conftest import tiny_config
+from tiny_models import tiny_config
 
 
 def test_pass_at_k_hand_values():

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from wmtp_lib.heads import MTPModel
 
-from conftest import tiny_config
+from tiny_models import tiny_config
 
 
 def test_forward_shape_and_dtype(tiny_mtp):

@@ -18,7 +18,7 @@ from wmtp_lib.config import ConfigError, check_same_run, config_hash, read_yaml,
 from wmtp_lib.distributed import Dist
 from wmtp_lib.heads import MTPModel
 
-from conftest import tiny_config
+from tiny_models import tiny_config
 
 H, T, ROWS = 4, 24, 8
 

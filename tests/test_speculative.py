@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import tiny_config
+from tiny_models import tiny_config
 from wmtp_lib.generation import greedy, speculative_greedy
 from wmtp_lib.heads import MTPModel
 

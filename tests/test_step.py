@@ -9,7 +9,7 @@ from wmtp_lib.heads import MTPModel
 from wmtp_lib.losses import align_reference, critic_weights, rho1_weights
 from wmtp_lib.step import all_heads_step, sequential_mtp_step, uniform_weights
 
-from conftest import tiny_config
+from tiny_models import tiny_config
 
 
 def _weight_fns(H, B, T):

@@ -292,7 +292,8 @@ def flat_config(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def resume_view(cfg: dict[str, Any]) -> dict[str, Any]:
     """The flat config a checkpoint is bound to: everything but `RESUME_FREE_KEYS`."""
-    return {k: v for k, v in flat_config(cfg).items() if k not in RESUME_FREE_KEYS}
+    # paths say where things live, not what the run is (a relative and an absolute runs_dir are one run)
+    return {k: v for k, v in flat_config(cfg).items() if k not in RESUME_FREE_KEYS and not k.startswith("paths.")}
 
 
 def config_hash(cfg: dict[str, Any]) -> str:
