@@ -65,3 +65,18 @@ def test_align_td_matches_transition_of_each_head():
         for t in range(6):
             for k in range(3):
                 assert td[b, t, k].item() == (delta[b, t + k].item() if t + k < 6 else 0.0)
+
+
+def test_value_head_init_ignores_global_rng_draws_made_on_one_rank_only():
+    from wmtp_lib.critic import seeded_value_head
+
+    torch.manual_seed(0)
+    a = seeded_value_head(16, seed=7)
+    torch.manual_seed(0)
+    torch.randn(1000)  # rank-0-only work (reward model init, tiny-model staging) draws from the global RNG
+    after_draws = torch.get_rng_state()
+    b = seeded_value_head(16, seed=7)
+    assert torch.equal(torch.get_rng_state(), after_draws)  # the global stream is left untouched
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(pa, pb), name
+    assert not torch.equal(seeded_value_head(16, seed=8).fc1.weight, a.fc1.weight)

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from wmtp_lib.config import project_path
 from wmtp_lib.critic import (
-    ValueHead,
     align_td,
+    seeded_value_head,
     sparse_rewards,
     state_mask_from_labels,
     value_loss,
@@ -246,7 +246,7 @@ class CriticWeighting:
         self.ccfg = cfg["critic"]
         self.H = H
         self.rewards = rewards  # (N, T) host map: every token holds its sample's sequence reward
-        self.value_head = ValueHead(hidden_size).to(device)
+        self.value_head = seeded_value_head(hidden_size, cfg["seed"]).to(device)
         self.optimizer = torch.optim.AdamW(self.value_head.parameters(), lr=self.ccfg["stage1_lr"])
         self.device = device
         self.window_states: torch.Tensor | None = None  # states of the current optimizer step (begin_window)
