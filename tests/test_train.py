@@ -287,3 +287,17 @@ def test_notebook_list_and_dict_parameters_from_text():
     assert as_list(3, "k") == [3]  # `-p k 3`
     with pytest.raises(ConfigError, match="parameter k must be a list"):
         as_list(None, "k")
+
+
+def test_process_group_timeout_comes_from_config_and_is_validated():
+    from datetime import timedelta
+
+    from wmtp_lib.train import accelerator_kwargs
+
+    cfg = resolve_config("critic", "vessl")
+    (handler,) = accelerator_kwargs(cfg["train"])
+    assert handler.to_kwargs() == {"timeout": timedelta(minutes=120)}  # not NCCL's 10-minute default
+    assert accelerator_kwargs(resolve_config("rho1", "local", {"train.dist_timeout_minutes": 5})["train"])[0].timeout \
+        == timedelta(minutes=5)
+    with pytest.raises(ConfigError, match="train.dist_timeout_minutes must be > 0"):
+        resolve_config("rho1", "local", {"train.dist_timeout_minutes": 0})

@@ -42,6 +42,16 @@ def set_all_seeds(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def accelerator_kwargs(train: dict[str, Any]) -> list:
+    """Accelerator kwargs handlers: the process-group timeout from ``train.dist_timeout_minutes``, so the
+    other ranks wait at a barrier while rank 0 alone downloads, scores or exports (NCCL's default: 10 min)."""
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return [InitProcessGroupKwargs(timeout=timedelta(minutes=train["dist_timeout_minutes"]))]
+
+
 def forward_backward(model: MTPModel, batches: list[dict[str, torch.Tensor]], weighting, dist: Dist, group: str,
                      head_weights: list[float] | None, chunk_size: int,
                      record: Callable[[dict[str, torch.Tensor], StepOutput, Any], None] | None = None
@@ -102,7 +112,8 @@ class Trainer:
         self.cfg = cfg
         train = cfg["train"]
         self.run_dir = project_path(cfg["paths"]["runs_dir"]) / cfg["run_name"]
-        self.accelerator = Accelerator(log_with=train["trackers"] or None, project_dir=str(self.run_dir))
+        self.accelerator = Accelerator(log_with=train["trackers"] or None, project_dir=str(self.run_dir),
+                                       kwargs_handlers=accelerator_kwargs(train))
         self.dist = Dist.from_accelerator(self.accelerator)
         # bf16 autocast on one GPU; under FSDP2 the mixed-precision policy casts instead
         self.autocast = train["mixed_precision"] == "bf16" and self.dist.device.type == "cuda" and not self.dist.fsdp
