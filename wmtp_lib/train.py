@@ -137,10 +137,14 @@ class Trainer:
         self.schedule = BatchSchedule(len(self.data), train["micro_batch_size"], train["grad_accum"], self.dist.world,
                                       cfg["seed"])
 
-        self.weighting = build_weighting(cfg, self.model.n_future, self.model.config.hidden_size, self.tokenizer,
-                                         self.samples, self.data, self.dist, self.run_dir, self.model_dir)
+        # Memory: every rank still loads the full base model (float32 7B: 28 GB of host memory a rank, then
+        # on its GPU) before sharding; sharding leaves each GPU a 1/world shard. The weighting is built after
+        # sharding because it may put a second 7B model (reference scoring, reward model) on rank 0's GPU:
+        # built before, rank 0 would hold the whole base and that model at once.
         if self.dist.fsdp:
             self.model = shard_fsdp(self.model, train["mixed_precision"])
+        self.weighting = build_weighting(cfg, self.model.n_future, self.model.config.hidden_size, self.tokenizer,
+                                         self.samples, self.data, self.dist, self.run_dir, self.model_dir)
 
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=train["lr"], weight_decay=train["weight_decay"],
