@@ -301,3 +301,43 @@ def test_process_group_timeout_comes_from_config_and_is_validated():
         == timedelta(minutes=5)
     with pytest.raises(ConfigError, match="train.dist_timeout_minutes must be > 0"):
         resolve_config("rho1", "local", {"train.dist_timeout_minutes": 0})
+
+
+def test_critic_stage1_skips_non_finite_value_steps_and_checkpoints_check_the_value_head(tmp_path, tiny_models,
+                                                                                        monkeypatch):
+    """A NaN value loss in stage 1 skips that step (counted, value head stays finite); a checkpoint whose value
+    head is non-finite is marked non-finite even when every model weight is finite."""
+    from safetensors.torch import load_file
+
+    from wmtp_lib import train as train_mod
+    from wmtp_lib.weighting import CriticWeighting
+
+    calls = {"n": 0}
+    real_loss = CriticWeighting.value_loss
+
+    def nan_on_second_stage1_step(self, trunk, batch, row_rewards=None, n_states=None):
+        loss = real_loss(self, trunk, batch, row_rewards, n_states)
+        if row_rewards is not None:  # stage 1 passes its table; grad_accum 1: one call per step
+            calls["n"] += 1
+            if calls["n"] == 2:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(CriticWeighting, "value_loss", nan_on_second_stage1_step)
+    over = {"train.steps": 2, "critic.stage1_steps": 4, "train.log_every": 2, "train.save_every": 100,
+            "train.micro_batch_size": 4, "data.n_train": 40}
+    cfg, _ = make_config(tmp_path, "critic", tiny_models, "vnan", over)
+    trainer = train_mod.Trainer(cfg)
+    assert trainer.train()["finished"]
+    value_recs = [r for r in metrics(tmp_path / "runs" / "vnan") if r["stage"] == "value"]
+    assert [r["skipped_steps"] for r in value_recs] == [1, 0]
+    assert value_recs[0]["value_loss"] is not None and value_recs[0]["value_loss"] > 0
+    stage1_head = load_file(str(tmp_path / "runs" / "vnan" / "value_head_stage1.safetensors"))
+    assert all(torch.isfinite(t).all() for t in stage1_head.values())
+
+    from wmtp_lib.checkpoint import read_trainer_state
+
+    assert read_trainer_state(trainer.checkpointer.save(2, "mtp"))["finite"]
+    with torch.no_grad():
+        trainer.weighting.value_head.fc2.bias.fill_(float("nan"))
+    assert not read_trainer_state(trainer.checkpointer.save(3, "mtp"))["finite"]

@@ -67,7 +67,7 @@ class Checkpointer:
     """Owns ``runs/<run>/checkpoints``: when to save, what is saved and loaded, which checkpoints are kept."""
 
     def __init__(self, run_dir: Path, cfg: dict[str, Any], dist: Dist, model, optimizer,
-                 stateful: dict[str, Any], keep: int = 2):
+                 stateful: dict[str, Any], keep: int = 2, also_finite: torch.nn.Module | None = None):
         self.dir = run_dir / "checkpoints"
         self.cfg = cfg
         self.dist = dist
@@ -75,6 +75,7 @@ class Checkpointer:
         self.optimizer = optimizer
         self.stateful = stateful  # name -> object with state_dict() / load_state_dict(); saved and loaded alike
         self.keep = keep
+        self.also_finite = also_finite  # a module saved through `stateful` (the value head): checked finite too
         self.save_every = cfg["train"]["save_every"]
 
     # -------------------------------------------------------------- which checkpoints exist
@@ -99,9 +100,10 @@ class Checkpointer:
 
     # -------------------------------------------------------------- save
     def _weights_finite(self) -> bool:
-        """Every weight finite on every process (a host sync, at save time only)."""
+        """Every weight (model and ``also_finite``) finite on every process (a host sync, at save time only)."""
         bad = torch.zeros((), dtype=torch.float64, device=self.dist.device)
-        for p in self.model.parameters():
+        extra = list(self.also_finite.parameters()) if self.also_finite is not None else []
+        for p in list(self.model.parameters()) + extra:
             local = p.to_local() if hasattr(p, "to_local") else p
             bad += (~torch.isfinite(local.detach())).sum()
         return float(self.dist.sum(bad)) == 0

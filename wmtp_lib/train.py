@@ -153,7 +153,8 @@ class Trainer:
                                        num_training_steps=train["steps"],
                                        scheduler_specific_kwargs={"min_lr_rate": train["min_lr_ratio"]})
         self.checkpointer = Checkpointer(self.run_dir, cfg, self.dist, self.model, self.optimizer,
-                                         {"scheduler": self.scheduler, "weighting": self.weighting})
+                                         {"scheduler": self.scheduler, "weighting": self.weighting},
+                                         also_finite=getattr(self.weighting, "value_head", None))
         self.metrics = TrainMetrics(self.run_dir, self.dist, self.model.n_future, train["log_every"], train["steps"],
                                     self.accelerator if train["trackers"] else None)
         self.nonfinite_in_row = 0
@@ -211,11 +212,14 @@ class Trainer:
         grad_norm = clip_grad_norm(self.params, train["max_grad_norm"])
         # one tiny all-reduce and host sync a step: every process must agree to skip
         bad = (~torch.isfinite(loss)) | (~torch.isfinite(grad_norm))
+        critic = isinstance(self.weighting, CriticWeighting)
+        if critic:  # a non-finite value loss shows in the value head's gradient norm
+            bad |= ~torch.isfinite(self.weighting.sync_grads(self.dist))
         finite = float(self.dist.max(bad.double())) == 0
         if finite:
             self.optimizer.step()
-        if isinstance(self.weighting, CriticWeighting):
-            self.weighting.optimizer_step(self.dist, skip=not finite)
+        if critic:
+            self.weighting.optimizer_step(skip=not finite)
         self.scheduler.step()  # the lr stays a function of the step number, skipped or not
         self.optimizer.zero_grad(set_to_none=True)
         self.metrics.add_step(loss, head_loss, grad_norm, finite)

@@ -310,10 +310,19 @@ class CriticWeighting:
         _, targets = value_targets(values, rewards, state_mask, self.ccfg["gamma"], self.ccfg["lam"])
         return value_loss(values, targets, state_mask, n_states)
 
-    def optimizer_step(self, dist: Dist, skip: bool) -> None:
-        """Average the value head's gradients over processes and step its optimizer (unless skipped)."""
+    def sync_grads(self, dist: Dist) -> torch.Tensor:
+        """Average the value head's gradients over processes; returns their total norm (a device tensor, the
+        same on every rank), which the caller checks for finiteness before any optimizer steps."""
+        params = list(self.value_head.parameters())
+        dist.average_grads(params)
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.device)
+        return torch.nn.utils.get_total_norm(grads)
+
+    def optimizer_step(self, skip: bool) -> None:
+        """Step the value head's optimizer on its synchronised gradients (unless skipped), then zero them."""
         if not skip:
-            dist.average_grads(list(self.value_head.parameters()))
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -345,27 +354,40 @@ class CriticWeighting:
         accum = cfg["train"]["grad_accum"]
         # the same global batch per step as training (micro × accum × processes), so the split does not matter
         schedule = BatchSchedule(len(data), cfg["train"]["micro_batch_size"], accum, dist.world, cfg["seed"] + 1)
-        window = torch.zeros(2, dtype=torch.float64, device=dist.device)  # Σ value loss, steps
+        window = torch.zeros(3, dtype=torch.float64, device=dist.device)  # Σ value loss, finite steps, skipped
         for step in range(start, steps):
             batches = [move_batch(data.rows(schedule.micro_batch(step, slot, dist.rank)), dist.device)
                        for slot in range(accum)]
             self.begin_window(batches, dist)
+            step_loss = torch.zeros((), dtype=torch.float64, device=dist.device)
             for batch in batches:
                 with torch.no_grad():
                     trunk = trainer.model(batch["input_ids"], batch["attention_mask"],
                                           position_ids=batch.get("position_ids"), return_trunk=True).hidden
                 loss = self.value_loss(trunk, batch, rewards, n_states=self.window_states)
                 (loss * dist.world).backward()  # the gradient average over ranks then gives the step's mean
-                window[0] += loss.detach().double()
-            self.optimizer_step(dist, skip=False)
-            window[1] += 1
+                step_loss += loss.detach().double()
+            grad_norm = self.sync_grads(dist)
+            # as in stage 2: a non-finite value loss or gradient norm on any process skips the step everywhere
+            bad = (~torch.isfinite(step_loss)) | (~torch.isfinite(grad_norm))
+            finite = float(dist.max(bad.double())) == 0
+            self.optimizer_step(skip=not finite)
+            if finite:
+                window[0] += step_loss
+                window[1] += 1
+            else:
+                window[2] += 1
             done = step + 1
             if done % log_every == 0 or done == steps:
-                total, count = dist.sum(window).tolist()
-                count /= dist.world  # every rank counted each step once
-                trainer.metrics.write({"stage": "value", "step": done, "value_loss": total / count, "value_lr": self.lr})
-                dist.print(f"[value] step {done}/{steps} value_loss {total / count:.4f}")
+                total, count, skipped = dist.sum(window).tolist()
+                count, skipped = count / dist.world, int(skipped / dist.world)  # every rank counted each step once
+                mean = total / count if count else None  # no finite step in the window: no measured loss
+                trainer.metrics.write({"stage": "value", "step": done, "value_loss": mean, "value_lr": self.lr,
+                                       "skipped_steps": skipped})
+                dist.print(f"[value] step {done}/{steps} value_loss "
+                           f"{'n/a' if mean is None else f'{mean:.4f}'} skipped {skipped}")
                 window.zero_()
+            trainer.check_finite(done, finite)
             if done % cfg["train"]["save_every"] == 0 and done < steps:
                 trainer.checkpointer.save(done, "value")
         if dist.is_main:
