@@ -60,7 +60,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:
-    return torch.load(path / TRAINER_FILE, weights_only=True)
+    # map_location cpu: without it, tensors saved from GPU would make every rank open a CUDA context on GPU 0
+    return torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=True)
 
 
 class Checkpointer:
@@ -157,7 +158,7 @@ class Checkpointer:
         set_state_dict(self.model, self.optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
         for name, obj in self.stateful.items():
             obj.load_state_dict(state[name])
-        set_rng_state(torch.load(path / f"rng-rank{self.dist.rank}.pt", weights_only=True))
+        set_rng_state(torch.load(path / f"rng-rank{self.dist.rank}.pt", map_location="cpu", weights_only=True))
         return int(state["step"]), state["stage"]
 
     # -------------------------------------------------------------- final export
