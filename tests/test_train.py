@@ -341,3 +341,19 @@ def test_critic_stage1_skips_non_finite_value_steps_and_checkpoints_check_the_va
     with torch.no_grad():
         trainer.weighting.value_head.fc2.bias.fill_(float("nan"))
     assert not read_trainer_state(trainer.checkpointer.save(3, "mtp"))["finite"]
+
+
+def test_prune_keeps_a_finite_value_checkpoint_when_no_training_checkpoint_is_finite(tmp_path):
+    from wmtp_lib.checkpoint import COMPLETE_MARKER, TRAINER_FILE, Checkpointer
+    from wmtp_lib.distributed import Dist
+
+    ckpts = tmp_path / "checkpoints"
+    for name, finite in [("value-0000002", True), ("value-0000004", False), ("mtp-0000000", False),
+                         ("mtp-0000002", False), ("mtp-0000004", False)]:
+        (ckpts / name).mkdir(parents=True)
+        torch.save({"finite": finite}, ckpts / name / TRAINER_FILE)
+        (ckpts / name / COMPLETE_MARKER).write_text("done\n")
+    checkpointer = Checkpointer(tmp_path, {"train": {"save_every": 2}}, Dist(torch.device("cpu")), None, None, {})
+    checkpointer.prune()
+    assert sorted(p.name for p in ckpts.iterdir()) == ["mtp-0000002", "mtp-0000004", "value-0000002"]
+    assert checkpointer.latest().name == "value-0000002"

@@ -136,7 +136,9 @@ class Checkpointer:
         mtp = self._complete("mtp")
         value = self._complete("value")
         keep = set(mtp[-self.keep:]) if mtp else set(value[-self.keep:])
-        finite = [p for p in (mtp or value) if self._finite(p)]
+        # the newest finite one over both stages (training after value fitting, as `latest` orders them):
+        # a finite value checkpoint stays when no training checkpoint is finite
+        finite = [p for p in value + mtp if self._finite(p)]
         if finite:
             keep.add(finite[-1])
         for old in mtp + value:
