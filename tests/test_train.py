@@ -357,3 +357,15 @@ def test_prune_keeps_a_finite_value_checkpoint_when_no_training_checkpoint_is_fi
     checkpointer.prune()
     assert sorted(p.name for p in ckpts.iterdir()) == ["mtp-0000002", "mtp-0000004", "value-0000002"]
     assert checkpointer.latest().name == "value-0000002"
+
+
+def test_non_finite_stop_message_points_to_a_new_run_not_a_resume():
+    from types import SimpleNamespace
+
+    from wmtp_lib import train as train_mod
+
+    fake = SimpleNamespace(cfg={"train": {"max_nonfinite_steps": 1}}, nonfinite_in_row=0,
+                           checkpointer=SimpleNamespace(latest=lambda: None), dist=SimpleNamespace(print=print))
+    with pytest.raises(train_mod.NonFiniteStop, match="in a new run_name") as err:
+        train_mod.Trainer.check_finite(fake, 5, False)
+    assert "then resume" not in str(err.value)

@@ -244,8 +244,9 @@ class Trainer:
             raise NonFiniteStop(
                 f"steps {step - limit + 1}-{step}: non-finite loss or gradient norm {limit} times in a row "
                 f"(train.max_nonfinite_steps); stopped at step {step}. Weights are those of the last finite step"
-                f"{f'; last checkpoint {latest}' if latest else ''}. Lower train.lr or raise weights.temperature, "
-                "then resume or start a new run_name")
+                f"{f'; last checkpoint {latest}' if latest else ''}. Lower train.lr or raise weights.temperature "
+                "in a new run_name (both keys are part of the config a checkpoint is bound to, so this run "
+                "cannot resume under them)")
 
     def resume(self) -> tuple[str, int]:
         """(stage, step) to start from: the latest checkpoint under ``resume: auto``, else a fresh start."""
