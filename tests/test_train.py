@@ -369,3 +369,41 @@ def test_non_finite_stop_message_points_to_a_new_run_not_a_resume():
     with pytest.raises(train_mod.NonFiniteStop, match="in a new run_name") as err:
         train_mod.Trainer.check_finite(fake, 5, False)
     assert "then resume" not in str(err.value)
+
+
+def test_saving_before_the_first_step_leaves_the_optimizer_fresh(tmp_path):
+    """A save before any optimizer step (the critic's after stage 1) neither initialises AdamW's state nor
+    restores an initialised one: the first update equals a fresh optimizer's; a stepped state round-trips."""
+    from wmtp_lib.checkpoint import Checkpointer
+    from wmtp_lib.distributed import Dist
+
+    def parts():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+
+    def step(model, opt):
+        model(torch.ones(2, 4)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    cfg = {"train": {"save_every": 1}}
+    model, opt = parts()
+    ck = Checkpointer(tmp_path, cfg, Dist(torch.device("cpu")), model, opt, {})
+    path = ck.save(0, "mtp")
+    assert not opt.state
+    ref_model, ref_opt = parts()
+    step(model, opt)
+    step(ref_model, ref_opt)
+    assert torch.equal(model.weight, ref_model.weight)
+    assert all(int(s["step"]) == 1 for s in opt.state.values())
+
+    resumed, resumed_opt = parts()
+    Checkpointer(tmp_path, cfg, Dist(torch.device("cpu")), resumed, resumed_opt, {}).load(path)
+    assert not resumed_opt.state
+    path = ck.save(1, "mtp")
+    resumed, resumed_opt = parts()
+    Checkpointer(tmp_path, cfg, Dist(torch.device("cpu")), resumed, resumed_opt, {}).load(path)
+    assert torch.equal(resumed.weight, model.weight)
+    assert [int(s["step"]) for s in resumed_opt.state.values()] == [1, 1]
+    assert torch.equal(resumed_opt.state[resumed.weight]["exp_avg"], opt.state[model.weight]["exp_avg"])

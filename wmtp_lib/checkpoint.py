@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 
@@ -114,12 +115,21 @@ class Checkpointer:
         if self.dist.is_main and path.exists():
             shutil.rmtree(path)
         self.dist.barrier()
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "state"))
+        # get_state_dict initialises an optimizer that has no state yet (AdamW: step 1, zero moments), and the
+        # first real update would then differ from a fresh optimizer's (the critic saves before its first
+        # training step): such an optimizer is saved as "fresh" and left untouched
+        fresh_optimizer = not self.optimizer.state
+        if fresh_optimizer:
+            to_save = {"model": get_model_state_dict(self.model)}
+        else:
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+            to_save = {"model": model_sd, "optim": optim_sd}
+        dcp.save(to_save, checkpoint_id=str(path / "state"))
         torch.save(rng_state(), path / f"rng-rank{self.dist.rank}.pt")
         finite = self._weights_finite()
         if self.dist.is_main:
             state = {"step": step, "stage": stage, "world_size": self.dist.world, "finite": finite,
+                     "fresh_optimizer": fresh_optimizer,
                      "config_hash": config_hash(self.cfg), "config": json.dumps(self.cfg, default=str)}
             state.update({name: obj.state_dict() for name, obj in self.stateful.items()})
             torch.save(state, path / TRAINER_FILE)
@@ -154,10 +164,17 @@ class Checkpointer:
                                f"{self.dist.world}: resume with the same number of processes")
         if state.get("config_hash") != config_hash(self.cfg):
             check_same_run(json.loads(state["config"]), self.cfg, path)
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        loaded = {"model": model_sd, "optim": optim_sd}
-        dcp.load(loaded, checkpoint_id=str(path / "state"))
-        set_state_dict(self.model, self.optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+        if state.get("fresh_optimizer"):
+            loaded = {"model": get_model_state_dict(self.model)}
+            dcp.load(loaded, checkpoint_id=str(path / "state"))
+            set_model_state_dict(self.model, loaded["model"])
+            self.optimizer.state.clear()  # as it was when saved: no step taken yet
+        else:
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+            loaded = {"model": model_sd, "optim": optim_sd}
+            dcp.load(loaded, checkpoint_id=str(path / "state"))
+            set_state_dict(self.model, self.optimizer, model_state_dict=loaded["model"],
+                           optim_state_dict=loaded["optim"])
         for name, obj in self.stateful.items():
             obj.load_state_dict(state[name])
         set_rng_state(torch.load(path / f"rng-rank{self.dist.rank}.pt", map_location="cpu", weights_only=True))
