@@ -80,3 +80,21 @@ def test_value_head_init_ignores_global_rng_draws_made_on_one_rank_only():
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(pa, pb), name
     assert not torch.equal(seeded_value_head(16, seed=8).fc1.weight, a.fc1.weight)
+
+
+def test_reward_cache_of_other_samples_or_reward_model_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from wmtp_lib.data import Sample
+    from wmtp_lib.distributed import Dist
+    from wmtp_lib.weighting import reward_cache_key, sequence_rewards
+
+    cfg = {"critic": {"reward_source": "model"}, "models": {"reward": "rm-a"}}
+    samples = [Sample("a", "def f():", " return 1"), Sample("b", "def g():", " pass")]
+    save_file({"rewards": torch.tensor([0.5, 1.0])}, str(tmp_path / "rewards.safetensors"),
+              metadata={"key": reward_cache_key(cfg, samples)})
+    edited = [samples[0], Sample("b", "def g():", " return 2")]
+    other_rm = {**cfg, "models": {"reward": "rm-b"}}
+    for c, s in ((cfg, edited), (other_rm, samples)):
+        with pytest.raises(RuntimeError, match="rewards of other samples or another reward.*new run_name"):
+            sequence_rewards(c, None, s, None, Dist(torch.device("cpu")), tmp_path, lambda m: tmp_path / m)

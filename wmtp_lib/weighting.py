@@ -7,10 +7,13 @@ The critic also owns its value-head fit (stage 1) and the value loss of stage 2.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from wmtp_lib.config import project_path
@@ -409,6 +412,9 @@ def sequence_rewards(cfg: dict[str, Any], tokenizer, samples, data: TokenizedDat
     gold completion passes. Returned as a ``(rows, T)`` map (every token holds its sample's reward), so each
     document of a packed row gets its own reward."""
     path = run_dir / "rewards.safetensors"
+    key = reward_cache_key(cfg, samples)
+    if dist.broadcast_object(path.is_file()):  # checked before any reward model is staged or loaded
+        check_reward_cache(path, key)
     rm_dir = model_dir(cfg["models"]["reward"]) if cfg["critic"]["reward_source"] == "model" else None
     if dist.is_main and not path.is_file():
         if rm_dir is None:
@@ -419,7 +425,7 @@ def sequence_rewards(cfg: dict[str, Any], tokenizer, samples, data: TokenizedDat
             rewards = reward_model_scores(cfg, samples, rm_dir, dist.device)
         dist.print(f"sequence rewards: mean {rewards.mean():.3f}, std {rewards.std():.3f} over {len(rewards)} samples")
         tmp = path.with_name(path.name + ".tmp")
-        save_file({"rewards": rewards.contiguous()}, str(tmp))
+        save_file({"rewards": rewards.contiguous()}, str(tmp), metadata={"key": key})
         tmp.replace(path)
     dist.barrier()
     rewards = load_file(str(path))["rewards"]
@@ -427,6 +433,25 @@ def sequence_rewards(cfg: dict[str, Any], tokenizer, samples, data: TokenizedDat
         raise RuntimeError(f"{path} holds {rewards.shape[0]} rewards but the data has {len(samples)} samples; "
                            "the data changed under this run name: use a new run_name")
     return data.token_map(rewards)
+
+
+def reward_cache_key(cfg: dict[str, Any], samples) -> str:
+    """sha256 of what the cached rewards depend on: the reward source (and model id) and every sample's
+    prompt and completion, in order."""
+    source = cfg["critic"]["reward_source"]
+    digest = hashlib.sha256(json.dumps([source, cfg["models"]["reward"] if source == "model" else None]).encode())
+    for sample in samples:
+        digest.update(json.dumps([sample.prompt, sample.completion]).encode())
+    return digest.hexdigest()
+
+
+def check_reward_cache(path: Path, key: str) -> None:
+    """Refuse a reward cache computed for other samples or another reward source."""
+    with safe_open(str(path), "pt") as f:
+        stored = (f.metadata() or {}).get("key")
+    if stored != key:
+        raise RuntimeError(f"{path} holds rewards of other samples or another reward source/model than this "
+                           "run's: the data or reward changed under this run name: use a new run_name")
 
 
 def reward_model_scores(cfg: dict[str, Any], samples, rm_dir: Path, device) -> torch.Tensor:
