@@ -98,3 +98,20 @@ def test_reward_cache_of_other_samples_or_reward_model_is_refused(tmp_path):
     for c, s in ((cfg, edited), (other_rm, samples)):
         with pytest.raises(RuntimeError, match="rewards of other samples or another reward.*new run_name"):
             sequence_rewards(c, None, s, None, Dist(torch.device("cpu")), tmp_path, lambda m: tmp_path / m)
+
+
+def test_rollout_cache_of_other_samples_is_refused(tmp_path):
+    import json
+
+    from wmtp_lib.data import Sample
+    from wmtp_lib.distributed import Dist
+    from wmtp_lib.rollouts import build_rollout_data, rollout_cache_key
+
+    cfg = {"seed": 1, "critic": {"rollouts": 2, "rollout_max_new_tokens": 8, "rollout_temperature": 1.0}}
+    samples = [Sample("a", "def f():", " return 1")]
+    cache = tmp_path / "rollouts.json"
+    cache.write_text(json.dumps({"key": rollout_cache_key(samples, cfg), "samples": [], "rewards": []}))
+    edited = [Sample("a", "def f():", " return 2")]
+    with pytest.raises(RuntimeError, match="rollouts of other samples.*new run_name"):
+        build_rollout_data(None, None, edited, cfg, cache, Dist(torch.device("cpu")))
+    assert rollout_cache_key(samples, cfg) != rollout_cache_key(samples, {**cfg, "seed": 2})
