@@ -107,7 +107,7 @@ def test_rollout_cache_of_other_samples_is_refused(tmp_path):
     from wmtp_lib.distributed import Dist
     from wmtp_lib.rollouts import build_rollout_data, rollout_cache_key
 
-    cfg = {"seed": 1, "critic": {"rollouts": 2, "rollout_max_new_tokens": 8, "rollout_temperature": 1.0}}
+    cfg = {"seed": 1, "train": {}, "critic": {"rollouts": 2, "rollout_max_new_tokens": 8, "rollout_temperature": 1.0}}
     samples = [Sample("a", "def f():", " return 1")]
     cache = tmp_path / "rollouts.json"
     cache.write_text(json.dumps({"key": rollout_cache_key(samples, cfg), "samples": [], "rewards": []}))
