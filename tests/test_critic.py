@@ -65,3 +65,53 @@ def test_align_td_matches_transition_of_each_head():
         for t in range(6):
             for k in range(3):
                 assert td[b, t, k].item() == (delta[b, t + k].item() if t + k < 6 else 0.0)
+
+
+def test_value_head_init_ignores_global_rng_draws_made_on_one_rank_only():
+    from wmtp_lib.critic import seeded_value_head
+
+    torch.manual_seed(0)
+    a = seeded_value_head(16, seed=7)
+    torch.manual_seed(0)
+    torch.randn(1000)  # rank-0-only work (reward model init, tiny-model staging) draws from the global RNG
+    after_draws = torch.get_rng_state()
+    b = seeded_value_head(16, seed=7)
+    assert torch.equal(torch.get_rng_state(), after_draws)  # the global stream is left untouched
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(pa, pb), name
+    assert not torch.equal(seeded_value_head(16, seed=8).fc1.weight, a.fc1.weight)
+
+
+def test_reward_cache_of_other_samples_or_reward_model_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from wmtp_lib.data import Sample
+    from wmtp_lib.distributed import Dist
+    from wmtp_lib.weighting import reward_cache_key, sequence_rewards
+
+    cfg = {"critic": {"reward_source": "model"}, "models": {"reward": "rm-a"}}
+    samples = [Sample("a", "def f():", " return 1"), Sample("b", "def g():", " pass")]
+    save_file({"rewards": torch.tensor([0.5, 1.0])}, str(tmp_path / "rewards.safetensors"),
+              metadata={"key": reward_cache_key(cfg, samples)})
+    edited = [samples[0], Sample("b", "def g():", " return 2")]
+    other_rm = {**cfg, "models": {"reward": "rm-b"}}
+    for c, s in ((cfg, edited), (other_rm, samples)):
+        with pytest.raises(RuntimeError, match="rewards of other samples or another reward.*new run_name"):
+            sequence_rewards(c, None, s, None, Dist(torch.device("cpu")), tmp_path, lambda m: tmp_path / m)
+
+
+def test_rollout_cache_of_other_samples_is_refused(tmp_path):
+    import json
+
+    from wmtp_lib.data import Sample
+    from wmtp_lib.distributed import Dist
+    from wmtp_lib.rollouts import build_rollout_data, rollout_cache_key
+
+    cfg = {"seed": 1, "train": {}, "critic": {"rollouts": 2, "rollout_max_new_tokens": 8, "rollout_temperature": 1.0}}
+    samples = [Sample("a", "def f():", " return 1")]
+    cache = tmp_path / "rollouts.json"
+    cache.write_text(json.dumps({"key": rollout_cache_key(samples, cfg), "samples": [], "rewards": []}))
+    edited = [Sample("a", "def f():", " return 2")]
+    with pytest.raises(RuntimeError, match="rollouts of other samples.*new run_name"):
+        build_rollout_data(None, None, edited, cfg, cache, Dist(torch.device("cpu")))
+    assert rollout_cache_key(samples, cfg) != rollout_cache_key(samples, {**cfg, "seed": 2})

@@ -320,3 +320,26 @@ def test_chunked_linear_ce_half_precision_keeps_softmax_grad():
     torch.testing.assert_close(ce.double(), ref.detach(), atol=0.1, rtol=0.05)
     torch.testing.assert_close(h.grad.double(), hr.grad, atol=0.05, rtol=0.05)
     torch.testing.assert_close(W.grad.double(), Wr.grad, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_linear_ce_nan_at_invalid_positions_keeps_gradients_finite(dtype):
+    """NaN hidden states where no target is valid (e.g. a fully masked padding row) reach neither gradient."""
+    torch.manual_seed(9)
+    B, T, D, V = 2, 6, 5, 11
+    clean = torch.randn(B, T, D).to(dtype)
+    W = torch.randn(V, D).to(dtype)
+    targets, valid = head_targets(torch.randint(0, V, (B, T)), 0, torch.rand(B, T) > 0.3)
+    assert not valid.all()
+    poisoned = torch.where(valid.unsqueeze(-1), clean, torch.full_like(clean, float("nan")))
+    grads = []
+    for h0 in (poisoned, clean):
+        h = h0.clone().requires_grad_(True)
+        w = W.clone().requires_grad_(True)
+        ce = chunked_linear_ce(h, w, targets, valid, 4)
+        ce.sum().backward()
+        grads.append((ce.detach(), h.grad, w.grad))
+    (ce_p, gh_p, gw_p), (ce_c, gh_c, gw_c) = grads
+    assert torch.isfinite(gw_p).all() and torch.isfinite(gh_p).all() and torch.isfinite(ce_p).all()
+    assert torch.equal(ce_p, ce_c) and torch.equal(gw_p, gw_c)
+    assert torch.equal(gh_p[valid], gh_c[valid]) and (gh_p[~valid] == 0).all()

@@ -236,3 +236,19 @@ def test_packed_training_runs_rho1_cached_equals_online_and_critic(tmp_path, tin
 
     rewards = load_file(str(tmp_path / "runs" / "critic" / "rewards.safetensors"))["rewards"]
     assert rewards.shape == (60,)  # one reward per document, not per packed row
+
+
+def test_packed_padding_tail_is_its_own_document_with_no_fully_masked_query_row(tok, samples):
+    """The tail of a packed row is a document of its own: every query row attends to something (a fully
+    masked row gives NaN on some CUDA SDPA backends), and the real documents' logits do not change."""
+    model = _model(len(tok))
+    row, b, _, _ = _pair(tok, samples, 0, 3)
+    assert not row["attention_mask"].all()  # the row has a padding tail
+    with torch.no_grad():
+        state = model.forward_trunk(row["input_ids"], row["attention_mask"], row["position_ids"])
+    mask = state.attention_mask
+    allowed = mask if mask.dtype == torch.bool else mask == 0  # boolean SDPA mask or additive eager mask
+    assert allowed.any(dim=-1).all()
+    ones = {**row, "attention_mask": torch.ones_like(row["attention_mask"])}
+    real = row["attention_mask"][0].bool()
+    assert torch.equal(_logits(model, row)[0, real], _logits(model, ones)[0, real])

@@ -119,7 +119,13 @@ def _starling_dir(tmp_path, llama_spm, layout: str, name: str):
                                          ("model", "pytorch_model.bin")])
 def test_starling_layouts_score_at_the_final_eos(tmp_path, llama_spm, layout, name):
     module, sp, src = _starling_dir(tmp_path, llama_spm, layout, name)
-    rm = RewardModel.from_dir(convert_checkpoint(src, tmp_path / "rm"), "starling", STARLING_TEMPLATE, "left")
+    converted = convert_checkpoint(src, tmp_path / "rm")
+    rng = torch.get_rng_state()
+    rm = RewardModel.from_dir(converted, "starling", STARLING_TEMPLATE, "left")
+    # built on the meta device: loading draws nothing from the global RNG (rank 0 alone scores rewards)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert not any(t.is_meta for t in list(rm.model.parameters()) + list(rm.model.buffers()))
+    assert rm.model.transformer.rotary_emb.inv_freq.dtype == torch.float32
     scores = rm.score([p for p, _ in PAIRS], [r for _, r in PAIRS])
     for (prompt, response), s in zip(PAIRS, scores):
         ids = [1, 1] + sp.encode(f"[INST] {prompt} ") + [2] + sp.encode(f" [/INST] {response}") + [2]

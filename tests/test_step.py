@@ -75,3 +75,27 @@ def test_sequential_step_extra_trunk_loss_reaches_trunk():
     torch.testing.assert_close(out.loss, loss.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(model.trunk[0].mlp.up_proj.weight.grad, twin.trunk[0].mlp.up_proj.weight.grad,
                                atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_trunk_gradient_sums_the_heads_in_float32():
+    """With a bf16 trunk (FSDP2 bf16) the H heads' gradients into the trunk output are summed in float32 and
+    rounded to bf16 once, not rounded after every head."""
+    torch.manual_seed(3)
+    model = MTPModel(tiny_config(n_future=4)).to(torch.bfloat16)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    grads = []
+    real_forward = model.forward
+
+    def capture(*args, **kwargs):
+        state = real_forward(*args, **kwargs)
+        state.hidden.register_hook(lambda g: grads.append(g.clone()))
+        return state
+
+    model.forward = capture
+    sequential_mtp_step(model, ids, chunk_size=8)
+    for k in range(4):  # each head's gradient alone (exact in bf16: one head, no sum)
+        sequential_mtp_step(model, ids, chunk_size=8, head_weights=[float(j == k) for j in range(4)])
+    total, per_head = grads[0], grads[1:]
+    expected = torch.stack([g.float() for g in per_head]).sum(0).to(torch.bfloat16)
+    assert total.dtype == torch.bfloat16
+    assert torch.equal(total, expected)

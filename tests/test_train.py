@@ -287,3 +287,123 @@ def test_notebook_list_and_dict_parameters_from_text():
     assert as_list(3, "k") == [3]  # `-p k 3`
     with pytest.raises(ConfigError, match="parameter k must be a list"):
         as_list(None, "k")
+
+
+def test_process_group_timeout_comes_from_config_and_is_validated():
+    from datetime import timedelta
+
+    from wmtp_lib.train import accelerator_kwargs
+
+    cfg = resolve_config("critic", "vessl")
+    (handler,) = accelerator_kwargs(cfg["train"])
+    assert handler.to_kwargs() == {"timeout": timedelta(minutes=120)}  # not NCCL's 10-minute default
+    assert accelerator_kwargs(resolve_config("rho1", "local", {"train.dist_timeout_minutes": 5})["train"])[0].timeout \
+        == timedelta(minutes=5)
+    with pytest.raises(ConfigError, match="train.dist_timeout_minutes must be > 0"):
+        resolve_config("rho1", "local", {"train.dist_timeout_minutes": 0})
+
+
+def test_critic_stage1_skips_non_finite_value_steps_and_checkpoints_check_the_value_head(tmp_path, tiny_models,
+                                                                                        monkeypatch):
+    """A NaN value loss in stage 1 skips that step (counted, value head stays finite); a checkpoint whose value
+    head is non-finite is marked non-finite even when every model weight is finite."""
+    from safetensors.torch import load_file
+
+    from wmtp_lib import train as train_mod
+    from wmtp_lib.weighting import CriticWeighting
+
+    calls = {"n": 0}
+    real_loss = CriticWeighting.value_loss
+
+    def nan_on_second_stage1_step(self, trunk, batch, row_rewards=None, n_states=None):
+        loss = real_loss(self, trunk, batch, row_rewards, n_states)
+        if row_rewards is not None:  # stage 1 passes its table; grad_accum 1: one call per step
+            calls["n"] += 1
+            if calls["n"] == 2:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(CriticWeighting, "value_loss", nan_on_second_stage1_step)
+    over = {"train.steps": 2, "critic.stage1_steps": 4, "train.log_every": 2, "train.save_every": 100,
+            "train.micro_batch_size": 4, "data.n_train": 40}
+    cfg, _ = make_config(tmp_path, "critic", tiny_models, "vnan", over)
+    trainer = train_mod.Trainer(cfg)
+    assert trainer.train()["finished"]
+    value_recs = [r for r in metrics(tmp_path / "runs" / "vnan") if r["stage"] == "value"]
+    assert [r["skipped_steps"] for r in value_recs] == [1, 0]
+    assert value_recs[0]["value_loss"] is not None and value_recs[0]["value_loss"] > 0
+    stage1_head = load_file(str(tmp_path / "runs" / "vnan" / "value_head_stage1.safetensors"))
+    assert all(torch.isfinite(t).all() for t in stage1_head.values())
+
+    from wmtp_lib.checkpoint import read_trainer_state
+
+    assert read_trainer_state(trainer.checkpointer.save(2, "mtp"))["finite"]
+    with torch.no_grad():
+        trainer.weighting.value_head.fc2.bias.fill_(float("nan"))
+    assert not read_trainer_state(trainer.checkpointer.save(3, "mtp"))["finite"]
+
+
+def test_prune_keeps_a_finite_value_checkpoint_when_no_training_checkpoint_is_finite(tmp_path):
+    from wmtp_lib.checkpoint import COMPLETE_MARKER, TRAINER_FILE, Checkpointer
+    from wmtp_lib.distributed import Dist
+
+    ckpts = tmp_path / "checkpoints"
+    for name, finite in [("value-0000002", True), ("value-0000004", False), ("mtp-0000000", False),
+                         ("mtp-0000002", False), ("mtp-0000004", False)]:
+        (ckpts / name).mkdir(parents=True)
+        torch.save({"finite": finite}, ckpts / name / TRAINER_FILE)
+        (ckpts / name / COMPLETE_MARKER).write_text("done\n")
+    checkpointer = Checkpointer(tmp_path, {"train": {"save_every": 2}}, Dist(torch.device("cpu")), None, None, {})
+    checkpointer.prune()
+    assert sorted(p.name for p in ckpts.iterdir()) == ["mtp-0000002", "mtp-0000004", "value-0000002"]
+    assert checkpointer.latest().name == "value-0000002"
+
+
+def test_non_finite_stop_message_points_to_a_new_run_not_a_resume():
+    from types import SimpleNamespace
+
+    from wmtp_lib import train as train_mod
+
+    fake = SimpleNamespace(cfg={"train": {"max_nonfinite_steps": 1}}, nonfinite_in_row=0,
+                           checkpointer=SimpleNamespace(latest=lambda: None), dist=SimpleNamespace(print=print))
+    with pytest.raises(train_mod.NonFiniteStop, match="in a new run_name") as err:
+        train_mod.Trainer.check_finite(fake, 5, False)
+    assert "then resume" not in str(err.value)
+
+
+def test_saving_before_the_first_step_leaves_the_optimizer_fresh(tmp_path):
+    """A save before any optimizer step (the critic's after stage 1) neither initialises AdamW's state nor
+    restores an initialised one: the first update equals a fresh optimizer's; a stepped state round-trips."""
+    from wmtp_lib.checkpoint import Checkpointer
+    from wmtp_lib.distributed import Dist
+
+    def parts():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+
+    def step(model, opt):
+        model(torch.ones(2, 4)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    cfg = {"train": {"save_every": 1}}
+    model, opt = parts()
+    ck = Checkpointer(tmp_path, cfg, Dist(torch.device("cpu")), model, opt, {})
+    path = ck.save(0, "mtp")
+    assert not opt.state
+    ref_model, ref_opt = parts()
+    step(model, opt)
+    step(ref_model, ref_opt)
+    assert torch.equal(model.weight, ref_model.weight)
+    assert all(int(s["step"]) == 1 for s in opt.state.values())
+
+    resumed, resumed_opt = parts()
+    Checkpointer(tmp_path, cfg, Dist(torch.device("cpu")), resumed, resumed_opt, {}).load(path)
+    assert not resumed_opt.state
+    path = ck.save(1, "mtp")
+    resumed, resumed_opt = parts()
+    Checkpointer(tmp_path, cfg, Dist(torch.device("cpu")), resumed, resumed_opt, {}).load(path)
+    assert torch.equal(resumed.weight, model.weight)
+    assert [int(s["step"]) for s in resumed_opt.state.values()] == [1, 1]
+    assert torch.equal(resumed_opt.state[resumed.weight]["exp_avg"], opt.state[model.weight]["exp_avg"])

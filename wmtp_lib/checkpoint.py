@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 
@@ -60,14 +61,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:
-    return torch.load(path / TRAINER_FILE, weights_only=True)
+    # map_location cpu: without it, tensors saved from GPU would make every rank open a CUDA context on GPU 0
+    return torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=True)
 
 
 class Checkpointer:
     """Owns ``runs/<run>/checkpoints``: when to save, what is saved and loaded, which checkpoints are kept."""
 
     def __init__(self, run_dir: Path, cfg: dict[str, Any], dist: Dist, model, optimizer,
-                 stateful: dict[str, Any], keep: int = 2):
+                 stateful: dict[str, Any], keep: int = 2, also_finite: torch.nn.Module | None = None):
         self.dir = run_dir / "checkpoints"
         self.cfg = cfg
         self.dist = dist
@@ -75,6 +77,7 @@ class Checkpointer:
         self.optimizer = optimizer
         self.stateful = stateful  # name -> object with state_dict() / load_state_dict(); saved and loaded alike
         self.keep = keep
+        self.also_finite = also_finite  # a module saved through `stateful` (the value head): checked finite too
         self.save_every = cfg["train"]["save_every"]
 
     # -------------------------------------------------------------- which checkpoints exist
@@ -99,9 +102,10 @@ class Checkpointer:
 
     # -------------------------------------------------------------- save
     def _weights_finite(self) -> bool:
-        """Every weight finite on every process (a host sync, at save time only)."""
+        """Every weight (model and ``also_finite``) finite on every process (a host sync, at save time only)."""
         bad = torch.zeros((), dtype=torch.float64, device=self.dist.device)
-        for p in self.model.parameters():
+        extra = list(self.also_finite.parameters()) if self.also_finite is not None else []
+        for p in list(self.model.parameters()) + extra:
             local = p.to_local() if hasattr(p, "to_local") else p
             bad += (~torch.isfinite(local.detach())).sum()
         return float(self.dist.sum(bad)) == 0
@@ -111,12 +115,21 @@ class Checkpointer:
         if self.dist.is_main and path.exists():
             shutil.rmtree(path)
         self.dist.barrier()
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "state"))
+        # get_state_dict initialises an optimizer that has no state yet (AdamW: step 1, zero moments), and the
+        # first real update would then differ from a fresh optimizer's (the critic saves before its first
+        # training step): such an optimizer is saved as "fresh" and left untouched
+        fresh_optimizer = not self.optimizer.state
+        if fresh_optimizer:
+            to_save = {"model": get_model_state_dict(self.model)}
+        else:
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+            to_save = {"model": model_sd, "optim": optim_sd}
+        dcp.save(to_save, checkpoint_id=str(path / "state"))
         torch.save(rng_state(), path / f"rng-rank{self.dist.rank}.pt")
         finite = self._weights_finite()
         if self.dist.is_main:
             state = {"step": step, "stage": stage, "world_size": self.dist.world, "finite": finite,
+                     "fresh_optimizer": fresh_optimizer,
                      "config_hash": config_hash(self.cfg), "config": json.dumps(self.cfg, default=str)}
             state.update({name: obj.state_dict() for name, obj in self.stateful.items()})
             torch.save(state, path / TRAINER_FILE)
@@ -133,7 +146,9 @@ class Checkpointer:
         mtp = self._complete("mtp")
         value = self._complete("value")
         keep = set(mtp[-self.keep:]) if mtp else set(value[-self.keep:])
-        finite = [p for p in (mtp or value) if self._finite(p)]
+        # the newest finite one over both stages (training after value fitting, as `latest` orders them):
+        # a finite value checkpoint stays when no training checkpoint is finite
+        finite = [p for p in value + mtp if self._finite(p)]
         if finite:
             keep.add(finite[-1])
         for old in mtp + value:
@@ -149,13 +164,20 @@ class Checkpointer:
                                f"{self.dist.world}: resume with the same number of processes")
         if state.get("config_hash") != config_hash(self.cfg):
             check_same_run(json.loads(state["config"]), self.cfg, path)
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        loaded = {"model": model_sd, "optim": optim_sd}
-        dcp.load(loaded, checkpoint_id=str(path / "state"))
-        set_state_dict(self.model, self.optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+        if state.get("fresh_optimizer"):
+            loaded = {"model": get_model_state_dict(self.model)}
+            dcp.load(loaded, checkpoint_id=str(path / "state"))
+            set_model_state_dict(self.model, loaded["model"])
+            self.optimizer.state.clear()  # as it was when saved: no step taken yet
+        else:
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+            loaded = {"model": model_sd, "optim": optim_sd}
+            dcp.load(loaded, checkpoint_id=str(path / "state"))
+            set_state_dict(self.model, self.optimizer, model_state_dict=loaded["model"],
+                           optim_state_dict=loaded["optim"])
         for name, obj in self.stateful.items():
             obj.load_state_dict(state[name])
-        set_rng_state(torch.load(path / f"rng-rank{self.dist.rank}.pt", weights_only=True))
+        set_rng_state(torch.load(path / f"rng-rank{self.dist.rank}.pt", map_location="cpu", weights_only=True))
         return int(state["step"]), state["stage"]
 
     # -------------------------------------------------------------- final export

@@ -78,6 +78,9 @@ SCHEMA: dict[str, Any] = {
         "trackers": F((list,), []),
         "stop_after": F((int,), None, nullable=True),
         "max_nonfinite_steps": F((int,), 3),
+        # collectives wait this long (NCCL's default is 10 min) while rank 0 alone downloads models, scores the
+        # reference or rewards, or exports final/
+        "dist_timeout_minutes": F((int, float), 120),
     },
     "weights": {
         "scheme": F((str,), "uniform", ("uniform", "rho1", "critic")),
@@ -120,7 +123,8 @@ SCHEMA: dict[str, Any] = {
 
 ENV_ONLY_KEYS = {"name", "description"}
 # Keys a resumed run may change: they decide where a run stops, how often it logs or saves, not what it computes.
-RESUME_FREE_KEYS = ("train.stop_after", "train.resume", "train.log_every", "train.save_every", "train.trackers")
+RESUME_FREE_KEYS = ("train.stop_after", "train.resume", "train.log_every", "train.save_every", "train.trackers",
+                    "train.dist_timeout_minutes")
 
 
 class _Loader(yaml.SafeLoader):
@@ -275,6 +279,9 @@ def validate_resolved(cfg: dict[str, Any], source: str) -> None:
     for key in ("steps", "micro_batch_size", "grad_accum", "log_every", "save_every", "chunk_size"):
         if cfg["train"][key] < 1:
             raise ConfigError(f"{source}: train.{key} must be >= 1")
+    if not cfg["train"]["dist_timeout_minutes"] > 0:
+        raise ConfigError(f"{source}: train.dist_timeout_minutes must be > 0 (minutes a process waits for the "
+                          "others, e.g. 120)")
     if cfg["data"]["max_length"] < 8:
         raise ConfigError(f"{source}: data.max_length must be >= 8")
 

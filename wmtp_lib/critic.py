@@ -28,6 +28,18 @@ class ValueHead(nn.Module):
         return self.fc2(self.act(self.fc1(hidden.to(self.fc1.weight.dtype)))).squeeze(-1).float()
 
 
+def seeded_value_head(hidden_size: int, seed: int) -> ValueHead:
+    """A `ValueHead` whose initial weights depend on ``seed`` alone, not on the global RNG.
+
+    Rank-0-only work before it (a reward model's random init, staging tiny models) consumes global RNG
+    draws on one process only; a head drawn from the global RNG would then differ across ranks, and its
+    averaged gradients would train different heads. A private, forked RNG gives every rank the same head.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ValueHead(hidden_size)
+
+
 def state_mask_from_labels(label_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """``state[b, t] = label_mask[b, t+1]`` (False at the last position).
 

@@ -221,9 +221,11 @@ class MTPModel(nn.Module):
             # Always masked by document when positions are given (deciding whether a row restarts would
             # cost a host sync); rows that do not restart get the plain causal mask's values.
             documents = packed_sequence_mask_function(document_ids(position_ids))
-            if attention_mask is None:
-                # with no 2D mask transformers would also detect the packing itself (a host sync)
-                attention_mask = torch.ones_like(input_ids)
+            # The 2D padding mask is dropped: a packed row's padding tail restarts its positions, so it is a
+            # document of its own and the document mask already keeps it apart. Combined with it, the tail's
+            # query rows would be fully masked (NaN on some CUDA SDPA backends). All ones rather than None:
+            # with no 2D mask transformers would detect the packing itself (a host sync).
+            attention_mask = torch.ones_like(input_ids)
         mask = create_causal_mask(
             config=self.config,
             inputs_embeds=embeds,

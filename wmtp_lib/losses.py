@@ -297,10 +297,14 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 probs = torch.exp((h @ weight.t()).float() - lse[:, start:stop].unsqueeze(-1))
                 probs.scatter_add_(-1, targets[:, start:stop].unsqueeze(-1),
                                    torch.full_like(lse[:, start:stop].unsqueeze(-1), -1.0))
-            grad_logits = probs * g_all[:, start:stop].unsqueeze(-1)
+            # select, not multiply: a NaN/inf at an invalid position (a fully masked padding row on some CUDA
+            # attention backends) times a zero gradient would still be NaN and poison every gradient
+            ok = valid[:, start:stop].unsqueeze(-1)
+            grad_logits = torch.where(ok, probs * g_all[:, start:stop].unsqueeze(-1), 0.0)
             if grad_hidden is not None:
                 grad_hidden[:, start:stop] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
+                h = torch.where(ok, h, torch.zeros((), dtype=h.dtype, device=h.device))
                 grad_weight += grad_logits.reshape(-1, grad_logits.shape[-1]).t() @ h.reshape(-1, h.shape[-1]).float()
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)

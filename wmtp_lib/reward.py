@@ -143,10 +143,15 @@ class RewardModel:
         else:
             config = AutoConfig.from_pretrained(str(path))
             state = load_safetensors_dir(path)
-            model = StarlingRewardModel(config, v_head_bias="v_head.bias" in state)
-            model.load_state_dict(state, strict=True)
+            # built on the meta device and filled by assignment: no random 7B float32 init, no global RNG draws
+            # (only rank 0 scores rewards, so a draw here would shift its RNG against the other ranks')
+            with torch.device("meta"):
+                model = StarlingRewardModel(config, v_head_bias="v_head.bias" in state)
+            model.load_state_dict(state, strict=True, assign=True)
             if dtype is not None:
                 model = model.to(dtype)
+            # the RoPE buffer is not in the state dict: rebuild it, float32 in every dtype (DESIGN §5)
+            model.transformer.rotary_emb = type(model.transformer.rotary_emb)(config=config)
         return cls(model, tokenizer, layout, input_template, truncation_side, max_length=max_length, device=device)
 
     def encode(self, prompt: str, response: str) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -83,6 +84,17 @@ def sample_rollouts(model, tokenizer, prompts: list[Sample], rollouts: int, max_
     return [Sample(**s) for i in range(len(prompts)) for s in by_prompt[i]]
 
 
+def rollout_cache_key(samples: list[Sample], cfg: dict[str, Any]) -> str:
+    """sha256 of what cached rollouts depend on: every training sample's prompt and completion (the prompts
+    are drawn from them) and the rollout settings."""
+    ccfg = cfg["critic"]
+    digest = hashlib.sha256(json.dumps(["execution", ccfg["rollouts"], ccfg["rollout_max_new_tokens"],
+                                        ccfg["rollout_temperature"], cfg["seed"]]).encode())
+    for sample in samples:
+        digest.update(json.dumps([sample.prompt, sample.completion]).encode())
+    return digest.hexdigest()
+
+
 def build_rollout_data(model, tokenizer, samples: list[Sample], cfg: dict[str, Any], cache: Path, dist: Dist,
                        ) -> tuple[TokenizedData, torch.Tensor]:
     """Stage-1 data for the execution reward: rollouts of the current model and their pass fractions.
@@ -91,8 +103,12 @@ def build_rollout_data(model, tokenizer, samples: list[Sample], cfg: dict[str, A
     gathered result in ``cache`` (a run-directory file) so a resumed run fits on the same rollouts.
     """
     ccfg, t = cfg["critic"], cfg["train"]
+    key = rollout_cache_key(samples, cfg)
     if dist.broadcast_object(cache.is_file()):  # one decision for all processes: they sample together or not
         stored = json.loads(cache.read_text())
+        if stored.get("key") != key:
+            raise RuntimeError(f"{cache} holds rollouts of other samples or other rollout settings than this run's: "
+                               "the data changed under this run name: use a new run_name")
         rollouts = [Sample(**s) for s in stored["samples"]]
         rewards = torch.tensor(stored["rewards"], dtype=torch.float32)
     else:
@@ -114,7 +130,8 @@ def build_rollout_data(model, tokenizer, samples: list[Sample], cfg: dict[str, A
         rewards = torch.tensor([by_index[i] for i in range(len(rollouts))], dtype=torch.float32)
         if dist.is_main:
             tmp = cache.with_name(cache.name + ".tmp")
-            tmp.write_text(json.dumps({"samples": [s.to_json() for s in rollouts], "rewards": rewards.tolist(),
+            tmp.write_text(json.dumps({"key": key, "samples": [s.to_json() for s in rollouts],
+                                       "rewards": rewards.tolist(),
                                        "sandbox": sandbox_record(allow_weak)}))
             tmp.replace(cache)
         dist.barrier()

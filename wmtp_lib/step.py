@@ -75,13 +75,15 @@ def sequential_mtp_step(
     state = model(input_ids, attention_mask, position_ids=position_ids, return_trunk=True)
     trunk_out = state.hidden
     grad_enabled = backward and torch.is_grad_enabled() and trunk_out.requires_grad
-    trunk_in = trunk_out.detach().requires_grad_(grad_enabled)
+    # float32 leaf: the H heads' gradients into the trunk output accumulate in float32, not in the trunk's
+    # bf16 (FSDP2 bf16); each head reads it cast back, and the final backward gets it in the trunk dtype
+    trunk_in = trunk_out.detach().float().requires_grad_(grad_enabled)
     if weight_fn_factory is not None:
         weight_fn = weight_fn_factory(trunk_out.detach())
     ces, weights, valids, losses = [], [], [], []
     for k in range(H):
         targets, valid = head_targets(input_ids, k, label_mask, position_ids)
-        hidden = model.forward_head(k, state, trunk_in)
+        hidden = model.forward_head(k, state, trunk_in.to(trunk_out.dtype))
         ce = model.lm_head(hidden, targets, valid, chunk_size)
         with torch.no_grad():
             w = weight_fn(k, ce.detach(), valid).float()
@@ -95,7 +97,7 @@ def sequential_mtp_step(
         del hidden, ce, loss_k
     total = (torch.stack(losses) * alpha).sum()
     if grad_enabled:
-        trunk_grad = trunk_in.grad
+        trunk_grad = trunk_in.grad.to(trunk_out.dtype)
         if extra_trunk_loss is not None:
             extra = extra_trunk_loss(trunk_out)
             total = total + extra.detach()

@@ -42,6 +42,16 @@ def set_all_seeds(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def accelerator_kwargs(train: dict[str, Any]) -> list:
+    """Accelerator kwargs handlers: the process-group timeout from ``train.dist_timeout_minutes``, so the
+    other ranks wait at a barrier while rank 0 alone downloads, scores or exports (NCCL's default: 10 min)."""
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return [InitProcessGroupKwargs(timeout=timedelta(minutes=train["dist_timeout_minutes"]))]
+
+
 def forward_backward(model: MTPModel, batches: list[dict[str, torch.Tensor]], weighting, dist: Dist, group: str,
                      head_weights: list[float] | None, chunk_size: int,
                      record: Callable[[dict[str, torch.Tensor], StepOutput, Any], None] | None = None
@@ -102,7 +112,8 @@ class Trainer:
         self.cfg = cfg
         train = cfg["train"]
         self.run_dir = project_path(cfg["paths"]["runs_dir"]) / cfg["run_name"]
-        self.accelerator = Accelerator(log_with=train["trackers"] or None, project_dir=str(self.run_dir))
+        self.accelerator = Accelerator(log_with=train["trackers"] or None, project_dir=str(self.run_dir),
+                                       kwargs_handlers=accelerator_kwargs(train))
         self.dist = Dist.from_accelerator(self.accelerator)
         # bf16 autocast on one GPU; under FSDP2 the mixed-precision policy casts instead
         self.autocast = train["mixed_precision"] == "bf16" and self.dist.device.type == "cuda" and not self.dist.fsdp
@@ -126,10 +137,14 @@ class Trainer:
         self.schedule = BatchSchedule(len(self.data), train["micro_batch_size"], train["grad_accum"], self.dist.world,
                                       cfg["seed"])
 
-        self.weighting = build_weighting(cfg, self.model.n_future, self.model.config.hidden_size, self.tokenizer,
-                                         self.samples, self.data, self.dist, self.run_dir, self.model_dir)
+        # Memory: every rank still loads the full base model (float32 7B: 28 GB of host memory a rank, then
+        # on its GPU) before sharding; sharding leaves each GPU a 1/world shard. The weighting is built after
+        # sharding because it may put a second 7B model (reference scoring, reward model) on rank 0's GPU:
+        # built before, rank 0 would hold the whole base and that model at once.
         if self.dist.fsdp:
             self.model = shard_fsdp(self.model, train["mixed_precision"])
+        self.weighting = build_weighting(cfg, self.model.n_future, self.model.config.hidden_size, self.tokenizer,
+                                         self.samples, self.data, self.dist, self.run_dir, self.model_dir)
 
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=train["lr"], weight_decay=train["weight_decay"],
@@ -138,7 +153,8 @@ class Trainer:
                                        num_training_steps=train["steps"],
                                        scheduler_specific_kwargs={"min_lr_rate": train["min_lr_ratio"]})
         self.checkpointer = Checkpointer(self.run_dir, cfg, self.dist, self.model, self.optimizer,
-                                         {"scheduler": self.scheduler, "weighting": self.weighting})
+                                         {"scheduler": self.scheduler, "weighting": self.weighting},
+                                         also_finite=getattr(self.weighting, "value_head", None))
         self.metrics = TrainMetrics(self.run_dir, self.dist, self.model.n_future, train["log_every"], train["steps"],
                                     self.accelerator if train["trackers"] else None)
         self.nonfinite_in_row = 0
@@ -196,11 +212,14 @@ class Trainer:
         grad_norm = clip_grad_norm(self.params, train["max_grad_norm"])
         # one tiny all-reduce and host sync a step: every process must agree to skip
         bad = (~torch.isfinite(loss)) | (~torch.isfinite(grad_norm))
+        critic = isinstance(self.weighting, CriticWeighting)
+        if critic:  # a non-finite value loss shows in the value head's gradient norm
+            bad |= ~torch.isfinite(self.weighting.sync_grads(self.dist))
         finite = float(self.dist.max(bad.double())) == 0
         if finite:
             self.optimizer.step()
-        if isinstance(self.weighting, CriticWeighting):
-            self.weighting.optimizer_step(self.dist, skip=not finite)
+        if critic:
+            self.weighting.optimizer_step(skip=not finite)
         self.scheduler.step()  # the lr stays a function of the step number, skipped or not
         self.optimizer.zero_grad(set_to_none=True)
         self.metrics.add_step(loss, head_loss, grad_norm, finite)
@@ -225,8 +244,9 @@ class Trainer:
             raise NonFiniteStop(
                 f"steps {step - limit + 1}-{step}: non-finite loss or gradient norm {limit} times in a row "
                 f"(train.max_nonfinite_steps); stopped at step {step}. Weights are those of the last finite step"
-                f"{f'; last checkpoint {latest}' if latest else ''}. Lower train.lr or raise weights.temperature, "
-                "then resume or start a new run_name")
+                f"{f'; last checkpoint {latest}' if latest else ''}. Lower train.lr or raise weights.temperature "
+                "in a new run_name (both keys are part of the config a checkpoint is bound to, so this run "
+                "cannot resume under them)")
 
     def resume(self) -> tuple[str, int]:
         """(stage, step) to start from: the latest checkpoint under ``resume: auto``, else a fresh start."""

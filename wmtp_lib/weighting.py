@@ -7,16 +7,19 @@ The critic also owns its value-head fit (stage 1) and the value loss of stage 2.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from wmtp_lib.config import project_path
 from wmtp_lib.critic import (
-    ValueHead,
     align_td,
+    seeded_value_head,
     sparse_rewards,
     state_mask_from_labels,
     value_loss,
@@ -246,7 +249,7 @@ class CriticWeighting:
         self.ccfg = cfg["critic"]
         self.H = H
         self.rewards = rewards  # (N, T) host map: every token holds its sample's sequence reward
-        self.value_head = ValueHead(hidden_size).to(device)
+        self.value_head = seeded_value_head(hidden_size, cfg["seed"]).to(device)
         self.optimizer = torch.optim.AdamW(self.value_head.parameters(), lr=self.ccfg["stage1_lr"])
         self.device = device
         self.window_states: torch.Tensor | None = None  # states of the current optimizer step (begin_window)
@@ -310,10 +313,19 @@ class CriticWeighting:
         _, targets = value_targets(values, rewards, state_mask, self.ccfg["gamma"], self.ccfg["lam"])
         return value_loss(values, targets, state_mask, n_states)
 
-    def optimizer_step(self, dist: Dist, skip: bool) -> None:
-        """Average the value head's gradients over processes and step its optimizer (unless skipped)."""
+    def sync_grads(self, dist: Dist) -> torch.Tensor:
+        """Average the value head's gradients over processes; returns their total norm (a device tensor, the
+        same on every rank), which the caller checks for finiteness before any optimizer steps."""
+        params = list(self.value_head.parameters())
+        dist.average_grads(params)
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.device)
+        return torch.nn.utils.get_total_norm(grads)
+
+    def optimizer_step(self, skip: bool) -> None:
+        """Step the value head's optimizer on its synchronised gradients (unless skipped), then zero them."""
         if not skip:
-            dist.average_grads(list(self.value_head.parameters()))
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -345,27 +357,40 @@ class CriticWeighting:
         accum = cfg["train"]["grad_accum"]
         # the same global batch per step as training (micro × accum × processes), so the split does not matter
         schedule = BatchSchedule(len(data), cfg["train"]["micro_batch_size"], accum, dist.world, cfg["seed"] + 1)
-        window = torch.zeros(2, dtype=torch.float64, device=dist.device)  # Σ value loss, steps
+        window = torch.zeros(3, dtype=torch.float64, device=dist.device)  # Σ value loss, finite steps, skipped
         for step in range(start, steps):
             batches = [move_batch(data.rows(schedule.micro_batch(step, slot, dist.rank)), dist.device)
                        for slot in range(accum)]
             self.begin_window(batches, dist)
+            step_loss = torch.zeros((), dtype=torch.float64, device=dist.device)
             for batch in batches:
                 with torch.no_grad():
                     trunk = trainer.model(batch["input_ids"], batch["attention_mask"],
                                           position_ids=batch.get("position_ids"), return_trunk=True).hidden
                 loss = self.value_loss(trunk, batch, rewards, n_states=self.window_states)
                 (loss * dist.world).backward()  # the gradient average over ranks then gives the step's mean
-                window[0] += loss.detach().double()
-            self.optimizer_step(dist, skip=False)
-            window[1] += 1
+                step_loss += loss.detach().double()
+            grad_norm = self.sync_grads(dist)
+            # as in stage 2: a non-finite value loss or gradient norm on any process skips the step everywhere
+            bad = (~torch.isfinite(step_loss)) | (~torch.isfinite(grad_norm))
+            finite = float(dist.max(bad.double())) == 0
+            self.optimizer_step(skip=not finite)
+            if finite:
+                window[0] += step_loss
+                window[1] += 1
+            else:
+                window[2] += 1
             done = step + 1
             if done % log_every == 0 or done == steps:
-                total, count = dist.sum(window).tolist()
-                count /= dist.world  # every rank counted each step once
-                trainer.metrics.write({"stage": "value", "step": done, "value_loss": total / count, "value_lr": self.lr})
-                dist.print(f"[value] step {done}/{steps} value_loss {total / count:.4f}")
+                total, count, skipped = dist.sum(window).tolist()
+                count, skipped = count / dist.world, int(skipped / dist.world)  # every rank counted each step once
+                mean = total / count if count else None  # no finite step in the window: no measured loss
+                trainer.metrics.write({"stage": "value", "step": done, "value_loss": mean, "value_lr": self.lr,
+                                       "skipped_steps": skipped})
+                dist.print(f"[value] step {done}/{steps} value_loss "
+                           f"{'n/a' if mean is None else f'{mean:.4f}'} skipped {skipped}")
                 window.zero_()
+            trainer.check_finite(done, finite)
             if done % cfg["train"]["save_every"] == 0 and done < steps:
                 trainer.checkpointer.save(done, "value")
         if dist.is_main:
@@ -387,6 +412,9 @@ def sequence_rewards(cfg: dict[str, Any], tokenizer, samples, data: TokenizedDat
     gold completion passes. Returned as a ``(rows, T)`` map (every token holds its sample's reward), so each
     document of a packed row gets its own reward."""
     path = run_dir / "rewards.safetensors"
+    key = reward_cache_key(cfg, samples)
+    if dist.broadcast_object(path.is_file()):  # checked before any reward model is staged or loaded
+        check_reward_cache(path, key)
     rm_dir = model_dir(cfg["models"]["reward"]) if cfg["critic"]["reward_source"] == "model" else None
     if dist.is_main and not path.is_file():
         if rm_dir is None:
@@ -397,7 +425,7 @@ def sequence_rewards(cfg: dict[str, Any], tokenizer, samples, data: TokenizedDat
             rewards = reward_model_scores(cfg, samples, rm_dir, dist.device)
         dist.print(f"sequence rewards: mean {rewards.mean():.3f}, std {rewards.std():.3f} over {len(rewards)} samples")
         tmp = path.with_name(path.name + ".tmp")
-        save_file({"rewards": rewards.contiguous()}, str(tmp))
+        save_file({"rewards": rewards.contiguous()}, str(tmp), metadata={"key": key})
         tmp.replace(path)
     dist.barrier()
     rewards = load_file(str(path))["rewards"]
@@ -405,6 +433,25 @@ def sequence_rewards(cfg: dict[str, Any], tokenizer, samples, data: TokenizedDat
         raise RuntimeError(f"{path} holds {rewards.shape[0]} rewards but the data has {len(samples)} samples; "
                            "the data changed under this run name: use a new run_name")
     return data.token_map(rewards)
+
+
+def reward_cache_key(cfg: dict[str, Any], samples) -> str:
+    """sha256 of what the cached rewards depend on: the reward source (and model id) and every sample's
+    prompt and completion, in order."""
+    source = cfg["critic"]["reward_source"]
+    digest = hashlib.sha256(json.dumps([source, cfg["models"]["reward"] if source == "model" else None]).encode())
+    for sample in samples:
+        digest.update(json.dumps([sample.prompt, sample.completion]).encode())
+    return digest.hexdigest()
+
+
+def check_reward_cache(path: Path, key: str) -> None:
+    """Refuse a reward cache computed for other samples or another reward source."""
+    with safe_open(str(path), "pt") as f:
+        stored = (f.metadata() or {}).get("key")
+    if stored != key:
+        raise RuntimeError(f"{path} holds rewards of other samples or another reward source/model than this "
+                           "run's: the data or reward changed under this run name: use a new run_name")
 
 
 def reward_model_scores(cfg: dict[str, Any], samples, rm_dir: Path, device) -> torch.Tensor:
