@@ -135,7 +135,7 @@ def launch_training(cfg: dict[str, Any], config_path: Path, num_processes: int |
 
         bar = tqdm(total=cfg["train"]["steps"], desc=cfg["run_name"], unit="step")
     tail: list[str] = []
-    with open(log_path, "w") as log:
+    with open(log_path, "w", buffering=1) as log:  # line-buffered: `tail -f train.log` follows the run
         log.write("$ " + " ".join(cmd) + "\n")
         # its own process group: an interrupted or failed cell stops the launcher and every worker with it
         proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
