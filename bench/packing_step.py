@@ -28,18 +28,13 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    from bench_models import bench_mtp_model
 
-    from wmtp_lib.heads import MTPModel, mtp_config
     from wmtp_lib.packing import pack_documents
     from wmtp_lib.step import sequential_mtp_step
 
-    torch.manual_seed(0)
     device = torch.device(args.device)
-    heads = max(4, args.hidden // 128)
-    cfg = mtp_config(4, vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 3,
-                     num_hidden_layers=args.layers, num_attention_heads=heads,
-                     max_position_embeddings=max(args.length, args.max_doc))
-    model = MTPModel(cfg).to(device).train()
+    model = bench_mtp_model(args.vocab, args.hidden, args.layers, max(args.length, args.max_doc), device)
     lengths = torch.randint(args.min_doc, args.max_doc + 1, (args.docs,)).tolist()
     docs = [torch.randint(3, args.vocab, (n,)) for n in lengths]
 

@@ -28,9 +28,9 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    from bench_models import bench_mtp_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from wmtp_lib.heads import MTPModel, mtp_config
     from wmtp_lib.losses import align_reference, rho1_weights
     from wmtp_lib.reference import reference_token_ce
     from wmtp_lib.distributed import Dist
@@ -38,15 +38,11 @@ def main() -> None:
     from wmtp_lib.train import forward_backward
     from wmtp_lib.weighting import Rho1Weighting
 
-    torch.manual_seed(0)
     device = torch.device(args.device)
-    heads = max(4, args.hidden // 128)
-    cfg = mtp_config(4, vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 3,
-                     num_hidden_layers=args.layers, num_attention_heads=heads, max_position_embeddings=args.length)
-    model = MTPModel(cfg).to(device).train()
+    model = bench_mtp_model(args.vocab, args.hidden, args.layers, args.length, device)
     ref = LlamaForCausalLM(LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
                                        intermediate_size=args.hidden * 3, num_hidden_layers=args.layers - 3,
-                                       num_attention_heads=heads)).to(device).eval()
+                                       num_attention_heads=model.config.num_attention_heads)).to(device).eval()
     x = torch.randint(0, args.vocab, (args.batch, args.length), device=device)
     cached = reference_token_ce(ref, x)
 

@@ -68,13 +68,8 @@ class PrecomputedWeights:
         return self.weights[:, :, k]
 
 
-class UniformWeighting:
-    """``mtp_baseline``: weight 1 on every valid target; no scores, no state."""
-
-    needs_scores = False
-
-    def weight_fn_factory(self, batch: Batch, precomputed: torch.Tensor | None = None) -> WeightFnFactory:
-        return lambda trunk_hidden: uniform_weights
+class StatelessWeighting:
+    """A weighting with no extra trunk loss, no per-window work and nothing to checkpoint."""
 
     def extra_trunk_loss(self, batch: Batch):
         return None
@@ -87,6 +82,15 @@ class UniformWeighting:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
+
+
+class UniformWeighting(StatelessWeighting):
+    """``mtp_baseline``: weight 1 on every valid target; no scores, no state."""
+
+    needs_scores = False
+
+    def weight_fn_factory(self, batch: Batch, precomputed: torch.Tensor | None = None) -> WeightFnFactory:
+        return lambda trunk_hidden: uniform_weights
 
 
 def group_weights(weighting, model, batches: list[Batch], dist: Dist, H: int) -> list[torch.Tensor]:
@@ -129,7 +133,7 @@ def rho1_from_scores(scores: torch.Tensor, valid: torch.Tensor, cfg: dict[str, A
     return soft_weights(scores, valid, temperature=cfg["temperature"], max_weight=cfg["max_weight"])
 
 
-class Rho1Weighting:
+class Rho1Weighting(StatelessWeighting):
     """``rho1`` / ``rho1_tokenskip``: excess loss against a frozen reference (cached per row, or online)."""
 
     needs_scores = True
@@ -194,17 +198,6 @@ class Rho1Weighting:
     def weights_from_scores(self, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         return rho1_from_scores(scores, valid, self.cfg)
 
-    def extra_trunk_loss(self, batch: Batch):
-        return None
-
-    def begin_window(self, batches: list[Batch], dist: Dist) -> None:
-        return None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        return None
 
 
 # ------------------------------------------------------------------------------------------ critic
