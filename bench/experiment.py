@@ -10,7 +10,7 @@ corrupted operation), and writes into ``--out``:
 - ``figure.png``: mean weight on corrupted / other noisy / clean-slot tokens per recipe and head, and
   pass@1 and noise imitation vs noise level per recipe with their intervals.
 
-    python bench/experiment.py --out runs/experiment              # the grid (3 noise x 4 recipes x 3 seeds)
+    python bench/experiment.py --out runs/experiment --jobs 2     # the grid (3 noise x 4 recipes x 3 seeds)
     python bench/experiment.py --out /tmp/smoke --smoke           # 1 x 2 x 1, a few steps (the CI check)
 
 The calibrated constants live in ``params/envs/experiment.yaml`` (an environment like ``local``); runs
@@ -22,11 +22,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=64, help="a synthetic solution is about 20 tokens")
     p.add_argument("--overrides", default="{}", help="JSON of dotted config keys applied to every run")
     p.add_argument("--models-dir", default=None, help="staged tiny models to reuse (default: <out>/models)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once, each on one thread (2 on a 2-core machine: the tiny model gains little "
+                        "from a second thread)")
     p.add_argument("--smoke", action="store_true", help="1 noise level x 2 recipes x 1 seed, a few steps")
     args = p.parse_args(argv)
     args.noise = [float(x) for x in args.noise.split(",")]
@@ -89,9 +94,10 @@ def train_one(args: argparse.Namespace, recipe: str, noise: float, seed: int, mo
 
         shutil.rmtree(run_dir)
     config = write_config(cfg, run_dir / "config.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.jobs > 1 else None
     with open(run_dir / "train.log", "w") as log:
         proc = subprocess.run([sys.executable, "-m", "wmtp_lib.train", "--config", str(config)], cwd=ROOT,
-                              stdout=log, stderr=subprocess.STDOUT)
+                              stdout=log, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         tail = (run_dir / "train.log").read_text().splitlines()[-15:]
         raise RuntimeError(f"training {name} failed (exit {proc.returncode}); log {run_dir / 'train.log'}:\n"
@@ -235,6 +241,27 @@ def write_figure(agg: list[dict[str, Any]], out: Path) -> None:
     plt.close(fig)
 
 
+def run_cell(args: argparse.Namespace, cell: tuple[float, str, int], models_dir: Path, runs_dir: Path) -> float | None:
+    """Train and evaluate one grid cell unless its evaluation exists; the seconds it took (None: already done)."""
+    noise, recipe, seed = cell
+    name = run_name(recipe, noise, seed)
+    if (runs_dir / name / "eval" / "synthetic.json").is_file():
+        return None
+    if args.jobs > 1:
+        import torch
+
+        torch.set_num_threads(1)
+    t_run = time.perf_counter()
+    train_one(args, recipe, noise, seed, models_dir, runs_dir)
+    n_test = resolve_config(recipe, args.env, {**args.overrides}, run_name=name)["data"]["n_test"]
+    run_evaluation(name, ["synthetic"], n_samples=args.n_samples, ks=[1], temperature=args.temperature,
+                   max_new_tokens=args.max_new_tokens, limit=args.limit or n_test, speculative_prompts=0,
+                   seed=seed, runs_dir=runs_dir)
+    seconds = time.perf_counter() - t_run
+    print(f"{name}: trained and evaluated in {seconds:.0f} s", flush=True)
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out).resolve()
@@ -245,23 +272,23 @@ def main(argv: list[str] | None = None) -> int:
     needed = ["tiny-mtp"] + (["tiny-ref"] if {"rho1", "rho1_tokenskip"} & set(args.recipes) else []) + \
         (["tiny-rm"] if "critic" in args.recipes else [])
     stage_tiny(models_dir, ids=tuple(needed), log=lambda m: print(m, flush=True))
-    rows = []
     grid = [(n, r, s) for n in args.noise for r in args.recipes for s in args.seeds]
-    for i, (noise, recipe, seed) in enumerate(grid, 1):
+    if args.jobs > 1:
+        import multiprocessing
+
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = list(pool.map(run_cell, [args] * len(grid), grid, [models_dir] * len(grid),
+                                 [runs_dir] * len(grid)))
+    else:
+        done = [run_cell(args, cell, models_dir, runs_dir) for cell in grid]
+    rows = []
+    for i, ((noise, recipe, seed), seconds) in enumerate(zip(grid, done), 1):
         name = run_name(recipe, noise, seed)
-        eval_path = runs_dir / name / "eval" / "synthetic.json"
-        t_run = time.perf_counter()
-        if not eval_path.is_file():
-            run_dir = train_one(args, recipe, noise, seed, models_dir, runs_dir)
-            cfg_test = resolve_config(recipe, args.env, {**args.overrides}, run_name=name)["data"]["n_test"]
-            run_evaluation(name, ["synthetic"], n_samples=args.n_samples, ks=[1], temperature=args.temperature,
-                           max_new_tokens=args.max_new_tokens, limit=args.limit or cfg_test,
-                           speculative_prompts=0, seed=seed, runs_dir=runs_dir)
-        evaluation = json.loads(eval_path.read_text())
+        evaluation = json.loads((runs_dir / name / "eval" / "synthetic.json").read_text())
         rows.append(collect(runs_dir / name, recipe, noise, seed, evaluation))
         print(f"[{i}/{len(grid)}] {name}: pass@1 {rows[-1]['pass@1']:.3f} noise imitation "
               f"{rows[-1]['noise_imitation']:.3f} w corrupted {_fmt_heads(rows[-1]['weight_corrupt'])} "
-              f"({time.perf_counter() - t_run:.0f} s)", flush=True)
+              f"({'already done' if seconds is None else f'{seconds:.0f} s'})", flush=True)
     agg = aggregate(rows)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or "unknown"
@@ -269,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"Grid {len(args.noise)} noise levels x {len(args.recipes)} recipes x {len(args.seeds)} seeds, "
               f"env `{args.env}`, overrides {json.dumps(args.overrides)}, {args.n_samples} samples per problem at "
               f"temperature {args.temperature}; commit {commit}; {platform.machine()} "
-              f"{platform.processor() or ''}, {wall / 60:.1f} min wall.")
+              f"{platform.processor() or ''} ({os.cpu_count()} cores), {args.jobs} run(s) at once, "
+              f"{wall / 60:.1f} min wall.")
     write_runs_csv(rows, out)
     write_tables(agg, out, header)
     write_figure(agg, out)
