@@ -25,3 +25,25 @@ def test_one_batched_unembedding_per_forward_and_greedy_output():
     assert len(calls) == result.forwards
     # each call carries all 4 heads: (H, positions, D)
     assert all(shape[0] == 4 and len(shape) == 3 for shape in calls), calls
+
+
+def test_benchmark_times_both_decoders_in_alternating_order_after_a_warm_up(monkeypatch):
+    import pytest
+
+    from wmtp_lib import generation
+
+    torch.manual_seed(5)
+    model = MTPModel(tiny_config(n_future=4, layers=6)).eval()
+    order: list[str] = []
+    real_greedy, real_spec = generation.greedy, generation.speculative_greedy
+    monkeypatch.setattr(generation, "greedy", lambda *a, **k: order.append("g") or real_greedy(*a, **k))
+    monkeypatch.setattr(generation, "speculative_greedy", lambda *a, **k: order.append("s") or real_spec(*a, **k))
+    prompts = [[3, 1, 4, 1], [5, 9, 2, 6, 5]]
+    res = generation.speculative_benchmark(model, prompts, 12, repeats=3)
+    # warm-up (one prompt each), then g g s s | s s g g | g g s s: a neighbour's load hits both alike
+    assert "".join(order) == "gs" + "ggss" + "ssgg" + "ggss"
+    assert res["repeats"] == 3 and len(res["speedup_per_repeat"]) == 3
+    assert res["identical_to_greedy"] == 2
+    assert res["speedup"] == pytest.approx(res["greedy_seconds"] / res["speculative_seconds"])
+    with pytest.raises(ValueError, match="repeats"):
+        generation.speculative_benchmark(model, prompts, 12, repeats=0)
