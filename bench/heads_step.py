@@ -15,6 +15,9 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without `pip install -e .`
 
 
 def run_variant(args: argparse.Namespace) -> dict:

@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from wmtp_lib.heads import MTPModel, mtp_config
-from wmtp_lib.step import sequential_mtp_step
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without `pip install -e .`
+
+from wmtp_lib.heads import MTPModel, mtp_config  # noqa: E402
+from wmtp_lib.step import sequential_mtp_step  # noqa: E402
 
 PRESETS = {
     # 7B: hidden 4096, 32 blocks, vocab 32000; here hidden 512, 8 blocks: vocab 32000·(512·8)/(4096·32) = 1000

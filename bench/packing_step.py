@@ -10,7 +10,11 @@ of unequal lengths, packed whole (first fit) into rows of ``--length``. Prints s
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without `pip install -e .`
 
 
 def main() -> None:

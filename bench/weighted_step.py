@@ -11,7 +11,11 @@ Prints the ratios against mtp_baseline (DESIGN §9 target: cached rho1 ≤ 1.05�
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without `pip install -e .`
 
 
 def main() -> None:

@@ -292,3 +292,17 @@ def test_metrics_records_are_strict_json(tmp_path):
     assert record["loss"] is None and record["head_loss"] is None and record["skipped_steps"] == 2
     assert "weight_mean" not in record
     json.loads((tmp_path / "metrics.jsonl").read_text())
+
+
+def test_first_run_builds_only_the_tiny_models_its_recipe_needs(tmp_path, monkeypatch):
+    from wmtp_lib import launch, tiny
+
+    built: list[tuple[str, ...]] = []
+    monkeypatch.setattr(tiny, "stage_tiny", lambda models_dir, ids, log: built.append(tuple(ids)))
+    (tmp_path / "tiny-mtp").mkdir()
+    (tmp_path / "tiny-mtp" / "manifest.json").write_text("{}")
+    for recipe, expected in (("mtp_baseline", []), ("rho1", [("tiny-ref",)]), ("critic", [("tiny-rm",)])):
+        built.clear()
+        cfg = resolve_config(recipe, "local", {"paths.models_dir": str(tmp_path)})
+        launch.ensure_tiny_models(cfg, log=lambda m: None)
+        assert built == expected, recipe

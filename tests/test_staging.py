@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,3 +223,22 @@ def test_preflight_compares_rho1_tokenizers_from_tokenizer_files_only(tmp_path, 
     check = tokenizer_check(cfg, tmp_path, check_s3=False, check_hub=False)
     assert check["status"] == "mismatch" and "tokenizes to different ids" in check["reason"]
     assert "Write a function" in check["reason"]  # names the first differing training text
+
+
+def test_preflight_report_lands_under_the_project_not_the_kernels_cwd(tmp_path, monkeypatch):
+    from wmtp_lib import preflight
+    from wmtp_lib.config import PROJECT_ROOT, project_path, resolve_config
+
+    project = tmp_path / "project"  # stands for the project root, so the test leaves the checkout alone
+    monkeypatch.setattr(preflight, "project_path", lambda p: Path(p) if Path(p).is_absolute() else project / p)
+    monkeypatch.chdir(tmp_path)  # JupyterLab starts the kernel in notebooks/
+    report = preflight.run_preflight("vessl", recipes=("mtp_baseline",), check_s3=False)
+    expected = project / resolve_config("mtp_baseline", "vessl")["paths"]["runs_dir"] / "preflight.json"
+    assert Path(report["written_to"]) == expected and expected.is_file()
+    assert json.loads(expected.read_text())["recipes"][0]["recipe"] == "mtp_baseline"
+    assert not (tmp_path / "preflight.json").exists()
+    report = preflight.run_preflight("vessl", recipes=("mtp_baseline",), check_s3=False, out="elsewhere/p.json")
+    assert Path(report["written_to"]) == project / "elsewhere" / "p.json"
+    report = preflight.run_preflight("vessl", recipes=("mtp_baseline",), check_s3=False, write=False)
+    assert "written_to" not in report
+    assert project_path("runs") == PROJECT_ROOT / "runs"  # what the stand-in replaces

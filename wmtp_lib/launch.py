@@ -46,7 +46,11 @@ def prepare_run(recipe: str, env: str = "local", run_name: str | None = None,
 
 
 def ensure_tiny_models(cfg: dict[str, Any], log=print) -> None:
-    """In the local environment, build the tiny default models that are missing."""
+    """In the local environment, build the tiny default models this recipe needs and that are missing.
+
+    Only those: the tiny reward model alone takes minutes to train, and `rho1` never reads it. A model
+    built later gets the same tokenizer (the SentencePiece training is deterministic; training checks it).
+    """
     if cfg["storage"]["kind"] != "local" or not cfg["storage"]["stage_tiny_if_missing"]:
         return
     from wmtp_lib.registry import load_registry
@@ -58,7 +62,7 @@ def ensure_tiny_models(cfg: dict[str, Any], log=print) -> None:
     missing = [m for m in needed if not (models_dir / m / "manifest.json").is_file()]
     if missing:
         log(f"building tiny models {missing} in {models_dir}")
-        stage_tiny(models_dir, log=log)
+        stage_tiny(models_dir, ids=tuple(missing), log=log)
 
 
 def required_models(cfg: dict[str, Any]) -> list[str]:

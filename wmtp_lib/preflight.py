@@ -291,8 +291,13 @@ def recipe_report(recipe: str, env: str, env_info: dict[str, Any], check_s3: boo
 
 
 def run_preflight(env: str = "local", recipes: tuple[str, ...] = RECIPES, check_s3: bool | None = None,
-                  check_hub: bool = False, out: str | Path | None = "preflight.json") -> dict[str, Any]:
-    """The whole report for one environment; written to ``out`` as JSON when given."""
+                  check_hub: bool = False, out: str | Path | None = None, write: bool = True) -> dict[str, Any]:
+    """The whole report for one environment, written as JSON (unless ``write=False``) to ``out``.
+
+    ``out`` defaults to ``<the environment's runs_dir>/preflight.json``; a relative ``out`` is taken from the
+    project root like every path in ``params/``, so the file does not land wherever the kernel was started.
+    The path written is ``report["written_to"]``.
+    """
     from wmtp_lib.config import as_list
 
     recipes = tuple(as_list(recipes, "recipes"))
@@ -303,8 +308,11 @@ def run_preflight(env: str = "local", recipes: tuple[str, ...] = RECIPES, check_
         check_s3 = cfg0["storage"]["kind"] == "s3"
     report = {"env": env, "environment": env_info,
               "recipes": [recipe_report(r, env, env_info, check_s3, check_hub) for r in recipes]}
-    if out is not None:
-        Path(out).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if write:
+        path = project_path(out) if out is not None else project_path(cfg0["paths"]["runs_dir"]) / "preflight.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        report["written_to"] = str(path)
+        path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     return report
 
 
