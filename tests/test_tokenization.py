@@ -90,3 +90,18 @@ def test_continuation_starting_with_stray_bytes_after_a_newline_decodes(llama_sp
         tok.decode(prompt_ids, skip_special_tokens=True))  # the fusing this test is about
     text = decode_continuation(tok, prompt_ids, stray + tail)
     assert text.endswith("return 1") and text.startswith("\ufffd")
+
+
+def test_training_texts_are_checked_against_the_staged_tokenizer_model(llama_spm, tmp_path):
+    import shutil
+
+    from wmtp_lib.tokenization import TokenizerConversionError, verify_on_training_texts
+
+    texts = ["def add(x):\n    return x + 14\n", "for i in range(3):\n\tprint(i)\r\n"]
+    tok = spm_to_fast(llama_spm)
+    assert verify_on_training_texts(tok, tmp_path, texts) is None  # no tokenizer.model: nothing to compare
+    shutil.copy(llama_spm, tmp_path / "tokenizer.model")
+    assert verify_on_training_texts(tok, tmp_path, texts) == 2
+    tok.backend_tokenizer.normalizer = None  # a tokenizer.json that drifted from its tokenizer.model
+    with pytest.raises(TokenizerConversionError, match="def add"):
+        verify_on_training_texts(tok, tmp_path, texts)

@@ -220,6 +220,20 @@ def check_tokenizer_compat(base, reference, texts: Iterable[str], base_name: str
     return n
 
 
+def verify_on_training_texts(tokenizer, model_dir: str | Path, texts: list[str]) -> int | None:
+    """Check a staged model's tokenizer against its own SentencePiece ``tokenizer.model`` on the run's texts.
+
+    Staging verified the conversion on code texts; this repeats it on the recipe's real training texts
+    (a sample: `compat_texts`) at every run start, where a differing merge would silently change the
+    targets. Raises `TokenizerConversionError` naming the text; returns the number checked, or ``None``
+    when the model ships no ``tokenizer.model`` (a BPE-native tokenizer such as Llama-3's is its own truth).
+    """
+    model_file = Path(model_dir) / "tokenizer.model"
+    if not model_file.is_file():
+        return None
+    return verify_against_sentencepiece(tokenizer, model_file, texts)
+
+
 def tokenizer_files_present(path: str | Path) -> bool:
     path = Path(path)
     return (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()

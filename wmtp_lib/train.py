@@ -28,6 +28,7 @@ from wmtp_lib.loaders import load_tokenizer
 from wmtp_lib.metrics import TrainMetrics
 from wmtp_lib.run_models import load_base, model_dir
 from wmtp_lib.step import StepOutput, sequential_mtp_step
+from wmtp_lib.tokenization import compat_texts, verify_on_training_texts
 from wmtp_lib.weight_stats import noisy_targets
 from wmtp_lib.weighting import CriticWeighting, build_weighting, group_weights, move_batch, valid_counts
 
@@ -130,6 +131,9 @@ class Trainer:
         if train["gradient_checkpointing"]:
             self.model.gradient_checkpointing_enable()
         self.samples = load_samples(cfg["data"], "train", project_path(cfg["paths"]["datasets_dir"]))
+        checked = verify_on_training_texts(self.tokenizer, self.base_dir, compat_texts(self.samples))
+        if checked is not None:
+            self.dist.print(f"tokenizer: identical to SentencePiece's tokenizer.model on {checked} training texts")
         self.data = tokenize_samples(self.tokenizer, self.samples, cfg["data"]["max_length"],
                                      cfg["data"]["prompt_masking"], cfg["data"]["pack"])
         self.dist.print(f"data: {len(self.samples)} samples -> {len(self.data)} rows of {cfg['data']['max_length']} "
