@@ -58,9 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=64, help="a synthetic solution is about 20 tokens")
     p.add_argument("--overrides", default="{}", help="JSON of dotted config keys applied to every run")
     p.add_argument("--models-dir", default=None, help="staged tiny models to reuse (default: <out>/models)")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="runs at once, each on one thread (2 on a 2-core machine: the tiny model gains little "
-                        "from a second thread)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (2 on a 2-core machine)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads a run trains and evaluates with, whatever --jobs is: CPU reductions depend "
+                        "on the thread count, so the numbers are reproducible for a given --threads only")
     p.add_argument("--smoke", action="store_true", help="1 noise level x 2 recipes x 1 seed, a few steps")
     args = p.parse_args(argv)
     args.noise = [float(x) for x in args.noise.split(",")]
@@ -94,7 +95,7 @@ def train_one(args: argparse.Namespace, recipe: str, noise: float, seed: int, mo
 
         shutil.rmtree(run_dir)
     config = write_config(cfg, run_dir / "config.yaml")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.jobs > 1 else None
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     with open(run_dir / "train.log", "w") as log:
         proc = subprocess.run([sys.executable, "-m", "wmtp_lib.train", "--config", str(config)], cwd=ROOT,
                               stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -121,6 +122,7 @@ def collect(run_dir: Path, recipe: str, noise: float, seed: int, evaluation: dic
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     mtp = [r for r in records if r.get("stage") == "mtp"]
     problems = evaluation["per_problem"]
+    summary = json.loads((run_dir / "summary.json").read_text())
     row: dict[str, Any] = {
         "recipe": recipe, "noise": noise, "seed": seed, "final_loss": mtp[-1]["loss"],
         "pass@1": evaluation["summary"]["pass@1"], "noise_imitation": evaluation["summary"]["noise_imitation"],
@@ -128,6 +130,7 @@ def collect(run_dir: Path, recipe: str, noise: float, seed: int, evaluation: dic
         "per_problem_pass@1": [p["pass_at_k"]["1"] for p in problems],
         "per_problem_imitation": [p["noise_imitation"] for p in problems],
         "heldout_head_loss": evaluation["head_metrics"]["loss"],
+        "commit": (summary.get("git_commit") or "unknown")[:7],
     }
     for group in GROUPS:
         row[f"weight_{group}"] = head_means(mtp, f"weight_{group}")
@@ -186,7 +189,7 @@ def write_tables(agg: list[dict[str, Any]], out: Path, header: str) -> None:
 
 
 def write_runs_csv(rows: list[dict[str, Any]], out: Path) -> None:
-    cols = ["recipe", "noise", "seed", "final_loss", "pass@1", "noise_imitation", "problems", "n_samples"]
+    cols = ["recipe", "noise", "seed", "final_loss", "pass@1", "noise_imitation", "problems", "n_samples", "commit"]
     with open(out / "runs.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(cols + ["heldout_head_loss"] + [f"weight_{g}" for g in GROUPS])
@@ -247,10 +250,9 @@ def run_cell(args: argparse.Namespace, cell: tuple[float, str, int], models_dir:
     name = run_name(recipe, noise, seed)
     if (runs_dir / name / "eval" / "synthetic.json").is_file():
         return None
-    if args.jobs > 1:
-        import torch
+    import torch
 
-        torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     t_run = time.perf_counter()
     train_one(args, recipe, noise, seed, models_dir, runs_dir)
     n_test = resolve_config(recipe, args.env, {**args.overrides}, run_name=name)["data"]["n_test"]
@@ -290,14 +292,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{rows[-1]['noise_imitation']:.3f} w corrupted {_fmt_heads(rows[-1]['weight_corrupt'])} "
               f"({'already done' if seconds is None else f'{seconds:.0f} s'})", flush=True)
     agg = aggregate(rows)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+    commit = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or "unknown"
+    trained_at = list(dict.fromkeys(r["commit"] for r in rows))  # a resumed grid may span commits: say so
     wall = time.perf_counter() - t0
     header = (f"Grid {len(args.noise)} noise levels x {len(args.recipes)} recipes x {len(args.seeds)} seeds, "
               f"env `{args.env}`, overrides {json.dumps(args.overrides)}, {args.n_samples} samples per problem at "
-              f"temperature {args.temperature}; commit {commit}; {platform.machine()} "
-              f"{platform.processor() or ''} ({os.cpu_count()} cores), {args.jobs} run(s) at once, "
-              f"{wall / 60:.1f} min wall.")
+              f"temperature {args.temperature}; runs trained at commit(s) {', '.join(trained_at)}, tables made at "
+              f"{commit}; {platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cores), "
+              f"{args.jobs} run(s) at once, {args.threads} thread(s) each, {wall / 60:.1f} min wall"
+              f"{' (this invocation; earlier runs were reused)' if any(d is None for d in done) else ''}.")
     write_runs_csv(rows, out)
     write_tables(agg, out, header)
     write_figure(agg, out)

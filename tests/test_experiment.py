@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
+import importlib
 import json
 
 import pytest
@@ -13,17 +13,17 @@ from train_helpers import ROOT
 pytestmark = pytest.mark.slow
 
 
-def _experiment_module():
-    spec = importlib.util.spec_from_file_location("experiment", ROOT / "bench" / "experiment.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _experiment_module(monkeypatch):
+    # importable by name (not only loaded from its file): --jobs workers are spawned processes that unpickle
+    # `experiment.run_cell`, and spawn hands them this process's sys.path
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    return importlib.import_module("experiment")
 
 
-def test_smoke_grid_writes_table_figure_and_token_weights(tmp_path, tiny_models):
-    experiment = _experiment_module()
+def test_smoke_grid_writes_table_figure_and_token_weights(tmp_path, tiny_models, monkeypatch):
+    experiment = _experiment_module(monkeypatch)
     out = tmp_path / "grid"
-    assert experiment.main(["--out", str(out), "--smoke", "--models-dir", str(tiny_models)]) == 0
+    assert experiment.main(["--out", str(out), "--smoke", "--models-dir", str(tiny_models), "--jobs", "2"]) == 0
 
     result = json.loads((out / "experiment.json").read_text())
     runs, agg = result["runs"], result["aggregate"]
@@ -43,6 +43,7 @@ def test_smoke_grid_writes_table_figure_and_token_weights(tmp_path, tiny_models)
 
     table = (out / "table.md").read_text().splitlines()
     assert table[0].startswith("Grid 1 noise levels x 2 recipes x 1 seeds")
+    assert "2 run(s) at once, 1 thread(s) each" in table[0] and "runs trained at commit(s) " in table[0]
     assert len([line for line in table if line.startswith("| `")]) == 2
     with open(out / "table.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -50,3 +51,10 @@ def test_smoke_grid_writes_table_figure_and_token_weights(tmp_path, tiny_models)
     assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = [json.loads(x) for x in (out / "runs" / "rho1-noise0.4-seed0" / "metrics.jsonl").read_text().splitlines()]
     assert all(len(m["weight_corrupt_rest"]) == 4 for m in metrics)
+
+    # the same cells one after another give the same numbers: --jobs changes the wall time only
+    serial = tmp_path / "serial"
+    assert experiment.main(["--out", str(serial), "--smoke", "--models-dir", str(tiny_models)]) == 0
+    again = json.loads((serial / "experiment.json").read_text())["runs"]
+    keys = ("final_loss", "per_problem_pass@1", "per_problem_imitation", "weight_corrupt", "heldout_head_loss")
+    assert [[r[k] for k in keys] for r in again] == [[r[k] for k in keys] for r in runs]

@@ -38,12 +38,31 @@ def test_benchmark_times_both_decoders_in_alternating_order_after_a_warm_up(monk
     real_greedy, real_spec = generation.greedy, generation.speculative_greedy
     monkeypatch.setattr(generation, "greedy", lambda *a, **k: order.append("g") or real_greedy(*a, **k))
     monkeypatch.setattr(generation, "speculative_greedy", lambda *a, **k: order.append("s") or real_spec(*a, **k))
+    # scripted clock: every timed pass reads it at its start and end; durations in call order are
+    # repeat 1 greedy 4 s then speculative 1 s, repeat 2 speculative 5 s then greedy 6 s, repeat 3 greedy 2 s
+    # then speculative 3 s: paired ratios 4.0, 1.2, 0.67
+    durations = iter([4.0, 1.0, 5.0, 6.0, 2.0, 3.0])
+    reads = [0]
+
+    def fake_perf_counter() -> float:
+        reads[0] += 1
+        if reads[0] % 2 == 0:
+            fake_perf_counter.now += next(durations)
+        return fake_perf_counter.now
+
+    fake_perf_counter.now = 0.0
+    monkeypatch.setattr(generation.time, "perf_counter", fake_perf_counter)
     prompts = [[3, 1, 4, 1], [5, 9, 2, 6, 5]]
     res = generation.speculative_benchmark(model, prompts, 12, repeats=3)
     # warm-up (one prompt each), then g g s s | s s g g | g g s s: a neighbour's load hits both alike
     assert "".join(order) == "gs" + "ggss" + "ssgg" + "ggss"
-    assert res["repeats"] == 3 and len(res["speedup_per_repeat"]) == 3
     assert res["identical_to_greedy"] == 2
-    assert res["speedup"] == pytest.approx(res["greedy_seconds"] / res["speculative_seconds"])
+    assert res["speedup_per_repeat"] == pytest.approx([4.0, 1.2, 2 / 3])
+    # the median paired ratio; the ratio of median (or mean) times would be 4/3
+    assert res["speedup"] == pytest.approx(1.2)
+    assert (res["speedup_min"], res["speedup_max"]) == pytest.approx((2 / 3, 4.0))
+    assert (res["greedy_seconds"], res["speculative_seconds"]) == pytest.approx((4.0, 3.0))
     with pytest.raises(ValueError, match="repeats"):
         generation.speculative_benchmark(model, prompts, 12, repeats=0)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        generation.speculative_benchmark(model, [], 12)

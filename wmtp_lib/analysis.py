@@ -148,8 +148,8 @@ def evaluation_head_metrics(results: dict[str, Any]) -> pd.DataFrame:
 
 
 def evaluation_speculative(results: dict[str, Any]) -> pd.DataFrame:
-    """One row per benchmark: the self-speculative decoding report."""
-    return pd.DataFrame([{"benchmark": b, **r["speculative"]} for b, r in results.items()])
+    """One row per benchmark that ran the self-speculative decoding report."""
+    return pd.DataFrame([{"benchmark": b, **r["speculative"]} for b, r in results.items() if r.get("speculative")])
 
 
 def plot_head_metrics(results: dict[str, Any], save_to: str | Path | None = None):

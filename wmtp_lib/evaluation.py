@@ -135,11 +135,13 @@ def head_metrics(model: torch.nn.Module, data: TokenizedData, batch_size: int = 
             "targets": totals["count"].tolist()}
 
 
-def speculative_report(model: MTPModel, tokenizer, samples: list[Sample], max_new_tokens: int = 64
-                       ) -> dict[str, float]:
+def speculative_report(model: MTPModel, tokenizer, samples: list[Sample], max_new_tokens: int = 64,
+                       repeats: int = 2) -> dict[str, Any]:
+    """Self-speculative vs greedy decoding on the prompts of ``samples``: each decoder runs ``repeats``
+    times, once first and once second with the default 2 (see `speculative_benchmark`)."""
     prompts = [([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [])
                + tokenizer(s.prompt, add_special_tokens=False)["input_ids"] for s in samples]
-    return speculative_benchmark(model, prompts, max_new_tokens, tokenizer.eos_token_id)
+    return speculative_benchmark(model, prompts, max_new_tokens, tokenizer.eos_token_id, repeats=repeats)
 
 
 def save_json(obj: Any, path: str | Path) -> Path:
@@ -251,7 +253,8 @@ def run_evaluation(run: str, benchmarks: list[str], n_samples: int = 5, ks: list
                                  allow_weak_sandbox=allow_weak_sandbox)
         held_out = tokenize_samples(tokenizer, samples, max_length)
         res["head_metrics"] = head_metrics(model, held_out)
-        res["speculative"] = speculative_report(model, tokenizer, samples[:speculative_prompts], max_new_tokens)
+        res["speculative"] = speculative_report(model, tokenizer, samples[:speculative_prompts], max_new_tokens) \
+            if speculative_prompts > 0 else None
         res["sandbox_isolation"] = res["sandbox"]["level"]
         res["model_dir"] = str(model_dir)
         save_json(res, out_dir / f"{bench}.json")

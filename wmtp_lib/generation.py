@@ -155,9 +155,11 @@ def speculative_benchmark(model: MTPModel, prompts: list[list[int]], max_new_tok
 
     Both decoders first run once on one prompt (allocator, thread pools); then each decodes every prompt
     ``repeats`` times, the order of the two alternating between repeats so that a neighbour's load or a
-    clock change hits both alike. The speed-up is the ratio of the median times; the per-repeat ratios
-    are returned too, so their spread says how far the median can be trusted.
+    clock change hits both alike. Each repeat gives a paired ratio (greedy time / speculative time, run back
+    to back); the speed-up is their median, with their range, and the times are the medians per decoder.
     """
+    if not prompts:
+        raise ValueError("speculative_benchmark needs at least one prompt")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     greedy(model, prompts[0], min(8, max_new_tokens), eos_id)
@@ -180,15 +182,17 @@ def speculative_benchmark(model: MTPModel, prompts: list[list[int]], max_new_tok
         t_spec.append(ts)
     identical = sum(g == s.tokens for g, s in zip(greedy_out, spec))
     tokens = sum(len(s.tokens) for s in spec)
-    greedy_s, spec_s = statistics.median(t_greedy), statistics.median(t_spec)
+    ratios = [g / max(s, 1e-9) for g, s in zip(t_greedy, t_spec)]
     return {
         "prompts": len(prompts),
         "identical_to_greedy": identical,
         "tokens_per_forward": tokens / max(1, sum(s.forwards for s in spec)),
-        "greedy_seconds": greedy_s,
-        "speculative_seconds": spec_s,
-        "speedup": greedy_s / max(spec_s, 1e-9),
-        "speedup_per_repeat": [g / max(s, 1e-9) for g, s in zip(t_greedy, t_spec)],
+        "greedy_seconds": statistics.median(t_greedy),
+        "speculative_seconds": statistics.median(t_spec),
+        "speedup": statistics.median(ratios),
+        "speedup_min": min(ratios),
+        "speedup_max": max(ratios),
+        "speedup_per_repeat": ratios,
         "repeats": repeats,
         "tokens": tokens,
     }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -99,9 +101,12 @@ def load_or_score(cache_dir: str | Path, key: str, input_ids: torch.Tensor, atte
     log(f"scoring {input_ids.shape[0]} rows with the reference model (one pass, cached at {path})")
     ref_ce = score_rows(model, input_ids, attention_mask, batch_size, device, position_ids=position_ids)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    # a temporary name of its own: two runs that score the same data at once (a grid's neighbouring cells)
+    # must not write into one file; the rename makes whichever finishes last the cache, both identical
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     save_file({"ref_ce": ref_ce.contiguous(), "ids_sha": torch.tensor(list(ids_hash.encode()), dtype=torch.uint8)},
-              str(tmp))
-    tmp.replace(path)
+              tmp)
+    Path(tmp).replace(path)
     del model
     return ref_ce, False
