@@ -306,3 +306,17 @@ def test_first_run_builds_only_the_tiny_models_its_recipe_needs(tmp_path, monkey
         cfg = resolve_config(recipe, "local", {"paths.models_dir": str(tmp_path)})
         launch.ensure_tiny_models(cfg, log=lambda m: None)
         assert built == expected, recipe
+
+
+def test_a_tiny_model_built_later_reuses_the_staged_tokenizer(tmp_path, monkeypatch):
+    from wmtp_lib import tiny
+
+    tiny.stage_tiny(tmp_path, ids=("tiny-mtp",), log=lambda m: None)
+
+    def no_retraining(*args, **kwargs):
+        raise AssertionError("the tokenizer was trained again instead of reused")
+
+    monkeypatch.setattr(tiny, "build_tokenizer", no_retraining)
+    tiny.stage_tiny(tmp_path, ids=("tiny-mtp", "tiny-ref"), log=lambda m: None, ref_steps=2)
+    base = (tmp_path / "tiny-mtp" / "tokenizer.json").read_text()
+    assert (tmp_path / "tiny-ref" / "tokenizer.json").read_text() == base

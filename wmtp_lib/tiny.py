@@ -169,8 +169,15 @@ def stage_tiny(models_dir: str | Path, ids: tuple[str, ...] = TINY_IDS, seed: in
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = Path(tmp) / "tokenizer"
         tok_dir.mkdir()
-        tokenizer = build_tokenizer(tok_dir, seed)
-        log(f"trained tokenizer: {len(tokenizer)} tokens")
+        # a model built later shares the tokenizer of those already staged (never a retrained one that a
+        # change to the synthetic corpus could have moved)
+        staged = [models_dir / i for i in TINY_IDS if i not in todo and (models_dir / i / "tokenizer.model").is_file()]
+        if staged:
+            tokenizer = convert_sentencepiece(staged[0] / "tokenizer.model", tok_dir)
+            log(f"tokenizer of {staged[0].name} reused: {len(tokenizer)} tokens")
+        else:
+            tokenizer = build_tokenizer(tok_dir, seed)
+            log(f"trained tokenizer: {len(tokenizer)} tokens")
         for model_id in todo:
             dst = models_dir / model_id
             if dst.exists():

@@ -225,8 +225,10 @@ def verify_on_training_texts(tokenizer, model_dir: str | Path, texts: list[str])
 
     Staging verified the conversion on code texts; this repeats it on the recipe's real training texts
     (a sample: `compat_texts`) at every run start, where a differing merge would silently change the
-    targets. Raises `TokenizerConversionError` naming the text; returns the number checked, or ``None``
-    when the model ships no ``tokenizer.model`` (a BPE-native tokenizer such as Llama-3's is its own truth).
+    targets. Staging writes ``tokenizer.json`` from ``tokenizer.model`` whenever a repo has one (a shipped
+    ``tokenizer.json`` is replaced), so a failure means the staged files were changed afterwards. Raises
+    `TokenizerConversionError` naming the text; returns the number checked, or ``None`` when the model ships
+    no ``tokenizer.model`` (a BPE-native tokenizer such as Llama-3's is its own truth).
     """
     model_file = Path(model_dir) / "tokenizer.model"
     if not model_file.is_file():
