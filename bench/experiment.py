@@ -151,6 +151,17 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             agg.update({metric: mean, f"{metric}_lo": lo, f"{metric}_hi": hi,
                         f"{metric}_seed_sd": statistics.stdev(seed_means) if len(runs) > 1 else 0.0,
                         f"{metric}_seed_min": min(seed_means), f"{metric}_seed_max": max(seed_means)})
+        # paired over problems: the same held-out problems under both recipes, so the difference to the
+        # baseline at the same noise level has a tighter interval than the two separate intervals suggest
+        base = [r for r in rows if r["recipe"] == "mtp_baseline" and r["noise"] == noise]
+        for metric, per_problem in (("pass@1", "per_problem_pass@1"), ("noise_imitation", "per_problem_imitation")):
+            if recipe == "mtp_baseline" or not base:
+                agg.update({f"d_{metric}": None, f"d_{metric}_lo": None, f"d_{metric}_hi": None})
+                continue
+            mine = [statistics.fmean(vals) for vals in zip(*(r[per_problem] for r in runs))]
+            theirs = [statistics.fmean(vals) for vals in zip(*(r[per_problem] for r in base))]
+            d, lo, hi = bootstrap_ci([a - b for a, b in zip(mine, theirs)])
+            agg.update({f"d_{metric}": d, f"d_{metric}_lo": lo, f"d_{metric}_hi": hi})
         for group in GROUPS:
             per_run = [r[f"weight_{group}"] for r in runs if r[f"weight_{group}"]]
             heads = []
@@ -168,14 +179,17 @@ def _fmt_heads(values: list[float | None]) -> str:
 
 def write_tables(agg: list[dict[str, Any]], out: Path, header: str) -> None:
     lines = [header, "",
-             "| recipe | noise | seeds | pass@1 [95% CI] | seed sd (min–max) | noise imitation [95% CI] | seed sd (min–max) "
+             "| recipe | noise | seeds | pass@1 [95% CI] | seed sd (min–max) | Δ pass@1 vs baseline [95% CI] "
+             "| noise imitation [95% CI] | seed sd (min–max) | Δ imitation vs baseline [95% CI] "
              "| w corrupted, heads 0–3 | w rest of noisy | w clean slots |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for a in agg:
         cells = [f"`{a['recipe']}`", f"{a['noise']:g}", str(a["seeds"])]
         for m in ("pass@1", "noise_imitation"):
             cells.append(f"{a[m]:.3f} [{a[m + '_lo']:.3f}, {a[m + '_hi']:.3f}]")
             cells.append(f"{a[m + '_seed_sd']:.3f} ({a[m + '_seed_min']:.3f}–{a[m + '_seed_max']:.3f})")
+            cells.append("—" if a["d_" + m] is None else
+                         f"{a['d_' + m]:+.3f} [{a['d_' + m + '_lo']:+.3f}, {a['d_' + m + '_hi']:+.3f}]")
         cells += [_fmt_heads(a[f"weight_{g}"]) for g in GROUPS]
         lines.append("| " + " | ".join(cells) + " |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
@@ -224,7 +238,9 @@ def write_figure(agg: list[dict[str, Any]], out: Path) -> None:
     ax.set_xlabel("head")
     ax.set_ylabel("mean token weight")
     ax.set_title(f"weights at noise {top:g}: corrupted vs other vs clean-slot tokens")
-    ax.legend(fontsize=6)
+    tallest = max((v for a in agg for g in GROUPS for v in a[f"weight_{g}"] if v is not None), default=1.0)
+    ax.set_ylim(0, 1.75 * max(tallest, 1.0))  # room above the bars for the legend
+    ax.legend(fontsize=6, ncol=3, loc="upper center")
     # (b, c) pass@1 and noise imitation vs noise level with 95% intervals over problems
     for ax, metric in zip(axes[1:], ("pass@1", "noise_imitation")):
         for i, recipe in enumerate(recipes):

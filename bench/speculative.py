@@ -27,8 +27,9 @@ from wmtp_lib.step import sequential_mtp_step  # noqa: E402
 from wmtp_lib.tiny import TINY_DIMS, train_tokenizer  # noqa: E402
 
 PRESETS = {
-    # a brief run: the templates are learned within tens of steps, enough for the heads to draft them
-    "large": dict(hidden=1024, trunk=6, steps=30, lr=2e-3, batch=4),
+    # long enough for the heads to learn the templates they draft (30 steps x 4 left head losses near 3 and
+    # greedy decoding stopping at once: nothing to draft)
+    "large": dict(hidden=1024, trunk=6, steps=120, lr=1e-3, batch=8),
     # the embedded default: tiny-mtp's dimensions (4 trunk + 4 head blocks, hidden 64)
     "tiny": dict(hidden=TINY_DIMS["hidden_size"], trunk=4, steps=300, lr=2e-3, batch=8),
 }

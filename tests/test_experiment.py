@@ -32,6 +32,11 @@ def test_smoke_grid_writes_table_figure_and_token_weights(tmp_path, tiny_models,
         for metric in ("pass@1", "noise_imitation"):
             assert 0.0 <= a[metric + "_lo"] <= a[metric] <= a[metric + "_hi"] <= 1.0
         assert a["seeds"] == 1 and a["pass@1_seed_sd"] == 0.0
+    base_agg, rho1_agg = agg  # the difference to the baseline is paired over the same problems
+    assert base_agg["d_pass@1"] is None and base_agg["d_noise_imitation"] is None
+    for metric in ("pass@1", "noise_imitation"):
+        assert rho1_agg["d_" + metric] == pytest.approx(rho1_agg[metric] - base_agg[metric])
+        assert rho1_agg["d_" + metric + "_lo"] <= rho1_agg["d_" + metric] <= rho1_agg["d_" + metric + "_hi"]
     for r in runs:
         assert len(r["per_problem_pass@1"]) == len(r["per_problem_imitation"]) == 4
         assert r["n_samples"] == 2
