@@ -4,9 +4,12 @@ One command trains every (noise level, recipe, seed) of the grid on the tiny def
 on held-out synthetic tasks (pass@1 and noise imitation: the fraction of sampled solutions that use a
 corrupted operation), and writes into ``--out``:
 
-- ``runs.csv``: one row per run (training and evaluation numbers, per-head token weights);
-- ``table.md`` and ``table.csv``: per recipe and noise level, the mean over seeds with a 95% bootstrap
-  interval over problems (each problem's value averaged over seeds first) and the spread over seeds;
+- ``runs.csv``: one row per run (training and evaluation numbers, per-head token weights over the whole run
+  and over its last logs, the commit it was trained at);
+- ``table.md`` and ``table.csv``: per recipe and noise level, the mean over seeds and problems with a 95%
+  bootstrap interval that resamples both the training seeds and the problem families (problems of one
+  family share a template), the paired difference to ``mtp_baseline`` at the same noise level with the same
+  kind of interval, the spread over seeds, and per-family means;
 - ``figure.png``: mean weight on corrupted / other noisy / clean-slot tokens per recipe and head, and
   pass@1 and noise imitation vs noise level per recipe with their intervals.
 
@@ -24,10 +27,12 @@ import csv
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,8 +40,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wmtp_lib.config import RECIPES, resolve_config, write_config  # noqa: E402
-from wmtp_lib.evaluation import bootstrap_ci, run_evaluation  # noqa: E402
+from wmtp_lib.config import RECIPES, load_resolved, project_path, resolve_config, write_config  # noqa: E402
+from wmtp_lib.data import load_samples  # noqa: E402
+from wmtp_lib.evaluation import run_evaluation  # noqa: E402
 from wmtp_lib.tiny import stage_tiny  # noqa: E402
 
 GROUPS = ("corrupt", "corrupt_rest", "clean_slot")
@@ -106,9 +112,15 @@ def train_one(args: argparse.Namespace, recipe: str, noise: float, seed: int, mo
     return run_dir
 
 
-def head_means(records: list[dict[str, Any]], key: str) -> list[float | None]:
-    """Per head, the mean of a per-head logged weight over the run's logs where the head saw such tokens."""
+FINAL_LOGS = 5  # the "final" weights: the run's last logged steps (steps 260-300 of the calibrated 300)
+
+
+def head_means(records: list[dict[str, Any]], key: str, last: int | None = None) -> list[float | None]:
+    """Per head, the mean of a per-head logged weight over the run's logs where the head saw such tokens
+    (the last ``last`` such logs only, when given: weights drift as the model learns)."""
     rows = [r[key] for r in records if r.get(key)]
+    if last is not None:
+        rows = rows[-last:]
     if not rows:
         return []
     out = []
@@ -123,6 +135,9 @@ def collect(run_dir: Path, recipe: str, noise: float, seed: int, evaluation: dic
     mtp = [r for r in records if r.get("stage") == "mtp"]
     problems = evaluation["per_problem"]
     summary = json.loads((run_dir / "summary.json").read_text())
+    commit = summary.get("git_commit") or "unknown"
+    cfg = load_resolved(run_dir / "config.yaml")
+    family = {t.id: t.entry_point for t in load_samples(cfg["data"], "test", project_path(cfg["paths"]["datasets_dir"]))}
     row: dict[str, Any] = {
         "recipe": recipe, "noise": noise, "seed": seed, "final_loss": mtp[-1]["loss"],
         "pass@1": evaluation["summary"]["pass@1"], "noise_imitation": evaluation["summary"]["noise_imitation"],
@@ -130,45 +145,80 @@ def collect(run_dir: Path, recipe: str, noise: float, seed: int, evaluation: dic
         "per_problem_pass@1": [p["pass_at_k"]["1"] for p in problems],
         "per_problem_imitation": [p["noise_imitation"] for p in problems],
         "heldout_head_loss": evaluation["head_metrics"]["loss"],
-        "commit": (summary.get("git_commit") or "unknown")[:7],
+        "per_problem_family": [family[p["id"]] for p in problems],
+        # a run trained from a working tree with uncommitted changes says so
+        "commit": commit[:7] + ("-dirty" if commit.endswith("-dirty") else ""),
     }
     for group in GROUPS:
         row[f"weight_{group}"] = head_means(mtp, f"weight_{group}")
+        row[f"weight_{group}_final"] = head_means(mtp, f"weight_{group}", last=FINAL_LOGS)
     return row
 
 
+def seeds_families_ci(runs: list[list[float]], families: list[str], base: list[list[float]] | None = None,
+                      n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean over problems of the seed-averaged per-problem values (minus the baseline's, paired over the same
+    problems, when ``base`` is given), with a 95% bootstrap interval that resamples both the training seeds
+    (each recipe's independently) and the problem families (clusters: problems of one family share their
+    template, so they are not independent draws). ``runs[s][i]``: seed ``s``, problem ``i``.
+    """
+    rng = random.Random(seed)
+    names = sorted(set(families))
+    members = {f: [i for i, x in enumerate(families) if x == f] for f in names}
+
+    def value(seeds: list[int], base_seeds: list[int] | None, fams: list[str]) -> float:
+        problems = [i for f in fams for i in members[f]]
+        mine = statistics.fmean(runs[s][i] for i in problems for s in seeds)
+        if base is None:
+            return mine
+        return mine - statistics.fmean(base[s][i] for i in problems for s in base_seeds)
+
+    point = value(list(range(len(runs))), None if base is None else list(range(len(base))), names)
+    draws = sorted(value([rng.randrange(len(runs)) for _ in runs],
+                         None if base is None else [rng.randrange(len(base)) for _ in base],
+                         [rng.choice(names) for _ in names]) for _ in range(n_boot))
+    return point, draws[int(0.025 * n_boot)], draws[min(n_boot - 1, int(0.975 * n_boot))]
+
+
+def _mean_heads(per_run: list[list[float | None]]) -> list[float | None]:
+    heads = []
+    for k in range(len(per_run[0]) if per_run else 0):
+        vals = [w[k] for w in per_run if w[k] is not None]
+        heads.append(statistics.fmean(vals) if vals else None)
+    return heads
+
+
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (recipe, noise): mean over seeds, 95% bootstrap CI over problems, spread over seeds."""
+    """Per (recipe, noise): mean over seeds and problems, its 95% interval resampling seeds and problem
+    families, the paired difference to the baseline at the same noise level, the spread over seeds, the
+    token weights (whole run and final logs) and per-family means."""
     out = []
     keys = sorted({(r["recipe"], r["noise"]) for r in rows}, key=lambda k: (RECIPES.index(k[0]), k[1]))
     for recipe, noise in keys:
         runs = [r for r in rows if r["recipe"] == recipe and r["noise"] == noise]
-        agg: dict[str, Any] = {"recipe": recipe, "noise": noise, "seeds": len(runs)}
+        base = [r for r in rows if r["recipe"] == "mtp_baseline" and r["noise"] == noise]
+        families = runs[0]["per_problem_family"]
+        agg: dict[str, Any] = {"recipe": recipe, "noise": noise, "seeds": len(runs),
+                               "problems": len(families), "families": len(set(families)),
+                               "family_of_problem": families}
         for metric, per_problem in (("pass@1", "per_problem_pass@1"), ("noise_imitation", "per_problem_imitation")):
-            by_problem = [statistics.fmean(vals) for vals in zip(*(r[per_problem] for r in runs))]
-            mean, lo, hi = bootstrap_ci(by_problem)
+            mean, lo, hi = seeds_families_ci([r[per_problem] for r in runs], families)
             seed_means = [r[metric] for r in runs]
             agg.update({metric: mean, f"{metric}_lo": lo, f"{metric}_hi": hi,
                         f"{metric}_seed_sd": statistics.stdev(seed_means) if len(runs) > 1 else 0.0,
                         f"{metric}_seed_min": min(seed_means), f"{metric}_seed_max": max(seed_means)})
-        # paired over problems: the same held-out problems under both recipes, so the difference to the
-        # baseline at the same noise level has a tighter interval than the two separate intervals suggest
-        base = [r for r in rows if r["recipe"] == "mtp_baseline" and r["noise"] == noise]
-        for metric, per_problem in (("pass@1", "per_problem_pass@1"), ("noise_imitation", "per_problem_imitation")):
             if recipe == "mtp_baseline" or not base:
                 agg.update({f"d_{metric}": None, f"d_{metric}_lo": None, f"d_{metric}_hi": None})
-                continue
-            mine = [statistics.fmean(vals) for vals in zip(*(r[per_problem] for r in runs))]
-            theirs = [statistics.fmean(vals) for vals in zip(*(r[per_problem] for r in base))]
-            d, lo, hi = bootstrap_ci([a - b for a, b in zip(mine, theirs)])
-            agg.update({f"d_{metric}": d, f"d_{metric}_lo": lo, f"d_{metric}_hi": hi})
+            else:
+                d, lo, hi = seeds_families_ci([r[per_problem] for r in runs], families, [r[per_problem] for r in base])
+                agg.update({f"d_{metric}": d, f"d_{metric}_lo": lo, f"d_{metric}_hi": hi})
+            agg[f"{metric}_by_family"] = {
+                f: statistics.fmean(r[per_problem][i] for r in runs for i, x in enumerate(families) if x == f)
+                for f in sorted(set(families))}
         for group in GROUPS:
-            per_run = [r[f"weight_{group}"] for r in runs if r[f"weight_{group}"]]
-            heads = []
-            for k in range(len(per_run[0]) if per_run else 0):
-                vals = [w[k] for w in per_run if w[k] is not None]
-                heads.append(statistics.fmean(vals) if vals else None)
-            agg[f"weight_{group}"] = heads
+            agg[f"weight_{group}"] = _mean_heads([r[f"weight_{group}"] for r in runs if r[f"weight_{group}"]])
+            agg[f"weight_{group}_final"] = _mean_heads([r[f"weight_{group}_final"] for r in runs
+                                                        if r[f"weight_{group}_final"]])
         out.append(agg)
     return out
 
@@ -177,11 +227,19 @@ def _fmt_heads(values: list[float | None]) -> str:
     return " ".join("—" if v is None else f"{v:.2f}" for v in values) if values else "—"
 
 
+def _fmt_weight(a: dict[str, Any], group: str) -> str:
+    """Mean over heads, whole run / final logs (per head in table.csv)."""
+    def mean(values):
+        vals = [v for v in values if v is not None]
+        return f"{statistics.fmean(vals):.2f}" if vals else "—"
+    return "—" if not a[f"weight_{group}"] else f"{mean(a[f'weight_{group}'])} / {mean(a[f'weight_{group}_final'])}"
+
+
 def write_tables(agg: list[dict[str, Any]], out: Path, header: str) -> None:
     lines = [header, "",
              "| recipe | noise | seeds | pass@1 [95% CI] | seed sd (min–max) | Δ pass@1 vs baseline [95% CI] "
              "| noise imitation [95% CI] | seed sd (min–max) | Δ imitation vs baseline [95% CI] "
-             "| w corrupted, heads 0–3 | w rest of noisy | w clean slots |",
+             "| w corrupted: run / final | w rest of noisy | w clean slots |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for a in agg:
         cells = [f"`{a['recipe']}`", f"{a['noise']:g}", str(a["seeds"])]
@@ -190,26 +248,37 @@ def write_tables(agg: list[dict[str, Any]], out: Path, header: str) -> None:
             cells.append(f"{a[m + '_seed_sd']:.3f} ({a[m + '_seed_min']:.3f}–{a[m + '_seed_max']:.3f})")
             cells.append("—" if a["d_" + m] is None else
                          f"{a['d_' + m]:+.3f} [{a['d_' + m + '_lo']:+.3f}, {a['d_' + m + '_hi']:+.3f}]")
-        cells += [_fmt_heads(a[f"weight_{g}"]) for g in GROUPS]
+        cells += [_fmt_weight(a, g) for g in GROUPS]
         lines.append("| " + " | ".join(cells) + " |")
+    families = sorted(agg[0]["pass@1_by_family"])
+    lines += ["", "Per family (mean over seeds and the family's problems; problems per family: "
+              + ", ".join(f"{f} {n}" for f, n in sorted(Counter(agg[0]["family_of_problem"]).items())) + "):", "",
+              "| recipe | noise | " + " | ".join(f"{f} pass@1 / imitation" for f in families) + " |",
+              "|---|---|" + "---|" * len(families)]
+    for a in agg:
+        lines.append(f"| `{a['recipe']}` | {a['noise']:g} | " + " | ".join(
+            f"{a['pass@1_by_family'][f]:.2f} / {a['noise_imitation_by_family'][f]:.2f}" for f in families) + " |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     with open(out / "table.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        cols = [k for k in agg[0] if not k.startswith("weight_")]
-        w.writerow(cols + [f"weight_{g}_head{k}" for g in GROUPS for k in range(4)])
+        cols = [k for k in agg[0] if not k.startswith("weight_") and not k.endswith("_by_family")
+                and k != "family_of_problem"]
+        heads = [f"weight_{g}{suffix}_head{k}" for suffix in ("", "_final") for g in GROUPS for k in range(4)]
+        w.writerow(cols + heads)
         for a in agg:
-            heads = [(a[f"weight_{g}"] + [None] * 4)[k] for g in GROUPS for k in range(4)]
-            w.writerow([a[c] for c in cols] + ["" if h is None else h for h in heads])
+            vals = [(a[f"weight_{g}{suffix}"] + [None] * 4)[k] for suffix in ("", "_final") for g in GROUPS
+                    for k in range(4)]
+            w.writerow([a[c] for c in cols] + ["" if v is None else v for v in vals])
 
 
 def write_runs_csv(rows: list[dict[str, Any]], out: Path) -> None:
     cols = ["recipe", "noise", "seed", "final_loss", "pass@1", "noise_imitation", "problems", "n_samples", "commit"]
     with open(out / "runs.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(cols + ["heldout_head_loss"] + [f"weight_{g}" for g in GROUPS])
+        w.writerow(cols + ["heldout_head_loss"] + [f"weight_{g}{x}" for x in ("", "_final") for g in GROUPS])
         for r in rows:
             w.writerow([r[c] for c in cols] + [" ".join(f"{x:.4f}" for x in r["heldout_head_loss"])]
-                       + [_fmt_heads(r[f"weight_{g}"]) for g in GROUPS])
+                       + [_fmt_heads(r[f"weight_{g}{x}"]) for x in ("", "_final") for g in GROUPS])
 
 
 def write_figure(agg: list[dict[str, Any]], out: Path) -> None:
