@@ -14,6 +14,8 @@ echo "== heads_step, bf16 autocast"
 python3 bench/heads_step.py --device cuda --autocast --vocab 32000 --hidden 1024 --layers 8 --length 1024 --batch 8 --chunk 256 --steps 5 || echo "heads_step bf16 FAILED"
 echo "== weighted_step"
 python3 bench/weighted_step.py --device cuda --vocab 32000 --hidden 1024 --layers 8 --length 1024 --batch 8 --chunk 256 || echo "weighted_step FAILED"
+echo "== self-speculative vs greedy decoding, hidden 1024 (DESIGN §9: >= 1.5x where the forward dominates)"
+python3 bench/speculative.py --device cuda || echo "speculative FAILED"
 echo "== training on the GPU (bf16), tiny models"
 python3 - "$out" <<'PY' || echo "config FAILED"
 import sys

@@ -36,6 +36,11 @@ PRESETS = {
 }
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def forward_cost_ratio(model: MTPModel, prompt: list[int], rounds: int = 20) -> tuple[float, float]:
     """Median seconds of a greedy forward (1 token, trunk + head 0, last-position unembedding) and of a
@@ -46,7 +51,8 @@ def forward_cost_ratio(model: MTPModel, prompt: list[int], rounds: int = 20) -> 
     at ``tokens_per_forward / ratio``.
     """
     H = model.n_future
-    ids = torch.tensor([prompt])
+    device = model.device
+    ids = torch.tensor([prompt], device=device)
     caches = {}
     for kind, heads in (("greedy", 1), ("speculative", H)):  # each decoder's own cache, as it would have it
         caches[kind] = new_cache(model)
@@ -56,13 +62,15 @@ def forward_cost_ratio(model: MTPModel, prompt: list[int], rounds: int = 20) -> 
     greedy_s, spec_s = [], []
     for i in range(2 * rounds + 2):  # alternating, the first pair a warm-up; the caches grow as in decoding
         kind = "greedy" if i % 2 == 0 else "speculative"
-        x = torch.randint(3, model.config.vocab_size, (1, 1 if kind == "greedy" else H))
+        x = torch.randint(3, model.config.vocab_size, (1, 1 if kind == "greedy" else H), device=device)
+        _sync(device)
         t0 = time.perf_counter()
         state = model.forward_trunk(x, cache=caches[kind])
         if kind == "greedy":
             model.lm_head(model.forward_head(0, state)[:, -1]).argmax(-1)
         else:
             _head_argmax(model, state)
+        _sync(device)  # CUDA kernels run asynchronously: wait for them before reading the clock
         elapsed = time.perf_counter() - t0
         if i >= 2:
             (greedy_s if kind == "greedy" else spec_s).append(elapsed)
@@ -77,6 +85,8 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (decoding syncs the host every step, so its "
+                                                      "wall clock is the GPU's)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats of both decoders, order alternating")
     p.add_argument("--forward-cost-only", action="store_true",
                    help="only the forward-cost ratio, on the untrained model (its cost does not depend on the weights)")
@@ -93,7 +103,8 @@ def main() -> None:
                         intermediate_size=hidden * 8 // 3 // 16 * 16, num_hidden_layers=cfg["trunk"] + 4,
                         num_attention_heads=heads_n, num_key_value_heads=heads_n,
                         max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model = MTPModel(config).train()
+    device = torch.device(args.device)
+    model = MTPModel(config).to(device).train()
     if args.forward_cost_only:
         args.prompts, cfg["steps"] = 1, 0
     data = tokenize_samples(tokenizer, synthetic_tasks(600, "train", 1, 0.0), args.length)
@@ -101,7 +112,7 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"])
     t0 = time.perf_counter()
     for step in range(cfg["steps"]):
-        b = data.rows(schedule.micro_batch(step, 0, 0))
+        b = {k: v.to(device) for k, v in data.rows(schedule.micro_batch(step, 0, 0)).items()}
         out = sequential_mtp_step(model, b["input_ids"], b["attention_mask"], b["label_mask"], chunk_size=128)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -115,8 +126,9 @@ def main() -> None:
                for s in synthetic_tasks(args.prompts, "test", 1)]
     greedy_fwd, spec_fwd = forward_cost_ratio(model, prompts[0])
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, fp32")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads"
+    print(f"machine: {where}, torch {torch.__version__}, fp32")
     print(f"model: preset={args.preset} hidden={hidden} blocks={cfg['trunk']} trunk + 4 heads, {params:.1f}M params, "
           f"trained {cfg['steps']} steps x {cfg['batch']} sequences ({train_s:.0f} s)")
     ratio = spec_fwd / greedy_fwd
