@@ -105,3 +105,17 @@ def test_training_texts_are_checked_against_the_staged_tokenizer_model(llama_spm
     tok.backend_tokenizer.normalizer = None  # a tokenizer.json that drifted from its tokenizer.model
     with pytest.raises(TokenizerConversionError, match="def add"):
         verify_on_training_texts(tok, tmp_path, texts)
+
+
+def test_tokenizer_files_of_our_model_type_load_without_a_config_warning(tiny_models):
+    import subprocess
+    import sys
+
+    from train_helpers import ROOT
+
+    # a fresh interpreter: nothing has registered the model type yet, as in the preflight notebook
+    code = ("from wmtp_lib.tokenization import load_tokenizer_files; "
+            f"print(len(load_tokenizer_files({str(tiny_models / 'tiny-mtp')!r})))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert int(proc.stdout.split()[-1]) > 100
+    assert "to instantiate a model of type" not in proc.stderr, proc.stderr

@@ -246,6 +246,10 @@ def load_tokenizer_files(path: str | Path):
     else a SentencePiece ``tokenizer.model`` converted exactly."""
     from transformers import AutoTokenizer
 
+    # AutoTokenizer reads the model's config.json: our model_type must be registered with AutoConfig first,
+    # or transformers warns that a `wmtp_mtp` config instantiates an unknown type
+    import wmtp_lib.heads  # noqa: F401
+
     path = Path(path)
     if (path / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(str(path))
