@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout witho
 
 from wmtp_lib.heads import MTPModel, mtp_config  # noqa: E402
 from wmtp_lib.step import sequential_mtp_step  # noqa: E402
+
+from bench_models import interleaved_best, median_seconds  # noqa: E402
 
 PRESETS = {
     # 7B: hidden 4096, 32 blocks, vocab 32000; here hidden 512, 8 blocks: vocab 32000·(512·8)/(4096·32) = 1000
@@ -37,16 +38,6 @@ def dims(args: argparse.Namespace) -> dict:
     return dict(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3 // 16 * 16,
                 num_hidden_layers=args.layers, num_attention_heads=max(4, args.hidden // 64),
                 num_key_value_heads=max(4, args.hidden // 64), max_position_embeddings=args.length)
-
-
-def median_step(step, steps: int) -> float:
-    step()  # warm-up (allocations, thread pools)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -79,12 +70,9 @@ def main() -> None:
         llama(input_ids=x, labels=x).loss.backward()
         llama.zero_grad(set_to_none=True)
 
-    # interleave the two so a neighbour's load on a shared machine hits both alike
-    t_llama, t_mtp = [], []
-    for _ in range(2):
-        t_llama.append(median_step(llama_step, args.steps))
-        t_mtp.append(median_step(mtp_step, args.steps))
-    llama_s, mtp_s = min(t_llama), min(t_mtp)
+    best = interleaved_best({"llama": lambda: median_seconds(llama_step, args.steps),
+                             "mtp": lambda: median_seconds(mtp_step, args.steps)})
+    llama_s, mtp_s = best["llama"], best["mtp"]
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, fp32")
     print(f"config: preset={args.preset} hidden={args.hidden} blocks={args.layers} (MTP: {args.layers - 4} trunk + 4 heads) "

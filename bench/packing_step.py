@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without `pip install -e .`
@@ -32,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from bench_models import bench_mtp_model
+    from bench_models import bench_mtp_model, interleaved_best, median_seconds
 
     from wmtp_lib.packing import pack_documents
     from wmtp_lib.step import sequential_mtp_step
@@ -76,20 +75,9 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
 
-        step()
-        times = []
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2]
+        return median_seconds(step, args.steps)
 
-    # interleave the variants so drift in machine speed hits all of them alike
-    results: dict[str, list[float]] = {k: [] for k in batches}
-    for _ in range(2):
-        for k in results:
-            results[k].append(run(k))
-    best = {k: min(v) for k, v in results.items()}
+    best = interleaved_best({k: (lambda k=k: run(k)) for k in batches})
     print(f"config: device={args.device} vocab={args.vocab} hidden={args.hidden} layers={args.layers} "
           f"docs={args.docs} lengths {args.min_doc}..{args.max_doc} (sum {sum(lengths)})")
     print(f"packed: {len(rows)} rows x {args.length} = {packed_ids.numel()} tokens "

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wmtp_lib.data import BatchSchedule, synthetic_corpus, synthetic_tasks, tokenize_samples  # noqa: E402
-from wmtp_lib.generation import _head_argmax, new_cache, speculative_benchmark  # noqa: E402
+from wmtp_lib.generation import every_head_argmax, new_cache, speculative_benchmark  # noqa: E402
 from wmtp_lib.heads import MTPModel, mtp_config  # noqa: E402
 from wmtp_lib.step import sequential_mtp_step  # noqa: E402
 from wmtp_lib.tiny import TINY_DIMS, train_tokenizer  # noqa: E402
@@ -69,7 +69,7 @@ def forward_cost_ratio(model: MTPModel, prompt: list[int], rounds: int = 20) -> 
         if kind == "greedy":
             model.lm_head(model.forward_head(0, state)[:, -1]).argmax(-1)
         else:
-            _head_argmax(model, state)
+            every_head_argmax(model, state)
         _sync(device)  # CUDA kernels run asynchronously: wait for them before reading the clock
         elapsed = time.perf_counter() - t0
         if i >= 2:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without `pip install -e .`
@@ -32,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from bench_models import bench_mtp_model
+    from bench_models import bench_mtp_model, interleaved_best, median_seconds
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from wmtp_lib.losses import align_reference, rho1_weights
@@ -85,20 +84,10 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
 
-        step()
-        times = []
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2]
+        return median_seconds(step, args.steps)
 
-    # interleave the variants so drift in machine speed hits all of them alike
-    results = {k: [] for k in ("mtp_baseline", "rho1_cached", "rho1_online", "window_micro_batch", "window_global")}
-    for _ in range(2):
-        for k in results:
-            results[k].append(run(k))
-    med = {k: min(v) for k, v in results.items()}
+    med = interleaved_best({k: (lambda k=k: run(k)) for k in
+                            ("mtp_baseline", "rho1_cached", "rho1_online", "window_micro_batch", "window_global")})
     print(f"config: device={args.device} vocab={args.vocab} hidden={args.hidden} layers={args.layers} "
           f"batch={args.batch} length={args.length}")
     for k in ("mtp_baseline", "rho1_cached", "rho1_online"):

@@ -63,9 +63,8 @@ def test_strict_load_names_missing_and_unexpected_keys(tmp_path, tiny_mtp):
 
 
 def test_non_strict_load_is_refused(tiny_mtp):
-    # strict=False is the input under test, not a fallback: MTPModel must raise on it instead of loading
-    with pytest.raises(ValueError, match="always strict"):
-        tiny_mtp.load_state_dict(tiny_mtp.state_dict(), strict=False)
+    with pytest.raises(ValueError, match="always strict"):  # MTPModel raises instead of loading:
+        tiny_mtp.load_state_dict(tiny_mtp.state_dict(), strict=False)  # the refused input under test, not a fallback
 
 
 def test_missing_directory_says_how_to_convert(tmp_path):

@@ -82,7 +82,7 @@ class SpeculativeResult:
         return len(self.tokens) / max(1, self.forwards)
 
 
-def _head_argmax(model: MTPModel, state, last_only: bool = False) -> torch.Tensor:
+def every_head_argmax(model: MTPModel, state, last_only: bool = False) -> torch.Tensor:
     """Greedy token of every head at every position of ``state`` (one sequence): ``(H, T)``, or ``(H, 1)``
     at the last position when ``last_only``.
 
@@ -110,7 +110,7 @@ def speculative_greedy(model: MTPModel, prompt_ids: list[int], max_new_tokens: i
     cache = new_cache(model)
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     state = model.forward_trunk(ids, cache=cache)
-    predicted = _head_argmax(model, state, last_only=True)  # (H, 1)
+    predicted = every_head_argmax(model, state, last_only=True)  # (H, 1)
     forwards = 1
     nxt, drafts = int(predicted[0, 0]), predicted[1:, 0].tolist()
     out: list[int] = []
@@ -125,7 +125,7 @@ def speculative_greedy(model: MTPModel, prompt_ids: list[int], max_new_tokens: i
         state = model.forward_trunk(torch.tensor([feed], dtype=torch.long, device=device), cache=cache)
         # every head at every fed position in one unembedding call and one host sync: head 0 verifies,
         # heads 1..H-1 at the last accepted position draft the next forward's tokens
-        predicted = _head_argmax(model, state).tolist()  # (H, len(feed))
+        predicted = every_head_argmax(model, state).tolist()  # (H, len(feed))
         forwards += 1
         verified = predicted[0]
         accepted = 0
