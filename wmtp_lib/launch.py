@@ -49,7 +49,7 @@ def ensure_tiny_models(cfg: dict[str, Any], log=print) -> None:
     """In the local environment, build the tiny default models this recipe needs and that are missing.
 
     Only those: the tiny reward model alone takes minutes to train, and `rho1` never reads it. A model
-    built later gets the same tokenizer (the SentencePiece training is deterministic; training checks it).
+    built later reuses the staged models' tokenizer.model (`stage_tiny`), and training checks compatibility.
     """
     if cfg["storage"]["kind"] != "local" or not cfg["storage"]["stage_tiny_if_missing"]:
         return
