@@ -2,11 +2,11 @@
 
 Reports (1) how well the run's sequence rewards separate clean from corrupted training solutions (mean
 reward per group and the AUC), and (2) for the value head after stage 1 (on the base model's trunk) and at
-the end of training (on the trained trunk), the mean TD error and the mean token weight of head 0 on:
+the end of training (on the trained trunk), the mean score (the aligned GAE advantage, λ_w = critic.score_lambda) and the mean token weight of head 0 on:
 corrupted tokens, the other non-final tokens of corrupted solutions, clean solutions' non-final tokens,
 and the final token (``</s>``) of corrupted and of clean solutions, where the sequence reward arrives.
-All weights are computed as training computes them (TD errors → soft weights, temperature and cap from
-the run's config), over the first ``--rows`` training rows.
+All scores and weights are computed by training's own `CriticWeighting` (advantages → soft weights, value
+trunk, temperature, standardize and cap from the run's config), over the first ``--rows`` training rows.
 
     python bench/critic_signal.py runs/experiment/runs/critic-noise0.4-seed0
 """
@@ -24,21 +24,15 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without `pip install -e .`
 
 from wmtp_lib.config import load_resolved, project_path  # noqa: E402
-from wmtp_lib.critic import ValueHead, align_td, sparse_rewards, state_mask_from_labels, value_targets  # noqa: E402
+from wmtp_lib.critic import auc  # noqa: E402
 from wmtp_lib.data import load_samples, tokenize_samples  # noqa: E402
+from wmtp_lib.distributed import Dist  # noqa: E402
 from wmtp_lib.heads import MTPModel  # noqa: E402
 from wmtp_lib.loaders import load_tokenizer  # noqa: E402
-from wmtp_lib.losses import critic_weights  # noqa: E402
 from wmtp_lib.weight_stats import noisy_targets  # noqa: E402
-from wmtp_lib.weighting import target_valid  # noqa: E402
+from wmtp_lib.weighting import CriticWeighting, reward_model_trunk, target_valid  # noqa: E402
 
 GROUPS = ("corrupted", "rest of noisy (not final)", "clean (not final)", "final token, noisy", "final token, clean")
-
-
-def auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
-    """P(a clean solution's reward > a corrupted one's), ties counted half."""
-    a, b = pos[:, None], neg[None, :]
-    return ((a > b).double().mean() + 0.5 * (a == b).double().mean()).item()
 
 
 @torch.no_grad()
@@ -90,19 +84,24 @@ def main() -> None:
         print(f"sequence reward: clean mean {rewards[~noisy].mean():.3f}, corrupted mean {rewards[noisy].mean():.3f}, "
               f"AUC clean > corrupted {auc(rewards[~noisy], rewards[noisy]):.4f}; reward variance {rewards.var():.3f}")
     base_dir = project_path(cfg["paths"]["models_dir"]) / cfg["models"]["base"]
+    rm_dir = project_path(cfg["paths"]["models_dir"]) / (cfg["models"]["reward"] or "")
+    value_trunk = reward_model_trunk(cfg, tokenizer, samples, rm_dir, Dist(torch.device("cpu"))) \
+        if cfg["critic"]["value_trunk"] == "reward_model" else None
     for label, model_dir, value_file in (
             ("after stage 1 (base trunk, stage-1 value head)", base_dir, args.run_dir / "value_head_stage1.safetensors"),
             ("end of training (trained trunk, final value head)", args.run_dir / "final",
              args.run_dir / "final" / "value_head.safetensors")):
         model = MTPModel.from_pretrained(model_dir).eval()
-        head = ValueHead(model.config.hidden_size)
-        head.load_state_dict(load_file(str(value_file)))
-        td_by, w_by, every = token_groups(model, head, data, rewards, min(args.rows, len(samples)), cfg)
+        critic = CriticWeighting(cfg, model.n_future, model.config.hidden_size, data.token_map(rewards),
+                                 data.cut_documents(tokenizer.eos_token_id), tokenizer.eos_token_id,
+                                 torch.device("cpu"), value_trunk)
+        critic.value_head.load_state_dict(load_file(str(value_file)))
+        td_by, w_by, every = token_groups(model, critic, data, min(args.rows, len(samples)))
         print(f"\n{label}: head 0, first {min(args.rows, len(samples))} rows, mean weight {statistics.fmean(every):.3f}, "
               f"at the cap {sum(w >= cfg['weights']['max_weight'] - 1e-3 for w in every) / len(every):.3f}")
         for g in GROUPS:
             if td_by[g]:
-                print(f"  {g:28s} n={len(td_by[g]):6d}  TD error {statistics.fmean(td_by[g]):+.3f} "
+                print(f"  {g:28s} n={len(td_by[g]):6d}  score {statistics.fmean(td_by[g]):+.3f} "
                       f"(sd {statistics.pstdev(td_by[g]):.3f})  weight {statistics.fmean(w_by[g]):.3f}")
 
 

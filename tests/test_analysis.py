@@ -74,7 +74,7 @@ def test_ci_sizing_is_laid_over_the_environment_only_when_asked(monkeypatch):
     assert ci_sizing() is None and default_runs_dir() == project_path("runs")
     monkeypatch.setenv("WMTP_CI", "1")
     ci = resolve_config("critic", "local", {"train.log_every": 2})
-    assert ci["train"]["steps"] == 20 < full["train"]["steps"] and ci["critic"]["stage1_steps"] == 10
+    assert ci["train"]["steps"] == 20 < full["train"]["steps"] and ci["critic"]["stage1_max_steps"] == 10
     assert ci["train"]["log_every"] == 2  # overrides still win
     assert ci["paths"]["runs_dir"] == "runs/ci" and default_runs_dir() == project_path("runs/ci")
     assert ci["run_name"] == "critic-local-seed0" and ci["models"] == full["models"]

@@ -5,7 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wmtp_lib.critic import align_td, gae, sparse_rewards, state_mask_from_labels, td_errors, value_targets
+from wmtp_lib.critic import (
+    advantages,
+    align_scores,
+    auc,
+    bootstrap_mask,
+    explained_variance,
+    gae,
+    mc_returns,
+    rms_normalize,
+    sparse_rewards,
+    state_mask_from_labels,
+    td_errors,
+)
+from wmtp_lib.packing import document_ids
 
 
 def _mask():
@@ -21,7 +34,7 @@ def test_state_mask_and_sparse_reward_at_last_state():
     assert r[1].tolist() == [0, 0, 0, 0, -1.0, 0]
 
 
-@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.5), (0.99, 1.0)])
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.5), (0.99, 1.0), (1.0, 0.0)])
 def test_td_and_gae_match_loops(gamma, lam):
     torch.manual_seed(0)
     _, m = _mask()
@@ -45,26 +58,94 @@ def test_td_and_gae_match_loops(gamma, lam):
                 a += coef * delta[b, u].item()
                 coef *= gamma * lam
             assert adv[b, t].item() == pytest.approx(a, abs=1e-5)
-    _, targets = value_targets(v, r, m, gamma, lam)
-    torch.testing.assert_close(targets, torch.where(m, adv + v, torch.zeros_like(v)))
+    torch.testing.assert_close(advantages(v, r, m, gamma, lam), adv)
+    if lam == 0.0:  # v2's score is the special case λ_w = 0
+        torch.testing.assert_close(adv, delta)
 
 
-def test_lambda_one_gamma_one_targets_are_the_reward():
+def test_monte_carlo_returns_are_the_discounted_reward_and_gae_one_telescopes_to_them():
     _, m = _mask()
+    torch.manual_seed(1)
     v = torch.randn(2, 6)
     r = sparse_rewards(torch.tensor([1.5, 0.3]), m)
-    _, targets = value_targets(v, r, m, 1.0, 1.0)
-    assert torch.allclose(targets[0][m[0]], torch.full((3,), 1.5))
-    assert torch.allclose(targets[1][m[1]], torch.full((5,), 0.3))
+    g = mc_returns(r, m, 1.0)
+    assert torch.allclose(g[0][m[0]], torch.full((3,), 1.5)) and torch.allclose(g[1][m[1]], torch.full((5,), 0.3))
+    g9 = mc_returns(r, m, 0.9)
+    assert g9[1].tolist()[:5] == pytest.approx([0.3 * 0.9 ** (4 - t) for t in range(5)], abs=1e-6)
+    # A(λ=1) + V is the Monte-Carlo return whatever V is
+    torch.testing.assert_close(torch.where(m, advantages(v, r, m, 0.9, 1.0) + v, torch.zeros_like(v)), g9)
 
 
-def test_align_td_matches_transition_of_each_head():
-    delta = torch.arange(12.0).view(2, 6)
-    td = align_td(delta, 3)
+def test_a_cut_document_gets_no_terminal_reward_and_bootstraps_from_v():
+    # row 1 was cut by max_length: its last target is x[5], not EOS; the state before it bootstraps from V(h_5)
+    label, m = _mask()
+    cut = torch.tensor([[False] * 6, [True] * 6])
+    v = torch.arange(12.0).view(2, 6) / 10
+    r = sparse_rewards(torch.tensor([2.0, -1.0]), m, cut=cut)
+    assert r[1].abs().sum() == 0 and r[0, 3] == 2.0
+    boot = bootstrap_mask(m, cut)
+    assert boot.tolist() == [[False] * 6, [False] * 5 + [True]]
+    delta = td_errors(v, r, m, 1.0, boot)
+    assert delta[1, 4].item() == pytest.approx(v[1, 5].item() - v[1, 4].item())
+    assert delta[0, 3].item() == pytest.approx(2.0 - v[0, 3].item())  # a whole document still ends at V = 0
+    g = mc_returns(r, m, 0.5, v, boot)
+    assert g[1, 4].item() == pytest.approx(0.5 * v[1, 5].item()) and g[1, 0].item() == pytest.approx(0.5 ** 5 * 1.1)
+
+
+def test_advantages_stay_inside_their_document_in_a_packed_row():
+    # two documents in one row: positions restart at 5; the second is the first's continuation in ids only
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]])
+    label = torch.tensor([[0, 1, 1, 1, 1, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    m = state_mask_from_labels(label, position_ids)
+    r = sparse_rewards(torch.tensor([[1.0] * 5 + [-2.0] * 5]), m, position_ids)
+    v = torch.randn(1, 10)
+    adv = advantages(v, r, m, 1.0, 0.9)
+    docs = document_ids(position_ids)
+    for t in range(10):
+        if not m[0, t]:
+            assert adv[0, t] == 0
+            continue
+        expect, coef = 0.0, 1.0
+        u = t
+        while u < 10 and m[0, u] and docs[0, u] == docs[0, t]:
+            nxt = v[0, u + 1].item() if u + 1 < 10 and m[0, u + 1] and docs[0, u + 1] == docs[0, u] else 0.0
+            expect += coef * (r[0, u].item() + nxt - v[0, u].item())
+            coef *= 0.9
+            u += 1
+        assert adv[0, t].item() == pytest.approx(expect, abs=1e-5)
+    # changing the second document's values never moves the first's advantages
+    v2 = v.clone()
+    v2[0, 5:] += 3.0
+    assert torch.equal(advantages(v2, r, m, 1.0, 0.9)[0, :5], adv[0, :5])
+
+
+def test_aligned_scores_are_the_advantage_of_each_heads_transition():
+    adv = torch.arange(12.0).view(2, 6)
+    s = align_scores(adv, 3)
     for b in range(2):
         for t in range(6):
             for k in range(3):
-                assert td[b, t, k].item() == (delta[b, t + k].item() if t + k < 6 else 0.0)
+                assert s[b, t, k].item() == (adv[b, t + k].item() if t + k < 6 else 0.0)
+
+
+def test_explained_variance_and_auc_against_definitions():
+    g = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
+    assert explained_variance(g, g) == pytest.approx(1.0)
+    assert explained_variance(torch.full_like(g, g.mean()), g) == pytest.approx(0.0, abs=1e-12)
+    v = torch.tensor([0.9, 0.2, 0.6, 0.7, 0.1])
+    expect = 1 - ((g - v) - (g - v).mean()).pow(2).mean() / (g - g.mean()).pow(2).mean()
+    assert explained_variance(v, g) == pytest.approx(expect.item())
+    pos, neg = torch.tensor([0.9, 0.5, 0.5]), torch.tensor([0.5, 0.1])
+    pairs = [(p > n) + 0.5 * (p == n) for p in pos.tolist() for n in neg.tolist()]
+    assert auc(pos, neg) == pytest.approx(sum(pairs) / len(pairs))
+    assert auc(pos, torch.zeros(0)) != auc(pos, torch.zeros(0))  # nan: one class is empty
+
+
+def test_value_features_are_rms_normalised():
+    h = torch.randn(2, 3, 8) * 50
+    x = rms_normalize(h)
+    torch.testing.assert_close(x.pow(2).mean(-1), torch.ones(2, 3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(rms_normalize(h * 7), x, atol=1e-5, rtol=0)
 
 
 def test_value_head_init_ignores_global_rng_draws_made_on_one_rank_only():
@@ -115,3 +196,42 @@ def test_rollout_cache_of_other_samples_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="rollouts of other samples.*new run_name"):
         build_rollout_data(None, None, edited, cfg, cache, Dist(torch.device("cpu")))
     assert rollout_cache_key(samples, cfg) != rollout_cache_key(samples, {**cfg, "seed": 2})
+
+
+def test_stage1_keeps_the_best_head_and_counts_evaluations_without_improvement():
+    from wmtp_lib.critic import ValueHead
+    from wmtp_lib.weighting import Stage1Fit
+
+    head = ValueHead(8)
+    fit = Stage1Fit()
+    snapshots = {}
+    for step, ev in ((20, 0.1), (40, 0.3), (60, float("nan")), (80, 0.25)):
+        with torch.no_grad():
+            head.fc2.bias.fill_(float(step))
+        snapshots[step] = head.fc2.bias.clone()
+        fit.update(step, ev, head)
+    assert (fit.best_step, fit.best_ev, fit.bad_evals) == (40, 0.3, 2)  # nan never improves
+    assert torch.equal(fit.best_head["fc2.bias"], snapshots[40])
+    restored = Stage1Fit()
+    restored.load_state_dict(fit.state_dict())
+    assert (restored.best_step, restored.bad_evals) == (40, 2) and torch.equal(restored.best_head["fc2.bias"],
+                                                                               snapshots[40])
+
+
+def test_heldout_rows_are_disjoint_seeded_and_bounded():
+    from wmtp_lib.weighting import heldout_split
+
+    fit, held = heldout_split(100, 128, seed=3)
+    assert len(held) == 20 and len(fit) == 80  # at most a fifth of the rows
+    assert set(fit.tolist()).isdisjoint(held.tolist()) and set(fit.tolist()) | set(held.tolist()) == set(range(100))
+    assert torch.equal(heldout_split(100, 128, seed=3)[1], held) and not torch.equal(heldout_split(100, 128, 4)[1], held)
+
+
+def test_cut_documents_are_those_without_their_eos():
+    from wmtp_lib.data import TokenizedData
+
+    eos = 2
+    ids = torch.tensor([[1, 5, 6, 2, 1, 7, 2, 0], [1, 5, 6, 7, 8, 9, 9, 9]])
+    src = torch.tensor([[0, 0, 0, 0, 1, 1, 1, -1], [2, 2, 2, 2, 2, 2, 2, 2]])
+    data = TokenizedData(ids, (src >= 0).long(), src >= 0, torch.zeros_like(ids, dtype=torch.bool), src)
+    assert data.cut_documents(eos).tolist() == [[False] * 8, [True] * 8]

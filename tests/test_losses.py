@@ -35,23 +35,35 @@ def brute_ce(logits, x, label_mask):
     return ce, valid
 
 
-def brute_soft(s, valid, temperature, max_weight):
+def brute_cap(exponents: list[float], max_weight: float) -> list[float]:
+    """Weights ``min(c · exp(a), M)`` with mean 1, ``c`` found by bisection on ``log c`` (not water-filling)."""
+    n = len(exponents)
+    if max_weight == 1:
+        return [1.0] * n
+
+    def mean_at(log_c):
+        return sum(min(math.exp(min(a + log_c, math.log(max_weight))), max_weight) for a in exponents) / n
+
+    lo, hi = -max(exponents) - math.log(n) - 1, -min(exponents) + math.log(max_weight) + 1
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_at(mid) < 1 else (lo, mid)
+    return [min(math.exp(min(a + hi, math.log(max_weight))), max_weight) for a in exponents]
+
+
+def brute_soft(s, valid, temperature, max_weight, standardize=True):
     B, T, H = s.shape
     w = torch.zeros(B, T, H, dtype=torch.float64)
     for k in range(H):
-        vals = [s[b, t, k].item() for b in range(B) for t in range(T) if valid[b, t, k]]
+        keys = [(b, t) for b in range(B) for t in range(T) if valid[b, t, k]]
+        vals = [s[b, t, k].item() for b, t in keys]
         if not vals:
             continue
         mean = sum(vals) / len(vals)
         std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
-        raw = {}
-        for b in range(B):
-            for t in range(T):
-                if valid[b, t, k]:
-                    raw[(b, t)] = math.exp(((s[b, t, k].item() - mean) / (std + 1e-6)) / temperature)
-        m = sum(raw.values()) / len(raw)
-        for (b, t), v in raw.items():
-            w[b, t, k] = min(v / m, max_weight)
+        scale = std + 1e-6 if standardize else 1.0
+        for (b, t), v in zip(keys, brute_cap([(v - mean) / scale / temperature for v in vals], max_weight)):
+            w[b, t, k] = v
     return w
 
 
@@ -136,13 +148,47 @@ def test_rho1_weighted_matches_loop(temperature, max_weight):
     assert w.max() <= max_weight + 1e-6
 
 
-def test_soft_weights_clip_is_active_and_mean_before_clip_is_one():
-    s = torch.tensor([0.0, 0.0, 0.0, 0.0, 10.0]).view(1, 5, 1)
+@pytest.mark.parametrize("standardize", [True, False])
+@pytest.mark.parametrize("temperature,max_weight", [(1.0, 3.0), (0.3, 1.5), (0.05, 2.0), (2.0, 100.0), (1.0, 1.0)])
+def test_critic_weights_match_bisection_cap(temperature, max_weight, standardize):
+    torch.manual_seed(5)
+    B, T, H = 2, 13, 3
+    s = torch.randn(B, T, H) * 0.7
+    valid = torch.rand(B, T, H) > 0.2
+    w = critic_weights(s, valid, temperature=temperature, max_weight=max_weight, standardize=standardize)
+    torch.testing.assert_close(w.double(), brute_soft(s, valid, temperature, max_weight, standardize),
+                               atol=2e-6, rtol=1e-5)
+    for k in range(H):
+        assert w[:, :, k][valid[:, :, k]].double().mean().item() == pytest.approx(1.0, abs=1e-6)
+    assert (w[~valid] == 0).all() and w.max() <= max_weight * (1 + 1e-6)
+
+
+def test_cap_redistributes_instead_of_shrinking_the_loss():
+    """One large score: v2's "normalise, then cap" left the mean at (2 + 4·0.x)/5 < 1; the mean-preserving cap
+    keeps mean 1 and raises the others (water-filling), ordered as their scores."""
+    s = torch.tensor([0.0, 0.1, 0.2, 0.3, 10.0]).view(1, 5, 1)
     valid = torch.ones(1, 5, 1, dtype=torch.bool)
     w = critic_weights(s, valid, temperature=0.5, max_weight=2.0)
     assert w[0, 4, 0].item() == pytest.approx(2.0)
-    unclipped = critic_weights(s, valid, temperature=0.5, max_weight=1e9)
-    assert unclipped.mean().item() == pytest.approx(1.0, rel=1e-5)
+    assert w.mean().item() == pytest.approx(1.0, abs=1e-6)
+    assert (w[0, :4, 0].diff() > 0).all()
+    raw = torch.exp(s / 0.5 - 20.0)
+    v2 = (raw / raw.mean()).clamp(max=2.0)
+    assert v2.mean().item() < 0.5  # what v2 did: most of the loss gone
+    with pytest.raises(ValueError, match="max_weight must be >= 1"):
+        critic_weights(s, valid, max_weight=0.5)
+
+
+def test_standardize_off_keeps_score_units_so_no_signal_gives_flat_weights():
+    """A tiny score (no signal) spreads weights fully when z-scored, barely in reward units."""
+    torch.manual_seed(6)
+    s = torch.randn(1, 400, 1) * 1e-3
+    valid = torch.ones_like(s, dtype=torch.bool)
+    z_scored = critic_weights(s, valid, temperature=0.33, standardize=True)
+    units = critic_weights(s, valid, temperature=0.33, standardize=False)
+    assert z_scored.std().item() > 1.0 and units.std().item() < 0.01
+    # shifting every score by a constant changes nothing either way
+    torch.testing.assert_close(critic_weights(s + 5.0, valid, temperature=0.33, standardize=False), units)
 
 
 def test_soft_weights_edge_cases():
@@ -154,25 +200,25 @@ def test_soft_weights_edge_cases():
 
 
 def test_soft_weights_never_overflow():
-    """z/T beyond float32's exp range (T = 0.02, or one outlier among many tokens) gives finite weights, equal
-    to the float64 formula; the unshifted exp would give inf and then NaN."""
+    """z/T far beyond float32's exp range (T = 0.02, one outlier among many tokens) gives finite weights with
+    mean 1, equal to the bisection formula; an unshifted exp would give inf and then NaN."""
     torch.manual_seed(12)
-    s = torch.randn(4, 2048, 2)
-    s[1, 7, 0] = 40.0  # one outlier: z ≈ 20, z / 0.02 = 1000
+    s = torch.randn(4, 512, 2)
+    s[1, 7, 0] = 40.0  # one outlier: z ≈ 40, z / 0.02 = 2000
     valid = torch.ones_like(s, dtype=torch.bool)
-    valid[3, 1000:, 1] = False
+    valid[3, 300:, 1] = False
     assert torch.isinf(torch.exp(torch.tensor(1000.0)))
-    for temperature in (0.02, 0.5, 1.0):
-        w = critic_weights(s, valid, temperature=temperature, max_weight=3.0)
-        assert torch.isfinite(w).all() and (w >= 0).all(), temperature
-        s64 = s.double()
-        for k in range(2):
-            vals = s64[:, :, k][valid[:, :, k]]
-            x = (vals - vals.mean()) / (vals.std(unbiased=False) + 1e-6) / temperature
-            ref = torch.exp(x - x.max())
-            ref = (ref / ref.mean()).clamp(max=3.0)
-            torch.testing.assert_close(w[:, :, k][valid[:, :, k]].double(), ref, rtol=1e-4, atol=1e-30)
-    assert critic_weights(s, valid, temperature=0.02)[1, 7, 0].item() == 3.0  # the outlier is clipped, not NaN
+    for standardize in (True, False):
+        for temperature in (0.02, 0.5):
+            w = critic_weights(s, valid, temperature=temperature, max_weight=3.0, standardize=standardize)
+            assert torch.isfinite(w).all() and (w >= 0).all(), temperature
+            for k in range(2):
+                assert w[:, :, k][valid[:, :, k]].double().mean().item() == pytest.approx(1.0, abs=1e-5)
+            sub = slice(0, 2)  # the brute force on a slice that holds the outlier
+            torch.testing.assert_close(
+                critic_weights(s[sub], valid[sub], temperature=temperature, standardize=standardize).double(),
+                brute_soft(s[sub], valid[sub], temperature, 3.0, standardize), atol=1e-6, rtol=1e-4)
+    assert critic_weights(s, valid, temperature=0.02)[1, 7, 0].item() == pytest.approx(3.0)
 
 
 def test_weights_carry_no_gradient():

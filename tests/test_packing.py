@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from wmtp_lib.critic import ValueHead, sparse_rewards, state_mask_from_labels, value_targets
+from wmtp_lib.critic import ValueHead, advantages, mc_returns, sparse_rewards, state_mask_from_labels, td_errors
 from wmtp_lib.data import synthetic_tasks, tokenize_samples
 from wmtp_lib.heads import MTPModel, mtp_config
 from wmtp_lib.losses import mtp_token_ce
@@ -118,7 +118,7 @@ def test_reference_loss_of_b_ignores_a(tok, samples):
     assert r1[0, : b1.start - 1].ne(0).all()
 
 
-def test_critic_reward_td_and_value_targets_stay_in_their_document(tok, samples):
+def test_critic_reward_advantages_and_value_targets_stay_in_their_document(tok, samples):
     model = _model(len(tok))
     torch.manual_seed(2)
     head = ValueHead(32)
@@ -132,20 +132,22 @@ def test_critic_reward_td_and_value_targets_stay_in_their_document(tok, samples)
         positions = batch.get("position_ids")
         states = state_mask_from_labels(batch["label_mask"], positions)
         r = sparse_rewards(rewards, states, positions)
-        delta, targets = value_targets(values, r, states, gamma=0.97, lam=0.9)
-        return states, r, delta, targets, values
+        delta = td_errors(values, r, states, gamma=0.97)
+        adv = advantages(values, r, states, gamma=0.97, lam=0.9)
+        targets = mc_returns(r, states, gamma=0.97)
+        return states, r, delta, adv, targets, values
 
     row1, b1, alone, b0 = _pair(tok, samples, 0, 3)
     row2, b2, _, _ = _pair(tok, samples, 2, 3)
     # each token holds its own document's reward (TokenizedData.token_map in training)
     map1 = torch.where(torch.arange(T) < b1.start, reward_of[0], reward_of[3]) * row1["attention_mask"]
     map2 = torch.where(torch.arange(T) < b2.start, reward_of[1], reward_of[3]) * row2["attention_mask"]
-    s1, r1, d1, g1, v1 = critic(row1, map1)
-    s2, r2, d2, g2, v2 = critic(row2, map2)
-    s0, r0, d0, g0, v0 = critic(alone, reward_of[3:4])
+    s1, r1, d1, a1, g1, v1 = critic(row1, map1)
+    s2, r2, d2, a2, g2, v2 = critic(row2, map2)
+    s0, r0, d0, a0, g0, v0 = critic(alone, reward_of[3:4])
     for x1, x2, x0 in ((s1, s2, s0), (r1, r2, r0)):
         assert torch.equal(x1[0, b1], x2[0, b2]) and torch.equal(x1[0, b1], x0[0, b0])
-    for x1, x2, x0 in ((d1, d2, d0), (g1, g2, g0)):
+    for x1, x2, x0 in ((d1, d2, d0), (a1, a2, a0), (g1, g2, g0)):
         assert torch.equal(x1[0, b1], x2[0, b2])
         torch.testing.assert_close(x1[0, b1], x0[0, b0], atol=1e-6, rtol=0)
     # A's own reward at A's own last state; nothing bootstraps from B's first value
@@ -219,7 +221,7 @@ def test_packed_training_runs_rho1_cached_equals_online_and_critic(tmp_path, tin
     common = {"train.steps": 3, "train.micro_batch_size": 4, "train.log_every": 1, "data.pack": True,
               "data.n_train": 60, "data.max_length": 256}
     runs = {"cached": ("rho1", {}), "online": ("rho1", {"rho1.ref_cache": False}),
-            "critic": ("critic", {"critic.stage1_steps": 2})}
+            "critic": ("critic", {"critic.stage1_max_steps": 2})}
     for name, (recipe, over) in runs.items():
         _, cfg = make_config(tmp_path, recipe, tiny_models, name, {**common, **over})
         proc = run_training(cfg)

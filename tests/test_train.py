@@ -110,7 +110,7 @@ def test_rho1_gives_noisy_samples_lower_weight(tmp_path, tiny_models):
 
 
 def test_critic_stage1_lowers_value_loss_and_is_reused_on_resume(tmp_path, tiny_models):
-    over = {"train.steps": 10, "critic.stage1_steps": 30, "train.micro_batch_size": 4}
+    over = {"train.steps": 10, "critic.stage1_max_steps": 30, "train.micro_batch_size": 4}
     _, cfg = make_config(tmp_path, "critic", tiny_models, "critic", over)
     run_training(cfg)
     recs = metrics(tmp_path / "runs" / "critic")
@@ -159,7 +159,7 @@ def test_missing_model_error_names_path_and_staging_command(tmp_path, tiny_model
 def test_critic_with_execution_rewards_fits_on_rollouts_and_fsdp_equals_one_process(tmp_path, tiny_models):
     """1 process × accum 2 vs 2 gloo processes under FSDP2 × accum 1 (the cluster's setup): rollouts are
     sampled on every rank through the sharded model, gathered, and equal; so are the losses and weights."""
-    over = {"train.steps": 4, "critic.stage1_steps": 4, "critic.reward_source": "execution", "critic.rollouts": 2,
+    over = {"train.steps": 4, "critic.stage1_max_steps": 4, "critic.reward_source": "execution", "critic.rollouts": 2,
             "critic.rollout_max_new_tokens": 16, "train.micro_batch_size": 4, "data.n_train": 40,
             "data.noise_fraction": 0.5, "train.log_every": 2}
     _, cfg = make_config(tmp_path, "critic", tiny_models, "exec", {**over, "train.grad_accum": 2})
@@ -199,7 +199,7 @@ def test_critic_with_execution_rewards_fits_on_rollouts_and_fsdp_equals_one_proc
 def test_critic_resume_after_stage1_and_mid_stage2_equals_uninterrupted(tmp_path, tiny_models):
     """Stopped right after stage 1, then mid stage 2: same weights, value head and value-head lr as one run;
     a relaunch under another config is refused and names the changed key."""
-    over = {"train.steps": 6, "critic.stage1_steps": 4, "train.micro_batch_size": 4, "train.save_every": 2,
+    over = {"train.steps": 6, "critic.stage1_max_steps": 4, "train.micro_batch_size": 4, "train.save_every": 2,
             "train.log_every": 2, "data.n_train": 80, "critic.stage1_lr": 1e-3, "train.lr": 2e-3}
     _, straight = make_config(tmp_path, "critic", tiny_models, "straight", over)
     run_training(straight)
@@ -315,8 +315,8 @@ def test_critic_stage1_skips_non_finite_value_steps_and_checkpoints_check_the_va
     calls = {"n": 0}
     real_loss = CriticWeighting.value_loss
 
-    def nan_on_second_stage1_step(self, trunk, batch, row_rewards=None, n_states=None):
-        loss = real_loss(self, trunk, batch, row_rewards, n_states)
+    def nan_on_second_stage1_step(self, trunk, batch, row_rewards=None, n_states=None, row_cut=None):
+        loss = real_loss(self, trunk, batch, row_rewards, n_states, row_cut)
         if row_rewards is not None:  # stage 1 passes its table; grad_accum 1: one call per step
             calls["n"] += 1
             if calls["n"] == 2:
@@ -324,7 +324,7 @@ def test_critic_stage1_skips_non_finite_value_steps_and_checkpoints_check_the_va
         return loss
 
     monkeypatch.setattr(CriticWeighting, "value_loss", nan_on_second_stage1_step)
-    over = {"train.steps": 2, "critic.stage1_steps": 4, "train.log_every": 2, "train.save_every": 100,
+    over = {"train.steps": 2, "critic.stage1_max_steps": 4, "train.log_every": 2, "train.save_every": 100,
             "train.micro_batch_size": 4, "data.n_train": 40}
     cfg, _ = make_config(tmp_path, "critic", tiny_models, "vnan", over)
     trainer = train_mod.Trainer(cfg)

@@ -89,6 +89,9 @@ SCHEMA: dict[str, Any] = {
         "temperature": F((float, int), 1.0),
         "keep_ratio": F((float, int), 0.7),
         "max_weight": F((float, int), 3.0),
+        # soft weights: z-score the score per head (rho1) or keep its units, the temperature then in reward
+        # units (critic): a z-scored score spreads weights as much with no signal as with one (DESIGN §4)
+        "standardize": F((bool,), True),
     },
     "rho1": {
         "ref_cache": F((bool,), True),
@@ -97,10 +100,17 @@ SCHEMA: dict[str, Any] = {
     "critic": {
         "reward_source": F((str,), "model", ("model", "execution")),
         "gamma": F((float, int), 1.0),
-        "lam": F((float, int), 0.95),
+        # the token score is the GAE advantage A_t = Σ (γ λ_w)^l δ_{t+l}; 0 = one-step TD error (v2)
+        "score_lambda": F((float, int), 0.9),
+        # what V reads: the MTP trunk output, or the reward model's decoder (needs the base's tokenizer)
+        "value_trunk": F((str,), "base", ("base", "reward_model")),
         "value_coef": F((float, int), 0.5),
         "value_grad_to_trunk": F((bool,), False),
-        "stage1_steps": F((int,), 100),
+        # stage 1: fit V on Monte-Carlo returns until the held-out explained variance stops improving
+        "stage1_max_steps": F((int,), 300),
+        "stage1_eval_every": F((int,), 20),
+        "stage1_patience": F((int,), 3),
+        "stage1_heldout_rows": F((int,), 128),
         "stage1_lr": F((float, int), 1e-3),
         "rollouts": F((int,), 4),
         "rollout_max_new_tokens": F((int,), 96),
@@ -276,6 +286,26 @@ def validate_resolved(cfg: dict[str, Any], source: str) -> None:
                           f"{cfg['models']['n_future']}")
     if not 0 < cfg["weights"]["keep_ratio"] <= 1:
         raise ConfigError(f"{source}: weights.keep_ratio must be in (0, 1]")
+    if not cfg["weights"]["temperature"] > 0:
+        raise ConfigError(f"{source}: weights.temperature must be > 0")
+    if not cfg["weights"]["max_weight"] >= 1:
+        raise ConfigError(f"{source}: weights.max_weight must be >= 1 (weights have mean 1; the cap redistributes "
+                          f"the mass above it), got {cfg['weights']['max_weight']}")
+    ccfg = cfg["critic"]
+    if not 0 < ccfg["gamma"] <= 1:
+        raise ConfigError(f"{source}: critic.gamma must be in (0, 1]")
+    if not 0 <= ccfg["score_lambda"] <= 1:
+        raise ConfigError(f"{source}: critic.score_lambda must be in [0, 1] (0: one-step TD error, 1: Monte-Carlo)")
+    for key in ("stage1_max_steps", "stage1_eval_every", "stage1_patience", "stage1_heldout_rows"):
+        if ccfg[key] < 1:
+            raise ConfigError(f"{source}: critic.{key} must be >= 1")
+    if scheme == "critic" and ccfg["value_trunk"] == "reward_model":
+        if not cfg["models"]["reward"]:
+            raise ConfigError(f"{source}: critic.value_trunk reward_model needs models.reward (a reward model with "
+                              "the base's tokenizer)")
+        if ccfg["value_grad_to_trunk"]:
+            raise ConfigError(f"{source}: critic.value_grad_to_trunk needs critic.value_trunk base (the reward "
+                              "model's decoder is frozen)")
     for key in ("steps", "micro_batch_size", "grad_accum", "log_every", "save_every", "chunk_size"):
         if cfg["train"][key] < 1:
             raise ConfigError(f"{source}: train.{key} must be >= 1")

@@ -369,6 +369,18 @@ class TokenizedData:
         values = torch.cat([per_sample.float(), torch.zeros(1)])
         return values[self.sample_index.clamp(min=-1)]  # index -1 picks the trailing 0
 
+    def cut_documents(self, eos_token_id: int) -> torch.Tensor:
+        """``(N, T)`` bool: tokens of documents that ``max_length`` cut before their EOS (every sample ends
+        with EOS, and a literal EOS string in text is text, so a document is whole exactly when its last token
+        in the row is EOS). A cut document's end is not the end its reward scored (DESIGN §4)."""
+        src = self.sample_index
+        last = src >= 0
+        last[:, :-1] &= src[:, 1:] != src[:, :-1]
+        cut_end = last & (self.input_ids != eos_token_id)
+        cut_samples = torch.zeros(int(src.max()) + 2, dtype=torch.bool)
+        cut_samples[src[cut_end]] = True
+        return cut_samples[src.clamp(min=-1)] & (src >= 0)  # index -1 picks the trailing False
+
     def document_tokens(self) -> list[torch.Tensor]:
         """The token ids of every sample as they appear in the rows (truncated as trained on)."""
         out: list[list[torch.Tensor]] = [[] for _ in range(int(self.sample_index.max()) + 1)]

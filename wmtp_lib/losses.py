@@ -84,33 +84,62 @@ def _check_same_shape(name: str, tensor: torch.Tensor, valid: torch.Tensor) -> N
 
 
 @torch.no_grad()
-def soft_weights(
-    scores: torch.Tensor, valid: torch.Tensor, temperature: float = 1.0, max_weight: float = 3.0
-) -> torch.Tensor:
-    """Per head, over valid entries: z-score, ``exp(z / temperature)``, normalise to mean 1, clip at ``max_weight``.
+def mean_preserving_cap(log_w: torch.Tensor, valid: torch.Tensor, max_weight: float) -> torch.Tensor:
+    """Per head (last dim), weights ``min(c · exp(log_w), max_weight)`` over the valid entries of ``(B, T, H)``
+    with ``c`` chosen so that they have mean exactly 1 (water-filling); 0 where not valid.
 
-    ``scores`` and ``valid`` are ``(B, T, H)``; returns float32 weights, 0 where not valid. The exponent is
-    shifted by its per-head maximum before ``exp`` (the shift cancels in the normalisation), so no
-    temperature > 0 or group size overflows to inf/NaN.
+    Sorting each head's entries once, capping the ``j`` largest gives ``c_j = (n − j·M) / Σ_{i≥j} w_(i)``; the
+    answer is the smallest ``j`` whose largest uncapped entry stays under the cap, ``c_j · w_(j) ≤ M``.
+    Works in log space in float64, so no exponent range overflows or makes the uncapped sum vanish.
+    ``max_weight`` ≥ 1 (a mean of 1 cannot stay under a lower cap); at 1 every valid weight is 1.
+    """
+    if max_weight < 1:
+        raise ValueError(f"max_weight must be >= 1 (weights have mean 1), got {max_weight}")
+    m = valid.bool()
+    B, T, H = log_w.shape
+    if max_weight == 1:
+        return m.float()
+    x = torch.where(m, log_w.double(), torch.full_like(log_w, -torch.inf, dtype=torch.float64)).reshape(B * T, H)
+    n = m.reshape(B * T, H).sum(dim=0).double()  # (H,)
+    x_sorted = torch.sort(x, dim=0, descending=True).values  # invalid (-inf) entries last
+    log_suffix = torch.logcumsumexp(x_sorted.flip(0), dim=0).flip(0)  # log Σ_{i≥j} w_(i)
+    j = torch.arange(B * T, dtype=torch.float64, device=x.device)[:, None]
+    room = n - j * max_weight  # what the uncapped entries must add up to
+    log_c = torch.log(room.clamp(min=torch.finfo(torch.float64).tiny)) - log_suffix
+    fits = (j < n) & (room > 0) & (log_c + x_sorted <= math.log(max_weight) + 1e-12)  # roundoff at the boundary
+    # smallest such j per head (argmax finds the first True); a head with no valid entry keeps j = 0
+    first = fits.double().argmax(dim=0, keepdim=True)
+    log_c = log_c.gather(0, first)  # (1, H)
+    w = torch.exp(torch.clamp(x + log_c, max=math.log(max_weight)))
+    return torch.where(m.reshape(B * T, H), w, torch.zeros_like(w)).float().reshape(B, T, H)
+
+
+@torch.no_grad()
+def soft_weights(
+    scores: torch.Tensor, valid: torch.Tensor, temperature: float = 1.0, max_weight: float = 3.0,
+    standardize: bool = True,
+) -> torch.Tensor:
+    """Per head, over valid entries: ``w = exp(z / temperature)`` then the mean-preserving cap (DESIGN §4).
+
+    ``z = (s − mean) / (std + 1e-6)`` when ``standardize`` (population std; rho1's default), else
+    ``z = s − mean`` (score units: the temperature is in the score's own units, the critic's default, so
+    a score with no signal gives weights near 1 instead of weights as spread as a real one).
+    ``scores`` and ``valid`` are ``(B, T, H)``; returns float32 weights with mean exactly 1 over each head's
+    valid entries, none above ``max_weight`` (≥ 1), 0 where not valid. No temperature > 0 or group size
+    overflows (the exponent is only ever used shifted, in log space).
     """
     _check_same_shape("scores", scores, valid)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if max_weight <= 0:
-        raise ValueError(f"max_weight must be > 0, got {max_weight}")
-    s = scores.detach().float()
+    s = scores.detach().double()
     m = valid.bool()
-    mf = m.float()
-    n = mf.sum(dim=(0, 1)).clamp(min=1.0)
-    mean = (torch.where(m, s, torch.zeros_like(s))).sum(dim=(0, 1)) / n
-    var = (torch.where(m, (s - mean) ** 2, torch.zeros_like(s))).sum(dim=(0, 1)) / n
-    x = torch.where(m, (s - mean) / (var.sqrt() + STD_EPS) / temperature, torch.full_like(s, -torch.inf))
-    x_max = x.amax(dim=(0, 1)).clamp(min=torch.finfo(x.dtype).min)  # heads with no valid entry: finite shift
-    w = torch.exp(x - x_max)  # in (0, 1] on valid entries, 0 elsewhere; the largest is exactly 1
-    w_mean = w.sum(dim=(0, 1)) / n
-    w = w / w_mean.clamp(min=torch.finfo(w.dtype).tiny)
-    w = torch.clamp(w, max=max_weight)
-    return torch.where(m, w, torch.zeros_like(w))
+    n = m.double().sum(dim=(0, 1)).clamp(min=1.0)
+    mean = torch.where(m, s, torch.zeros_like(s)).sum(dim=(0, 1)) / n
+    z = s - mean
+    if standardize:
+        var = torch.where(m, z ** 2, torch.zeros_like(s)).sum(dim=(0, 1)) / n
+        z = z / (var.sqrt() + STD_EPS)
+    return mean_preserving_cap(z / temperature, m, max_weight)
 
 
 def keep_count(keep_ratio: float, n_valid: int) -> int:
@@ -157,16 +186,17 @@ def rho1_weights(
     temperature: float = 1.0,
     keep_ratio: float = 0.7,
     max_weight: float = 3.0,
+    standardize: bool = True,
 ) -> torch.Tensor:
     """Rho-1 token weights from the excess loss ``s = ce.detach() - ref_ce_aligned`` (all ``(B, T, H)``).
 
-    ``mode="weighted"``: soft weights; ``mode="tokenskip"``: hard top-``keep_ratio`` selection.
+    ``mode="weighted"``: soft weights (`soft_weights`); ``mode="tokenskip"``: hard top-``keep_ratio`` selection.
     """
     _check_same_shape("ce", ce, valid)
     _check_same_shape("ref_ce_aligned", ref_ce_aligned, valid)
     scores = ce.detach().float() - ref_ce_aligned.detach().float()
     if mode == "weighted":
-        return soft_weights(scores, valid, temperature=temperature, max_weight=max_weight)
+        return soft_weights(scores, valid, temperature=temperature, max_weight=max_weight, standardize=standardize)
     if mode == "tokenskip":
         return topk_weights(scores, valid, keep_ratio=keep_ratio)
     raise ValueError(f"rho1 mode must be 'weighted' or 'tokenskip', got {mode!r}")
@@ -174,10 +204,14 @@ def rho1_weights(
 
 @torch.no_grad()
 def critic_weights(
-    td: torch.Tensor, valid: torch.Tensor, temperature: float = 1.0, max_weight: float = 3.0
+    score: torch.Tensor, valid: torch.Tensor, temperature: float = 1.0, max_weight: float = 3.0,
+    standardize: bool = False,
 ) -> torch.Tensor:
-    """Soft weights from aligned TD errors ``td[b,t,k] = δ_{t+k}`` (``(B, T, H)``)."""
-    return soft_weights(td, valid, temperature=temperature, max_weight=max_weight)
+    """Soft weights from the critic's aligned advantage ``score[b,t,k] = A_{t+k}`` (``(B, T, H)``, DESIGN §4).
+
+    By default in score units (``standardize=False``): ``temperature`` is in reward units.
+    """
+    return soft_weights(score, valid, temperature=temperature, max_weight=max_weight, standardize=standardize)
 
 
 def head_loss(ce: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor,

@@ -143,8 +143,9 @@ class TrainMetrics:
     def records(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.path.read_text().splitlines()]
 
-    def write_summary(self, cfg: dict[str, Any], wall: float) -> None:
-        """``summary.json``: the last record's numbers, seed, git commit and library versions."""
+    def write_summary(self, cfg: dict[str, Any], wall: float, extra: dict[str, Any] | None = None) -> None:
+        """``summary.json``: the last record's numbers, seed, git commit and library versions, plus ``extra``
+        (e.g. what the critic's stage 1 reached)."""
         if not self.dist.is_main:
             return
         import accelerate
@@ -158,11 +159,13 @@ class TrainMetrics:
             "final_loss": last.get("loss"), "final_head_loss": last.get("head_loss"),
             "skipped_steps": sum(r.get("skipped_steps", 0) for r in mtp),
             "train_seconds_this_process": wall,
+            "weight_mean": last.get("weight_mean"),
             "weight_noisy": last.get("weight_noisy"), "weight_clean": last.get("weight_clean"),
             "value_loss": last.get("value_loss"),
             "device": str(self.dist.device), "git_commit": git_commit(),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "accelerate": accelerate.__version__,
+            **(extra or {}),
         }
         path = self.path.parent / "summary.json"
         tmp = path.with_name(path.name + ".tmp")

@@ -18,6 +18,20 @@ from wmtp_lib.packing import same_document
 
 
 @torch.no_grad()
+def backbone_hidden(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Last hidden state ``(B, T, D)`` of a Hugging Face decoder backbone (``LlamaModel``) at every prefix.
+
+    Packed rows (``position_ids`` restarting at 0 per document) take transformers' own packed-sequence
+    path: with no 2D mask, restarting positions give a block-diagonal causal mask. Right padding needs no
+    mask under causal attention (no real token comes after it), and the packed padding tail is a document
+    of its own. A KV cache would switch that detection off, so none is made.
+    """
+    if position_ids is None:
+        return backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+
+
 def reference_token_ce(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                        chunk_size: int = 256, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """``ref_ce[b, j] = -log p_ref(x[b, j+1] | x[b, <=j])`` as float32 ``(B, T)``; 0 where ``j+1`` is padding or past the end.
@@ -27,14 +41,7 @@ def reference_token_ce(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     """
     B, T = input_ids.shape
     attn = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    if position_ids is None:
-        hidden = model.model(input_ids=input_ids, attention_mask=attn).last_hidden_state
-    else:
-        # transformers' own packed-sequence path: with no 2D mask, restarting positions give a
-        # block-diagonal causal mask. Right padding needs no mask under causal attention (no real
-        # token comes after it), and the packed padding tail is a document of its own. A KV cache
-        # would switch that detection off, so none is made.
-        hidden = model.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    hidden = backbone_hidden(model.model, input_ids, attn, position_ids)
     out = torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)
     for start in range(0, T - 1, chunk_size):
         stop = min(T - 1, start + chunk_size)

@@ -154,6 +154,12 @@ class RewardModel:
             model.transformer.rotary_emb = type(model.transformer.rotary_emb)(config=config)
         return cls(model, tokenizer, layout, input_template, truncation_side, max_length=max_length, device=device)
 
+    @property
+    def backbone(self) -> nn.Module:
+        """The decoder (``LlamaModel``) under the scoring head: its last hidden state at each prefix is what a
+        critic's value head reads with ``critic.value_trunk: reward_model``."""
+        return self.model.transformer if self.layout == "starling" else self.model.base_model
+
     def encode(self, prompt: str, response: str) -> list[int]:
         """Template, tokenize and truncate one pair (left truncation keeps the final token)."""
         ids = encode_reward_input(self.tokenizer, self.input_template, prompt, response)

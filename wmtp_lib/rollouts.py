@@ -112,7 +112,7 @@ def build_rollout_data(model, tokenizer, samples: list[Sample], cfg: dict[str, A
         rollouts = [Sample(**s) for s in stored["samples"]]
         rewards = torch.tensor(stored["rewards"], dtype=torch.float32)
     else:
-        n_prompts = min(len(samples), max(1, ccfg["stage1_steps"] * t["micro_batch_size"] // ccfg["rollouts"]), 256)
+        n_prompts = min(len(samples), max(1, ccfg["stage1_max_steps"] * t["micro_batch_size"] // ccfg["rollouts"]), 256)
         seen, prompts = set(), []
         for s in samples:
             if s.prompt not in seen:

@@ -200,7 +200,8 @@ class Trainer:
             extra = {"value_head.safetensors": self.weighting.save_value_head} \
                 if isinstance(self.weighting, CriticWeighting) else {}
             self.checkpointer.export_final(self.base_dir, extra)
-            self.metrics.write_summary(self.cfg, time.perf_counter() - t0)
+            critic = self.weighting.summary() if isinstance(self.weighting, CriticWeighting) else None
+            self.metrics.write_summary(self.cfg, time.perf_counter() - t0, critic)
         return {"finished": finished, "trained_steps": last - start}
 
     def train_step(self, step: int) -> None:

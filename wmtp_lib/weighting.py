@@ -18,12 +18,17 @@ from safetensors.torch import load_file, save_file
 
 from wmtp_lib.config import project_path
 from wmtp_lib.critic import (
-    align_td,
+    advantages,
+    align_scores,
+    auc,
+    bootstrap_mask,
+    explained_variance,
+    last_states,
+    mc_returns,
     seeded_value_head,
     sparse_rewards,
     state_mask_from_labels,
     value_loss,
-    value_targets,
 )
 from wmtp_lib.data import BatchSchedule, TokenizedData
 from wmtp_lib.distributed import Dist
@@ -130,7 +135,8 @@ def rho1_from_scores(scores: torch.Tensor, valid: torch.Tensor, cfg: dict[str, A
     """Soft or token-skip weights of excess-loss scores ``(B, T, H)`` (DESIGN §4)."""
     if cfg["mode"] == "tokenskip":
         return topk_weights(scores, valid, keep_ratio=cfg["keep_ratio"])
-    return soft_weights(scores, valid, temperature=cfg["temperature"], max_weight=cfg["max_weight"])
+    return soft_weights(scores, valid, temperature=cfg["temperature"], max_weight=cfg["max_weight"],
+                        standardize=cfg["standardize"])
 
 
 class Rho1Weighting(StatelessWeighting):
@@ -204,20 +210,20 @@ class Rho1Weighting(StatelessWeighting):
 
 
 class CriticHeadWeights:
-    """Critic weights of one micro-batch from the TD errors of its trunk output (micro-batch group)."""
+    """Critic weights of one micro-batch from the advantages of its states (micro-batch group)."""
 
     def __init__(self, weighting: "CriticWeighting", batch: Batch):
         self.weighting = weighting
         self.batch = batch
 
     def __call__(self, trunk_hidden: torch.Tensor) -> HeadWeightFn:
-        td = self.weighting.td(trunk_hidden, self.batch)
+        score = self.weighting.score(trunk_hidden, self.batch)
         valid = target_valid(self.batch["label_mask"], self.weighting.H, self.batch.get("position_ids"))
-        return PrecomputedWeights(self.weighting.weights_from_scores(td, valid))
+        return PrecomputedWeights(self.weighting.weights_from_scores(score, valid))
 
 
 class ValueTerm:
-    """``value_coef · MSE`` of the value head on a micro-batch's trunk output (records the MSE it computed)."""
+    """``value_coef · MSE`` of the value head on a micro-batch's features (records the MSE it computed)."""
 
     def __init__(self, weighting: "CriticWeighting", batch: Batch):
         self.weighting = weighting
@@ -226,52 +232,124 @@ class ValueTerm:
 
     def __call__(self, trunk_hidden: torch.Tensor) -> torch.Tensor:
         to_trunk = self.weighting.ccfg["value_grad_to_trunk"]
-        loss = self.weighting.value_loss(trunk_hidden if to_trunk else trunk_hidden.detach(), self.batch,
-                                         n_states=self.weighting.window_states)
+        features = self.weighting.features(trunk_hidden if to_trunk else trunk_hidden.detach(), self.batch)
+        loss = self.weighting.value_loss(features, self.batch, n_states=self.weighting.window_states)
         self.value = loss.detach()
         return self.weighting.ccfg["value_coef"] * loss
 
 
+class Transitions:
+    """A micro-batch's states, terminal rewards and bootstrap positions (DESIGN §4), from its label mask and
+    the host tables of sequence rewards and cut documents."""
+
+    def __init__(self, batch: Batch, rewards: torch.Tensor, cut: torch.Tensor, device):
+        position_ids = batch.get("position_ids")
+        rows = batch["row_index"]
+        cut_rows = cut[rows].to(device)
+        self.states = state_mask_from_labels(batch["label_mask"], position_ids)
+        self.rewards = sparse_rewards(rewards[rows].to(device), self.states, position_ids, cut_rows)
+        self.bootstrap = bootstrap_mask(self.states, cut_rows, position_ids)
+
+
+class Stage1Fit:
+    """Stage 1's early stopping on held-out explained variance: the best value head so far and the count of
+    evaluations without improvement (checkpointed, so a resumed stage 1 stops where an uninterrupted one does)."""
+
+    def __init__(self):
+        self.best_ev = float("-inf")
+        self.best_step = 0
+        self.bad_evals = 0
+        self.best_head: dict[str, torch.Tensor] | None = None
+        self.last: dict[str, Any] = {}  # the latest evaluation: step, explained variance, AUC
+
+    def update(self, step: int, ev: float, head: torch.nn.Module) -> bool:
+        """Record an evaluation; True when it improved on the best."""
+        if ev == ev and ev > self.best_ev:  # nan (no variance to explain) never improves
+            self.best_ev, self.best_step, self.bad_evals = ev, step, 0
+            self.best_head = {k: v.detach().clone() for k, v in head.state_dict().items()}
+            return True
+        self.bad_evals += 1
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_ev": self.best_ev, "best_step": self.best_step, "bad_evals": self.bad_evals,
+                "best_head": self.best_head, "last": dict(self.last)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_ev, self.best_step = state["best_ev"], state["best_step"]
+        self.bad_evals, self.best_head, self.last = state["bad_evals"], state["best_head"], dict(state["last"])
+
+
+def heldout_split(n_rows: int, n_heldout: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit rows, held-out rows) of stage 1: a seeded draw of ``min(n_heldout, n_rows // 5)`` rows held out."""
+    k = min(n_heldout, n_rows // 5)
+    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 7919 + 17))
+    held = order[:k].sort().values
+    fit = order[k:].sort().values
+    return fit, held
+
+
 class CriticWeighting:
-    """``critic``: value head on the trunk output, TD-error soft weights, value loss; stage 1 fits the head."""
+    """``critic``: value head on a frozen trunk's features, GAE-advantage soft weights, value loss; stage 1 fits
+    the head on Monte-Carlo returns until its held-out explained variance stops improving."""
 
     needs_scores = True
 
-    def __init__(self, cfg: dict[str, Any], H: int, hidden_size: int, rewards: torch.Tensor, device):
+    def __init__(self, cfg: dict[str, Any], H: int, hidden_size: int, rewards: torch.Tensor, cut: torch.Tensor,
+                 eos_token_id: int, device, value_trunk: torch.nn.Module | None = None):
         self.cfg = cfg["weights"]
         self.ccfg = cfg["critic"]
         self.H = H
         self.rewards = rewards  # (N, T) host map: every token holds its sample's sequence reward
-        self.value_head = seeded_value_head(hidden_size, cfg["seed"]).to(device)
+        self.cut = cut  # (N, T) host map: tokens of documents cut by max_length (no terminal reward)
+        self.eos_token_id = eos_token_id
+        # the reward model's decoder when critic.value_trunk is reward_model (frozen; None: the MTP trunk)
+        self.value_trunk = value_trunk
+        features = hidden_size if value_trunk is None else value_trunk.config.hidden_size
+        self.value_head = seeded_value_head(features, cfg["seed"]).to(device)
         self.optimizer = torch.optim.AdamW(self.value_head.parameters(), lr=self.ccfg["stage1_lr"])
         self.device = device
         self.window_states: torch.Tensor | None = None  # states of the current optimizer step (begin_window)
+        self.fit = Stage1Fit()
+        self._trunk_features: tuple[torch.Tensor, torch.Tensor] | None = None  # (input_ids, features) of the last batch
 
     @classmethod
     def build(cls, cfg: dict[str, Any], H: int, hidden_size: int, tokenizer, samples, data: TokenizedData,
               dist: Dist, run_dir: Path, model_dir: Callable[[str], Path]) -> "CriticWeighting":
-        return cls(cfg, H, hidden_size, sequence_rewards(cfg, tokenizer, samples, data, dist, run_dir, model_dir),
-                   dist.device)
+        rewards = sequence_rewards(cfg, tokenizer, samples, data, dist, run_dir, model_dir)
+        value_trunk = None
+        if cfg["critic"]["value_trunk"] == "reward_model":
+            value_trunk = reward_model_trunk(cfg, tokenizer, samples, model_dir(cfg["models"]["reward"]), dist)
+        return cls(cfg, H, hidden_size, rewards, data.cut_documents(tokenizer.eos_token_id), tokenizer.eos_token_id,
+                   dist.device, value_trunk)
 
-    # stage 2 ---------------------------------------------------------------------------
-    def enter_stage2(self, lr: float) -> None:
-        """Stage 2 keeps V current with its own optimizer at the training learning rate."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    # features, scores, weights --------------------------------------------------------
+    def features(self, trunk_hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """What the value head reads at each prefix ``(B, T, D)``: the MTP trunk output, or the reward model's
+        last hidden state (computed once per micro-batch, no gradient)."""
+        if self.value_trunk is None:
+            return trunk_hidden
+        ids = batch["input_ids"]
+        if self._trunk_features is None or self._trunk_features[0] is not ids:
+            from wmtp_lib.reference import backbone_hidden
 
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+            with torch.no_grad():
+                hidden = backbone_hidden(self.value_trunk, ids, batch["attention_mask"], batch.get("position_ids"))
+            self._trunk_features = (ids, hidden)
+        return self._trunk_features[1]
+
+    def transitions(self, batch: Batch, rewards: torch.Tensor | None = None, cut: torch.Tensor | None = None
+                    ) -> Transitions:
+        return Transitions(batch, self.rewards if rewards is None else rewards, self.cut if cut is None else cut,
+                           self.device)
 
     @torch.no_grad()
-    def td(self, trunk_hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Aligned TD errors ``td[b, t, k] = δ_{t+k}`` ``(B, T, H)`` from the current value head."""
-        state_mask = state_mask_from_labels(batch["label_mask"], batch.get("position_ids"))
-        rewards = sparse_rewards(self.rewards[batch["row_index"]].to(self.device), state_mask,
-                                 batch.get("position_ids"))
-        values = self.value_head(trunk_hidden.detach())
-        delta, _ = value_targets(values, rewards, state_mask, self.ccfg["gamma"], self.ccfg["lam"])
-        return align_td(delta, self.H)
+    def score(self, trunk_hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Aligned advantages ``s[b, t, k] = A_{t+k}`` ``(B, T, H)``, ``λ_w = critic.score_lambda`` (DESIGN §4)."""
+        tr = self.transitions(batch)
+        values = self.value_head(self.features(trunk_hidden.detach(), batch))
+        adv = advantages(values, tr.rewards, tr.states, self.ccfg["gamma"], self.ccfg["score_lambda"], tr.bootstrap)
+        return align_scores(adv, self.H)
 
     def weight_fn_factory(self, batch: Batch, precomputed: torch.Tensor | None = None) -> WeightFnFactory:
         if precomputed is not None:
@@ -283,11 +361,13 @@ class CriticWeighting:
     def scores(self, model, batch: Batch) -> torch.Tensor:
         trunk = model(batch["input_ids"], batch["attention_mask"], position_ids=batch.get("position_ids"),
                       return_trunk=True).hidden
-        return self.td(trunk, batch)
+        return self.score(trunk, batch)
 
     def weights_from_scores(self, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        return critic_weights(scores, valid, temperature=self.cfg["temperature"], max_weight=self.cfg["max_weight"])
+        return critic_weights(scores, valid, temperature=self.cfg["temperature"], max_weight=self.cfg["max_weight"],
+                              standardize=self.cfg["standardize"])
 
+    # the value loss (both stages) --------------------------------------------------------
     def extra_trunk_loss(self, batch: Batch) -> ValueTerm:
         return ValueTerm(self, batch)
 
@@ -297,14 +377,13 @@ class CriticWeighting:
         local = sum(state_mask_from_labels(b["label_mask"], b.get("position_ids")).sum() for b in batches)
         self.window_states = dist.sum(torch.as_tensor(local, dtype=torch.float32, device=dist.device))
 
-    def value_loss(self, trunk_hidden: torch.Tensor, batch: Batch, row_rewards: torch.Tensor | None = None,
-                   n_states: torch.Tensor | None = None) -> torch.Tensor:
-        state_mask = state_mask_from_labels(batch["label_mask"], batch.get("position_ids"))
-        table = self.rewards if row_rewards is None else row_rewards
-        rewards = sparse_rewards(table[batch["row_index"]].to(self.device), state_mask, batch.get("position_ids"))
-        values = self.value_head(trunk_hidden)
-        _, targets = value_targets(values, rewards, state_mask, self.ccfg["gamma"], self.ccfg["lam"])
-        return value_loss(values, targets, state_mask, n_states)
+    def value_loss(self, features: torch.Tensor, batch: Batch, row_rewards: torch.Tensor | None = None,
+                   n_states: torch.Tensor | None = None, row_cut: torch.Tensor | None = None) -> torch.Tensor:
+        """MSE of ``V`` against Monte-Carlo returns (λ = 1; a cut document's return bootstraps from ``V``)."""
+        tr = self.transitions(batch, row_rewards, row_cut)
+        values = self.value_head(features)
+        targets = mc_returns(tr.rewards, tr.states, self.ccfg["gamma"], values, tr.bootstrap)
+        return value_loss(values, targets, tr.states, n_states)
 
     def sync_grads(self, dist: Dist) -> torch.Tensor:
         """Average the value head's gradients over processes; returns their total norm (a device tensor, the
@@ -322,12 +401,29 @@ class CriticWeighting:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def enter_stage2(self, lr: float) -> None:
+        """Stage 2 keeps V current with its own optimizer at the training learning rate."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
     def state_dict(self) -> dict[str, Any]:
-        return {"value_head": self.value_head.state_dict(), "value_optimizer": self.optimizer.state_dict()}
+        return {"value_head": self.value_head.state_dict(), "value_optimizer": self.optimizer.state_dict(),
+                "stage1": self.fit.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.value_head.load_state_dict(state["value_head"])
         self.optimizer.load_state_dict(state["value_optimizer"])
+        self.fit.load_state_dict(state["stage1"])
+
+    def summary(self) -> dict[str, Any]:
+        """What stage 1 reached, for ``summary.json``."""
+        return {"stage1_best_step": self.fit.best_step, "stage1_explained_variance": _finite_or_none(self.fit.best_ev),
+                "stage1_last_state_auc": _finite_or_none(self.fit.last.get("last_state_auc")),
+                "stage1_steps_run": self.fit.last.get("step")}
 
     # stage 1 ---------------------------------------------------------------------------
     def stage1_data(self, trainer) -> tuple[TokenizedData, torch.Tensor]:
@@ -340,19 +436,50 @@ class CriticWeighting:
         return build_rollout_data(trainer.model, trainer.tokenizer, trainer.samples, trainer.cfg,
                                   trainer.run_dir / "rollouts.json", trainer.dist)
 
+    @torch.no_grad()
+    def evaluate(self, trainer, data: TokenizedData, rewards: torch.Tensor, cut: torch.Tensor,
+                 rows: torch.Tensor) -> dict[str, float]:
+        """Explained variance of ``V`` against the Monte-Carlo returns on the held-out rows' states, and (rows
+        with clean and noisy samples) the clean-vs-corrupted AUC of ``V`` at each document's last state.
+
+        Every rank evaluates all held-out rows (the same forwards, so FSDP's collectives match): no gather.
+        """
+        values, targets, last_clean, last_noisy = [], [], [], []
+        micro = trainer.cfg["train"]["micro_batch_size"]
+        for start in range(0, len(rows), micro):
+            batch = move_batch(data.rows(rows[start:start + micro]), trainer.dist.device)
+            trunk = trainer.model(batch["input_ids"], batch["attention_mask"], position_ids=batch.get("position_ids"),
+                                  return_trunk=True).hidden
+            v = self.value_head(self.features(trunk, batch))
+            tr = self.transitions(batch, rewards, cut)
+            g = mc_returns(tr.rewards, tr.states, self.ccfg["gamma"], v, tr.bootstrap)
+            values.append(v[tr.states].cpu())
+            targets.append(g[tr.states].cpu())
+            last = last_states(tr.states, batch.get("position_ids"))
+            noisy = batch["noisy"].bool()
+            last_clean.append(v[last & ~noisy].cpu())
+            last_noisy.append(v[last & noisy].cpu())
+        ev = explained_variance(torch.cat(values), torch.cat(targets))
+        return {"explained_variance": ev, "last_state_auc": auc(torch.cat(last_clean), torch.cat(last_noisy))}
+
     def fit_value_head(self, trainer, start: int) -> None:
-        """Stage 1: the trunk frozen, fit V by MSE to GAE targets; checkpoints as ``value-<step>``. Ends by
-        switching V's optimizer to the stage-2 learning rate and saving ``mtp-0000000``, so a resume right
-        after stage 1 continues with the same value head, optimizer state and learning rate."""
-        cfg, dist = trainer.cfg, trainer.dist
-        steps, log_every = self.ccfg["stage1_steps"], cfg["train"]["log_every"]
+        """Stage 1: the trunk frozen, fit V by MSE on Monte-Carlo returns over the fit rows, evaluating the
+        held-out explained variance every ``stage1_eval_every`` steps; stop after ``stage1_patience``
+        evaluations without improvement (or at ``stage1_max_steps``) and keep the best head. Checkpoints as
+        ``value-<step>``; ends by switching V's optimizer to the stage-2 learning rate and saving
+        ``mtp-0000000``, so a resume right after stage 1 continues with the same value head and state."""
+        cfg, dist, ccfg = trainer.cfg, trainer.dist, self.ccfg
+        steps, log_every, eval_every = ccfg["stage1_max_steps"], cfg["train"]["log_every"], ccfg["stage1_eval_every"]
         data, rewards = self.stage1_data(trainer)
+        cut = data.cut_documents(self.eos_token_id)
+        fit_rows, held_rows = heldout_split(len(data), ccfg["stage1_heldout_rows"], cfg["seed"])
         accum = cfg["train"]["grad_accum"]
         # the same global batch per step as training (micro × accum × processes), so the split does not matter
-        schedule = BatchSchedule(len(data), cfg["train"]["micro_batch_size"], accum, dist.world, cfg["seed"] + 1)
+        schedule = BatchSchedule(len(fit_rows), cfg["train"]["micro_batch_size"], accum, dist.world, cfg["seed"] + 1)
         window = torch.zeros(3, dtype=torch.float64, device=dist.device)  # Σ value loss, finite steps, skipped
+        done = start
         for step in range(start, steps):
-            batches = [move_batch(data.rows(schedule.micro_batch(step, slot, dist.rank)), dist.device)
+            batches = [move_batch(data.rows(fit_rows[schedule.micro_batch(step, slot, dist.rank)]), dist.device)
                        for slot in range(accum)]
             self.begin_window(batches, dist)
             step_loss = torch.zeros((), dtype=torch.float64, device=dist.device)
@@ -360,7 +487,8 @@ class CriticWeighting:
                 with torch.no_grad():
                     trunk = trainer.model(batch["input_ids"], batch["attention_mask"],
                                           position_ids=batch.get("position_ids"), return_trunk=True).hidden
-                loss = self.value_loss(trunk, batch, rewards, n_states=self.window_states)
+                loss = self.value_loss(self.features(trunk, batch), batch, rewards, n_states=self.window_states,
+                                       row_cut=cut)
                 (loss * dist.world).backward()  # the gradient average over ranks then gives the step's mean
                 step_loss += loss.detach().double()
             grad_norm = self.sync_grads(dist)
@@ -374,18 +502,40 @@ class CriticWeighting:
             else:
                 window[2] += 1
             done = step + 1
-            if done % log_every == 0 or done == steps:
+            record: dict[str, Any] = {}
+            if done % eval_every == 0 or done == steps:
+                record = {"step": done, **self.evaluate(trainer, data, rewards, cut, held_rows)}
+                self.fit.update(done, record["explained_variance"], self.value_head)
+                self.fit.last = dict(record)
+            if done % log_every == 0 or done == steps or record:
                 total, count, skipped = dist.sum(window).tolist()
                 count, skipped = count / dist.world, int(skipped / dist.world)  # every rank counted each step once
                 mean = total / count if count else None  # no finite step in the window: no measured loss
+                ev, area = record.get("explained_variance"), record.get("last_state_auc")
                 trainer.metrics.write({"stage": "value", "step": done, "value_loss": mean, "value_lr": self.lr,
-                                       "skipped_steps": skipped})
-                dist.print(f"[value] step {done}/{steps} value_loss "
-                           f"{'n/a' if mean is None else f'{mean:.4f}'} skipped {skipped}")
+                                       "skipped_steps": skipped, "explained_variance": _finite_or_none(ev),
+                                       "last_state_auc": _finite_or_none(area)})
+                line = f"[value] step {done}/{steps} value_loss {'n/a' if mean is None else f'{mean:.4f}'}"
+                if record:
+                    line += f" held-out explained variance {ev:.3f}" + (f" AUC {area:.3f}" if area == area else "")
+                dist.print(line + f" skipped {skipped}")
                 window.zero_()
             trainer.check_finite(done, finite)
+            if self.fit.bad_evals >= ccfg["stage1_patience"]:
+                dist.print(f"[value] held-out explained variance has not improved for {self.fit.bad_evals} "
+                           f"evaluations: stage 1 stops at step {done}, keeping step {self.fit.best_step}'s head")
+                break
             if done % cfg["train"]["save_every"] == 0 and done < steps:
                 trainer.checkpointer.save(done, "value")
+        if self.fit.best_head is not None:
+            self.value_head.load_state_dict(self.fit.best_head)
+        best = self.fit.best_ev
+        if not best > 0:
+            dist.print(f"warning: the value head explains nothing of the held-out returns (explained variance "
+                       f"{best:.3f} ≤ 0): stage 2's critic weights carry no credit assignment")
+        else:
+            dist.print(f"stage 2 starts with the value head of step {self.fit.best_step}: held-out explained "
+                       f"variance {best:.3f}")
         if dist.is_main:
             self.save_value_head(trainer.run_dir / "value_head_stage1.safetensors")
         self.enter_stage2(cfg["train"]["lr"])
@@ -393,6 +543,25 @@ class CriticWeighting:
 
     def save_value_head(self, path: Path) -> None:
         save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()}, str(path))
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return None if x is None or x != x or x in (float("inf"), float("-inf")) else float(x)
+
+
+def reward_model_trunk(cfg: dict[str, Any], tokenizer, samples, rm_dir: Path, dist: Dist) -> torch.nn.Module:
+    """The reward model's decoder as the value head's frozen trunk, on every rank. It reads the training rows
+    as they are, so it must share the base's tokenizer: checked like the reference's, else refused by name."""
+    from wmtp_lib.reward import RewardModel
+
+    check_tokenizer_compat(tokenizer, load_tokenizer(rm_dir), compat_texts(samples), cfg["models"]["base"],
+                           cfg["models"]["reward"])
+    entry = load_registry().model(cfg["models"]["reward"])
+    dtype = torch.bfloat16 if cfg["train"]["mixed_precision"] == "bf16" else None
+    rm = RewardModel.from_dir(rm_dir, entry.reward_layout, entry.input_template, entry.truncation_side,
+                              dtype=dtype, device=dist.device)
+    dist.print(f"value trunk: {cfg['models']['reward']}'s decoder (frozen, {rm.backbone.config.hidden_size} features)")
+    return rm.backbone
 
 
 # ------------------------------------------------------------------------------------------ rewards
