@@ -11,7 +11,9 @@ corrupted operation), and writes into ``--out``:
   family share a template), the paired difference to ``mtp_baseline`` at the same noise level with the same
   kind of interval, the spread over seeds, and per-family means;
 - ``figure.png``: mean weight on corrupted / other noisy / clean-slot tokens per recipe and head, and
-  pass@1 and noise imitation vs noise level per recipe with their intervals.
+  pass@1 and noise imitation vs noise level per recipe with their intervals;
+- ``critic.png`` (when the grid has critic runs): the value head's held-out explained variance through stage 1,
+  and the critic's mean weight on corrupted / other noisy / clean-slot tokens through training, per noise level.
 
     python bench/experiment.py --out runs/experiment --jobs 2     # the grid (3 noise x 4 recipes x 3 seeds)
     python bench/experiment.py --out /tmp/smoke --smoke           # 1 x 2 x 1, a few steps (the CI check)
@@ -152,6 +154,11 @@ def collect(run_dir: Path, recipe: str, noise: float, seed: int, evaluation: dic
     for group in GROUPS:
         row[f"weight_{group}"] = head_means(mtp, f"weight_{group}")
         row[f"weight_{group}_final"] = head_means(mtp, f"weight_{group}", last=FINAL_LOGS)
+    means = [r["weight_mean"] for r in mtp if r.get("weight_mean") is not None]
+    row["weight_mean"] = statistics.fmean(means) if means else None  # 1 for every soft weighting (DESIGN §4)
+    row["stage1_ev"] = summary.get("stage1_explained_variance")
+    row["stage1_auc"] = summary.get("stage1_last_state_auc")
+    row["stage1_steps"] = summary.get("stage1_best_step")
     return row
 
 
@@ -272,7 +279,8 @@ def write_tables(agg: list[dict[str, Any]], out: Path, header: str) -> None:
 
 
 def write_runs_csv(rows: list[dict[str, Any]], out: Path) -> None:
-    cols = ["recipe", "noise", "seed", "final_loss", "pass@1", "noise_imitation", "problems", "n_samples", "commit"]
+    cols = ["recipe", "noise", "seed", "final_loss", "pass@1", "noise_imitation", "problems", "n_samples", "commit",
+            "weight_mean", "stage1_ev", "stage1_auc", "stage1_steps"]
     with open(out / "runs.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(cols + ["heldout_head_loss"] + [f"weight_{g}{x}" for x in ("", "_final") for g in GROUPS])
@@ -326,6 +334,56 @@ def write_figure(agg: list[dict[str, Any]], out: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "figure.png", dpi=110)
+    plt.close(fig)
+
+
+def _head_mean(values: list[float | None] | None) -> float | None:
+    vals = [v for v in (values or []) if v is not None]
+    return statistics.fmean(vals) if vals else None
+
+
+def write_critic_figure(rows: list[dict[str, Any]], runs_dir: Path, out: Path) -> None:
+    """``critic.png``: stage 1's held-out explained variance by step, and the token weights (mean over heads)
+    on corrupted / other noisy / clean-slot tokens by training step, for every critic run (one line a seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in rows if r["recipe"] == "critic"]
+    if not runs:
+        return
+    noises = sorted({r["noise"] for r in runs})
+    fig, axes = plt.subplots(1, 1 + len(noises), figsize=(4.2 * (1 + len(noises)), 3.8))
+    colors = {g: plt.cm.tab10(i) for i, g in enumerate(GROUPS)}
+    for r in runs:
+        records = [json.loads(x) for x in (runs_dir / run_name("critic", r["noise"], r["seed"]) / "metrics.jsonl")
+                   .read_text().splitlines() if x.strip()]
+        ev = [(x["step"], x["explained_variance"]) for x in records
+              if x.get("stage") == "value" and x.get("explained_variance") is not None]
+        if ev:
+            axes[0].plot(*zip(*ev), marker=".", color=plt.cm.viridis(noises.index(r["noise"]) / max(1, len(noises))),
+                         label=f"noise {r['noise']:g}" if r["seed"] == min(x["seed"] for x in runs) else None)
+        ax = axes[1 + noises.index(r["noise"])]
+        for g in GROUPS:
+            pts = [(x["step"], _head_mean(x.get(f"weight_{g}"))) for x in records if x.get("stage") == "mtp"]
+            pts = [(a, b) for a, b in pts if b is not None]
+            if pts:
+                ax.plot(*zip(*pts), color=colors[g], alpha=0.7, lw=1,
+                        label=g.replace("_", " ") if r["seed"] == min(x["seed"] for x in runs) else None)
+    axes[0].set_xlabel("stage-1 step")
+    axes[0].set_ylabel("explained variance (held out)")
+    axes[0].set_title("value head fit (one line a seed)")
+    axes[0].axhline(0, color="grey", lw=0.8, ls="--")
+    axes[0].legend(fontsize=7)
+    for noise, ax in zip(noises, axes[1:]):
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("mean token weight (mean over heads)")
+        ax.set_title(f"critic weights, noise {noise:g}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "critic.png", dpi=110)
     plt.close(fig)
 
 
@@ -390,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     write_runs_csv(rows, out)
     write_tables(agg, out, header)
     write_figure(agg, out)
+    write_critic_figure(rows, runs_dir, out)
     (out / "experiment.json").write_text(json.dumps({"header": header, "runs": rows, "aggregate": agg}, indent=1))
     print((out / "table.md").read_text())
     return 0

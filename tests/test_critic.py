@@ -235,3 +235,47 @@ def test_cut_documents_are_those_without_their_eos():
     src = torch.tensor([[0, 0, 0, 0, 1, 1, 1, -1], [2, 2, 2, 2, 2, 2, 2, 2]])
     data = TokenizedData(ids, (src >= 0).long(), src >= 0, torch.zeros_like(ids, dtype=torch.bool), src)
     assert data.cut_documents(eos).tolist() == [[False] * 8, [True] * 8]
+
+
+def test_reward_model_value_trunk_needs_the_base_tokenizer(tmp_path, tiny_models):
+    """The tiny reward model shares the base's tokenizer: its decoder serves as the value trunk. A reward model
+    whose tokenizer differs (FsfairX's Llama-3 against a Llama-2 base) is refused, naming both models."""
+    import shutil
+
+    from wmtp_lib.config import resolve_config
+    from wmtp_lib.data import load_samples
+    from wmtp_lib.distributed import Dist
+    from wmtp_lib.loaders import load_tokenizer
+    from wmtp_lib.tiny import train_tokenizer
+    from wmtp_lib.weighting import reward_model_trunk
+
+    cfg = resolve_config("critic", "local", {"critic.value_trunk": "reward_model", "data.n_train": 40,
+                                             "paths.models_dir": str(tiny_models)})
+    tokenizer = load_tokenizer(tiny_models / "tiny-mtp")
+    samples = load_samples(cfg["data"], "train", tmp_path)
+    trunk = reward_model_trunk(cfg, tokenizer, samples, tiny_models / "tiny-rm", Dist(torch.device("cpu")))
+    ids = torch.tensor([tokenizer("def f(x):\n    return x + 3\n")["input_ids"]])
+    hidden = trunk(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    assert hidden.shape == (1, ids.shape[1], trunk.config.hidden_size)
+    assert not any(p.requires_grad for p in trunk.parameters())
+
+    other = tmp_path / "other-rm"
+    shutil.copytree(tiny_models / "tiny-rm", other)
+    for f in other.glob("tokenizer*"):
+        f.unlink()
+    train_tokenizer([f"print({i} * 'spam eggs')\n" for i in range(300)], vocab_size=300, workdir=other)
+    with pytest.raises(Exception, match="tiny-rm"):
+        reward_model_trunk(cfg, tokenizer, samples, other, Dist(torch.device("cpu")))
+
+
+def test_value_trunk_config_is_validated():
+    from wmtp_lib.config import ConfigError, resolve_config
+
+    with pytest.raises(ConfigError, match="critic.value_trunk"):
+        resolve_config("critic", "local", {"critic.value_trunk": "reward_model", "critic.value_grad_to_trunk": True})
+    with pytest.raises(ConfigError, match="weights.max_weight must be >= 1"):
+        resolve_config("critic", "local", {"weights.max_weight": 0.8})
+    with pytest.raises(ConfigError, match="critic.score_lambda"):
+        resolve_config("critic", "local", {"critic.score_lambda": 1.5})
+    assert resolve_config("critic", "local")["weights"]["standardize"] is False
+    assert resolve_config("rho1", "local")["weights"]["standardize"] is True

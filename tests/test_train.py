@@ -235,6 +235,51 @@ def test_critic_resume_after_stage1_and_mid_stage2_equals_uninterrupted(tmp_path
     assert proc.returncode != 0 and "train.lr: 0.002 -> 0.001" in proc.stderr and "run_name" in proc.stderr
 
 
+def test_critic_resume_mid_stage1_keeps_early_stopping_state_and_equals_uninterrupted(tmp_path, tiny_models,
+                                                                                     monkeypatch):
+    """Stage 1 evaluated every step with patience 2: a run interrupted after stage 1's checkpoint at step 2
+    (before stage 2 starts) resumes from ``value-0000002`` with its early-stopping state (best explained
+    variance, best head, evaluations without improvement) and ends with the same value head, weights, metrics
+    and summary as an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from wmtp_lib import train as train_mod
+    from wmtp_lib.weighting import CriticWeighting
+
+    over = {"train.steps": 2, "critic.stage1_max_steps": 6, "critic.stage1_eval_every": 1, "critic.stage1_patience": 2,
+            "critic.stage1_heldout_rows": 8, "train.micro_batch_size": 4, "train.save_every": 2,
+            "train.log_every": 2, "data.n_train": 60, "critic.stage1_lr": 3e-3}
+    _, straight = make_config(tmp_path, "critic", tiny_models, "s1-straight", over)
+    run_training(straight)
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(self, lr):
+        raise Interrupted
+
+    cfg, path = make_config(tmp_path, "critic", tiny_models, "s1-split", over)
+    with monkeypatch.context() as m:
+        m.setattr(CriticWeighting, "enter_stage2", interrupt)
+        with pytest.raises(Interrupted):
+            train_mod.Trainer(cfg).train()
+    ckpts = sorted(p.name for p in (tmp_path / "runs" / "s1-split" / "checkpoints").iterdir())
+    assert ckpts[-1].startswith("value-"), ckpts
+    proc = run_training(path)
+    assert f"resumed from" in proc.stdout and "stage value" in proc.stdout
+    a, b = tmp_path / "runs" / "s1-straight", tmp_path / "runs" / "s1-split"
+    for f in ("final/model.safetensors", "final/value_head.safetensors", "value_head_stage1.safetensors"):
+        wa, wb = load_file(str(a / f)), load_file(str(b / f))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), f
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rs]  # noqa: E731
+    assert strip(metrics(a)) == strip(metrics(b))
+    sa, sb = json.loads((a / "summary.json").read_text()), json.loads((b / "summary.json").read_text())
+    keys = ("stage1_best_step", "stage1_explained_variance", "stage1_last_state_auc", "stage1_steps_run")
+    assert [sa[k] for k in keys] == [sb[k] for k in keys]
+    evs = [r["explained_variance"] for r in metrics(a) if r["stage"] == "value" and r.get("explained_variance") is not None]
+    assert len(evs) >= 3 and sa["stage1_explained_variance"] == pytest.approx(max(evs))
+
+
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_models, monkeypatch):
     """NaN weights on chosen steps (what an overflowing exp did): the step is skipped and counted, weights
     and checkpoints stay finite; three in a row stop the run with the step named, checkpoints kept."""
