@@ -280,7 +280,8 @@ def test_registry_says_how_each_reward_model_reads_literal_control_tokens(tmp_pa
         bad.write_text(rm + extra)
         with pytest.raises(RegistryError, match=message):
             load_registry(bad)
-    bad.write_text("models:\n  b:\n    role: base\n    format: hf\n    hf_repo: a/b\n    literal_control_tokens: text\n")
+    bad.write_text("models:\n  b:\n    role: base\n    format: hf\n    hf_repo: a/b\n"
+                   "    literal_control_tokens: text\n")
     with pytest.raises(RegistryError, match="for reward models only"):
         load_registry(bad)
     bad.write_text(rm + "    input_template: '{prompt}{response}'\n    literal_control_tokens: control\n")

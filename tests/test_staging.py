@@ -185,11 +185,10 @@ def _codellama_python_repo(root: Path, spm_file: Path) -> Path:
     """codellama/CodeLlama-7b-Python-hf as its repo is laid out: config, safetensors shards with an index and
     the same weights as .bin shards, and its tokenizer files (Llama-2's tokenizer.model, a tokenizer.json
     with four infilling tokens after the base vocabulary, a CodeLlamaTokenizer config)."""
+    import sentencepiece as spm
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tiny_models import write_codellama_python_tokenizer
-
-    import sentencepiece as spm
 
     vocab = spm.SentencePieceProcessor(model_file=str(spm_file)).vocab_size()
     torch.manual_seed(7)
