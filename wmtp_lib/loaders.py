@@ -29,6 +29,7 @@ from wmtp_lib.tokenization import (  # noqa: F401  (re-exported: the compatibili
     TokenizerMismatchError,
     check_tokenizer_compat,
     convert_sentencepiece,
+    load_tokenizer_files,
 )
 
 MANIFEST_NAME = "manifest.json"
@@ -300,9 +301,18 @@ def _find_tokenizer_model(src: Path) -> Path | None:
     return None
 
 
-def _copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+# What the exact conversion of a tokenizer.model writes: a repo's own copies are not staged beside it
+_CONVERSION_WRITES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def _copy_tokenizer_files(src: Path, dst: Path, sentencepiece: bool) -> list[str]:
+    """Copy the tokenizer files of ``src``; with a SentencePiece ``tokenizer.model`` (``sentencepiece``) its
+    exact conversion is the tokenizer, so the repo's own tokenizer.json, config, special-token map and added
+    tokens (CodeLlama's four infilling tokens) are left behind rather than staged beside a different truth."""
     copied = []
     for name in TOKENIZER_FILES:
+        if sentencepiece and name in _CONVERSION_WRITES:
+            continue
         if (src / name).is_file():
             shutil.copy(src / name, dst / name)
             copied.append(name)
@@ -330,8 +340,8 @@ def convert_meta(src: Path, dst: Path, max_shard_size: int | str = MAX_SHARD_SIZ
     model.load_state_dict(state, strict=True, assign=True)
     model.rotary_emb = type(model.rotary_emb)(config=config)
     model.save_pretrained(dst, max_shard_size=max_shard_size)
-    _copy_tokenizer_files(src, dst)
     spm_file = _find_tokenizer_model(src)
+    _copy_tokenizer_files(src, dst, sentencepiece=spm_file is not None)
     if spm_file is not None:
         convert_sentencepiece(spm_file, dst)
     return {"source_format": "meta", "n_future_tokens": config.n_future_tokens, "dtype": str(emb.dtype)}
@@ -423,8 +433,8 @@ def convert_hf(src: Path, dst: Path, max_shard_size: int | str = MAX_SHARD_SIZE)
     save_torch_state_dict(state, str(dst), filename_pattern="model{suffix}.safetensors",
                           max_shard_size=max_shard_size, metadata={"format": "pt"})
     shutil.copy(src / "config.json", dst / "config.json")
-    _copy_tokenizer_files(src, dst)
     spm_file = src / "tokenizer.model"
+    _copy_tokenizer_files(src, dst, sentencepiece=spm_file.is_file())
     if spm_file.is_file():
         # The SentencePiece model is the source of truth: its exact conversion replaces any shipped
         # tokenizer.json (CodeLlama's own conversion is not proven equal to SentencePiece).
@@ -478,13 +488,9 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype | None = None):
 
 
 def load_tokenizer(path: str | Path):
-    """The Hugging Face fast tokenizer saved beside a model's weights."""
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()):
-        raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model")
-    return AutoTokenizer.from_pretrained(str(path))
+    """The tokenizer of a staged model directory: its ``tokenizer.model`` converted exactly when it has one,
+    else its ``tokenizer.json`` (`load_tokenizer_files`, the same on every path)."""
+    return load_tokenizer_files(path)
 
 
 PROBE_TEXT = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)  # \u00e9\u4e2d 42\n"

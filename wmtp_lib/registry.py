@@ -14,10 +14,15 @@ REGISTRY_PATH = PROJECT_ROOT / "params" / "models.yaml"
 MODEL_ROLES = ("base", "reference", "reward")
 MODEL_FORMATS = ("meta", "hf", "tiny")
 REWARD_LAYOUTS = ("sequence_classification", "starling")
+# How a reward model reads control-token strings (``</s>``, ``<|eot_id|>``) written literally in a prompt or
+# response, as its reference code does (DESIGN §5): kept as text; read as the control tokens; read as control
+# tokens after deleting the BOS string (FsfairX's card removes ``<|begin_of_text|>`` from its text).
+LITERAL_CONTROL_TOKENS = ("text", "control", "control_bos_deleted")
 DATASET_FORMATS = ("mbpp", "codecontests", "humaneval", "jsonl", "synthetic")
 
 _MODEL_KEYS = {"role", "format", "hf_repo", "hf_subfolder", "hf_root_files", "gated", "s3", "params_billion",
-               "n_future", "reward_layout", "tokenizer_source", "input_template", "truncation_side", "note"}
+               "n_future", "reward_layout", "tokenizer_source", "input_template", "truncation_side",
+               "literal_control_tokens", "note"}
 _DATASET_KEYS = {"format", "hf_repo", "hf_config", "s3", "path"}
 
 
@@ -43,6 +48,8 @@ class ModelEntry:
     # reward models: "{prompt}"/"{response}" text template, or "chat_template" (the tokenizer's own)
     input_template: str | None = None
     truncation_side: str = "right"
+    # reward models: how literal control-token strings in the text are read (one of LITERAL_CONTROL_TOKENS)
+    literal_control_tokens: str | None = None
     note: str | None = None
 
 
@@ -101,6 +108,13 @@ def _check_reward(path: Path, mid: str, spec: dict[str, Any]) -> None:
                     f"{{response}}, got {template!r}")
     if spec.get("truncation_side", "right") not in ("left", "right"):
         _fail(path, f"models.{mid}.truncation_side must be 'left' or 'right'")
+    literal = spec.get("literal_control_tokens")
+    if literal not in LITERAL_CONTROL_TOKENS:
+        _fail(path, f"models.{mid}.literal_control_tokens must be one of {LITERAL_CONTROL_TOKENS} (how the model's "
+                    f"reference code reads a literal control-token string in a prompt or response), got {literal!r}")
+    if template == "chat_template" and literal == "text":
+        _fail(path, f"models.{mid}: a chat template is read by the tokenizer's own control-token matching; "
+                    f"literal_control_tokens 'text' is only for text templates")
 
 
 def load_registry(path: str | Path = REGISTRY_PATH) -> Registry:
@@ -121,6 +135,8 @@ def load_registry(path: str | Path = REGISTRY_PATH) -> Registry:
             _fail(path, f"models.{mid}: needs hf_repo or s3")
         if spec.get("role") == "reward":
             _check_reward(path, mid, spec)
+        elif "literal_control_tokens" in spec:
+            _fail(path, f"models.{mid}.literal_control_tokens is for reward models only (role {spec.get('role')!r})")
         s3 = spec.get("s3")
         if s3 is not None and not str(s3).startswith(f"s3://{reg.bucket}/models/{mid}/"):
             _fail(path, f"models.{mid}.s3 must be s3://{reg.bucket}/models/{mid}/ (one id, one path), got {s3!r}")

@@ -6,7 +6,13 @@ on the registry's side (left keeps the end, where the score is read) and scored 
 - ``sequence_classification``: a Hugging Face ``*ForSequenceClassification`` (``num_labels=1``), e.g.
   FsfairX-LLaMA3-RM with its chat template;
 - ``starling``: Starling-RM-7B-alpha, a Llama trunk plus a linear ``v_head``, input
-  ``<s>[INST] {prompt} </s> [/INST] {response}</s>`` with Llama-2's tokenizer, scored at the final ``</s>``.
+  ``<s>[INST] {prompt} </s> [/INST] {response}</s>`` with Llama-2's tokenizer, scored at the template's final
+  ``</s>`` (the row's last token, which left truncation keeps), as reward-bench's and OpenRLHF's Starling
+  classes read it. A ``</s>`` written inside the response is an EOS too (``literal_control_tokens: control``,
+  as the card's tokenizer reads it) but is not where the score is read. The card's own code reads index
+  ``c_ind - 1`` with ``PAD_ID = tokenizer("<unk>")["input_ids"][0]``, which is BOS (the tokenizer adds it),
+  so ``c_ind = 0`` and it reads the last position of a row padded to 2048: a pad position for any shorter
+  input; we do not copy that.
 
 Scores are read at the last attended position of each row, computed here from the hidden states, so
 the result does not depend on a pad id the tokenizer may not have.
@@ -21,10 +27,9 @@ import torch
 from torch import nn
 
 from wmtp_lib.heads import load_safetensors_dir
+from wmtp_lib.registry import LITERAL_CONTROL_TOKENS, REWARD_LAYOUTS
 
 CHAT_TEMPLATE = "chat_template"  # input_template value: the tokenizer's own chat template
-REWARD_LAYOUTS = ("sequence_classification", "starling")
-_CONTROL = re.compile(r"(<s>|</s>)")
 
 
 class StarlingRewardModel(nn.Module):
@@ -81,28 +86,86 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask.long()).argmax(dim=1)
 
 
-def encode_reward_input(tokenizer, template: str, prompt: str, response: str) -> list[int]:
-    """Token ids of one (prompt, response) in a reward model's input template.
+def _split_on(text: str, strings) -> list[str]:
+    """``text`` cut around every occurrence of ``strings`` (longest first): odd items are the strings found."""
+    if not strings:
+        return [text]
+    pattern = "|".join(re.escape(t) for t in sorted(strings, key=len, reverse=True))
+    return re.split(f"({pattern})", text)
+
+
+def encode_reward_input(tokenizer, template: str, prompt: str, response: str,
+                        literal_control_tokens: str) -> list[int]:
+    """Token ids of one (prompt, response) in a reward model's input template, starting with BOS.
 
     A text template (``{prompt}``/``{response}`` placeholders) starts with BOS, as Llama's tokenizer adds
-    it; ``<s>``/``</s>`` written in the template are those control tokens, while the same strings inside
-    the prompt or response stay text. Each run of text between control tokens is tokenized as one text,
-    as Llama-2's tokenizer does. ``chat_template`` renders the tokenizer's own chat template (it writes
-    its own special tokens).
+    it; the tokenizer's control-token strings written in the template (``<s>``, ``</s>``) are those tokens.
+    Prompt and response are put in place of their placeholders as they are, with no marker that their own
+    text could collide with. ``literal_control_tokens`` says how the same strings inside the prompt or the
+    response are read (registry field, DESIGN §5): ``text`` keeps them as characters (SentencePiece's own
+    reading); ``control`` reads them as the control tokens, as Llama-2's Hugging Face tokenizer in
+    Starling's card does; ``control_bos_deleted`` first deletes the BOS string. Each run of text between
+    control tokens is tokenized as one text, as Llama-2's tokenizer does.
+
+    ``chat_template`` renders the tokenizer's own chat template (messages are data to it, so nothing is
+    spliced) and reads every control-token string of the result as that token; ``control_bos_deleted``
+    deletes the BOS string from the rendered text and puts one BOS in front, as FsfairX's card does
+    (``apply_chat_template(...).replace(bos_token, "")``, then its pipeline's tokenizer adds BOS).
     """
+    if literal_control_tokens not in LITERAL_CONTROL_TOKENS:
+        raise ValueError(f"literal_control_tokens must be one of {LITERAL_CONTROL_TOKENS}, "
+                         f"got {literal_control_tokens!r}")
+    bos, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
+    if bos_id is None:
+        raise ValueError("a reward model's tokenizer needs a BOS token: its rows start with it")
     if template == CHAT_TEMPLATE:
+        if literal_control_tokens == "text":
+            raise ValueError("a chat template is read with its control tokens: literal_control_tokens 'text' "
+                             "is only for text templates")
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
         text = tokenizer.apply_chat_template(messages, tokenize=False)
+        if literal_control_tokens == "control_bos_deleted":
+            return [bos_id] + tokenizer(text.replace(bos, ""), add_special_tokens=False,
+                                        split_special_tokens=False)["input_ids"]
         return tokenizer(text, add_special_tokens=False, split_special_tokens=False)["input_ids"]
-    ids = [tokenizer.bos_token_id]
-    for i, part in enumerate(_CONTROL.split(template)):
-        if i % 2:
-            ids.append(tokenizer.convert_tokens_to_ids(part))
-        elif part:
-            text = part.replace("{prompt}", "\0p").replace("{response}", "\0r")
-            text = text.replace("\0p", prompt).replace("\0r", response)
-            ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+    controls = list(tokenizer.get_added_vocab())
+    fields = {"{prompt}": prompt, "{response}": response}
+    # (is_control, string) pieces in order; adjacent text pieces form one run
+    pieces: list[tuple[bool, str]] = []
+    for i, part in enumerate(re.split(r"(\{prompt\}|\{response\})", template)):
+        if i % 2 == 0:  # the template's own text: its control-token strings are control tokens
+            pieces += [(j % 2 == 1, p) for j, p in enumerate(_split_on(part, controls))]
+        elif literal_control_tokens == "text":
+            pieces.append((False, fields[part]))
+        else:
+            value = fields[part].replace(bos, "") if literal_control_tokens == "control_bos_deleted" else fields[part]
+            pieces += [(j % 2 == 1, p) for j, p in enumerate(_split_on(value, controls))]
+    ids, run = [bos_id], ""
+    for is_control, string in pieces:
+        if not is_control:
+            run += string
+            continue
+        if run:
+            ids += tokenizer(run, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        ids.append(tokenizer.convert_tokens_to_ids(string))
+        run = ""
+    if run:  # a run holds control-token strings only as text ("text" fields): never matched as tokens
+        ids += tokenizer(run, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     return ids
+
+
+def truncate_reward_input(ids: list[int], max_length: int, side: str) -> list[int]:
+    """At most ``max_length`` ids; the first (BOS) is always kept.
+
+    Hugging Face truncates the text's tokens and then adds BOS, so a left-truncated row is
+    ``[BOS] + last (max_length − 1)`` tokens (the end, where the score is read, stays); a right-truncated
+    row is the first ``max_length``.
+    """
+    if len(ids) <= max_length:
+        return ids
+    if side == "left":
+        return ids[:1] + ids[len(ids) - (max_length - 1):]
+    return ids[:max_length]
 
 
 class RewardModel:
@@ -110,11 +173,14 @@ class RewardModel:
 
     def __init__(self, model: nn.Module, tokenizer, layout: str, input_template: str,
                  truncation_side: str = "left", max_length: int = 2048, device: str | torch.device = "cpu",
-                 batch_size: int = 8):
+                 batch_size: int = 8, *, literal_control_tokens: str):
         if layout not in REWARD_LAYOUTS:
             raise ValueError(f"unknown reward layout {layout!r}; use one of {REWARD_LAYOUTS}")
         if truncation_side not in ("left", "right"):
             raise ValueError(f"truncation_side must be 'left' or 'right', got {truncation_side!r}")
+        if literal_control_tokens not in LITERAL_CONTROL_TOKENS:
+            raise ValueError(f"literal_control_tokens must be one of {LITERAL_CONTROL_TOKENS}, "
+                             f"got {literal_control_tokens!r}")
         self.model = model.to(device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -122,6 +188,7 @@ class RewardModel:
         self.layout = layout
         self.input_template = input_template
         self.truncation_side = truncation_side
+        self.literal_control_tokens = literal_control_tokens
         self.max_length = max_length
         self.device = torch.device(device)
         self.batch_size = batch_size
@@ -129,8 +196,10 @@ class RewardModel:
     @classmethod
     def from_dir(cls, path: str | Path, layout: str, input_template: str, truncation_side: str = "left",
                  dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                 max_length: int = 2048) -> "RewardModel":
-        """A converted reward-model directory (weights, config and the tokenizer it reads text with)."""
+                 max_length: int = 2048, *, literal_control_tokens: str) -> "RewardModel":
+        """A converted reward-model directory (weights, config and the tokenizer it reads text with);
+        ``layout``, ``input_template``, ``truncation_side`` and ``literal_control_tokens`` are its registry
+        entry's fields."""
         from transformers import AutoConfig, AutoModelForSequenceClassification
 
         from wmtp_lib.loaders import load_tokenizer
@@ -152,7 +221,8 @@ class RewardModel:
                 model = model.to(dtype)
             # the RoPE buffer is not in the state dict: rebuild it, float32 in every dtype (DESIGN §5)
             model.transformer.rotary_emb = type(model.transformer.rotary_emb)(config=config)
-        return cls(model, tokenizer, layout, input_template, truncation_side, max_length=max_length, device=device)
+        return cls(model, tokenizer, layout, input_template, truncation_side, max_length=max_length, device=device,
+                   literal_control_tokens=literal_control_tokens)
 
     @property
     def backbone(self) -> nn.Module:
@@ -161,11 +231,9 @@ class RewardModel:
         return self.model.transformer if self.layout == "starling" else self.model.base_model
 
     def encode(self, prompt: str, response: str) -> list[int]:
-        """Template, tokenize and truncate one pair (left truncation keeps the final token)."""
-        ids = encode_reward_input(self.tokenizer, self.input_template, prompt, response)
-        if len(ids) > self.max_length:
-            ids = ids[-self.max_length:] if self.truncation_side == "left" else ids[:self.max_length]
-        return ids
+        """Template, tokenize and truncate one pair (left truncation keeps BOS and the final token)."""
+        ids = encode_reward_input(self.tokenizer, self.input_template, prompt, response, self.literal_control_tokens)
+        return truncate_reward_input(ids, self.max_length, self.truncation_side)
 
     def _scores(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.layout == "starling":

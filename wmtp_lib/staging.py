@@ -77,9 +77,10 @@ def hub_download(repo: str, subfolder: str | None, root_files: tuple[str, ...], 
                  log: Callable[[str], None] = print) -> Path:
     """Download what staging converts from a Hub repo, tokenizer files first.
 
-    The tokenizer is built (and a SentencePiece model proven equal to SentencePiece) before any weight
-    moves. ``tokenizer_from`` = (repo, files) fetches the tokenizer from another repo (Starling has none).
-    HF_TOKEN comes from the environment.
+    The tokenizer files are fetched and the tokenizer built the way every later path builds it
+    (`load_tokenizer_files`: a ``tokenizer.model`` converted and proven equal to SentencePiece wherever the
+    repo has one) before the first weight byte moves. ``tokenizer_from`` = (repo, files) fetches the
+    tokenizer from another repo (Starling has none). HF_TOKEN comes from the environment.
     """
     from huggingface_hub import HfApi, snapshot_download
 
@@ -110,8 +111,11 @@ def hub_download(repo: str, subfolder: str | None, root_files: tuple[str, ...], 
             shutil.copy(dst / ".tokenizer_source" / name, src / Path(name).name)
         shutil.rmtree(dst / ".tokenizer_source")
     if tokenizer_files_present(src):
+        # the tokenizer the model will train with: tokenizer.model converted exactly wherever there is one
+        # (CodeLlama ships tokenizer.json too, which is not what we read), else tokenizer.json
         tok = load_tokenizer_files(src)
-        log(f"{repo}: tokenizer checked ({len(tok)} tokens) before the weights")
+        which = "tokenizer.model" if (src / "tokenizer.model").is_file() else "tokenizer.json"
+        log(f"{repo}: tokenizer checked from {which} ({len(tok)} tokens) before the weights")
     log(f"{repo}: downloading {len(weights)} weight files: {', '.join(weights)}")
     try:
         snapshot_download(repo_id=repo, allow_patterns=weights, local_dir=str(dst), token=token)

@@ -223,10 +223,9 @@ def check_tokenizer_compat(base, reference, texts: Iterable[str], base_name: str
 def verify_on_training_texts(tokenizer, model_dir: str | Path, texts: list[str]) -> int | None:
     """Check a staged model's tokenizer against its own SentencePiece ``tokenizer.model`` on the run's texts.
 
-    Staging verified the conversion on code texts; this repeats it on the recipe's real training texts
-    (a sample: `compat_texts`) at every run start, where a differing merge would silently change the
-    targets. Staging writes ``tokenizer.json`` from ``tokenizer.model`` whenever a repo has one (a shipped
-    ``tokenizer.json`` is replaced), so a failure means the staged files were changed afterwards. Raises
+    `load_tokenizer_files` verified the conversion on code texts; this repeats it on the recipe's real
+    training texts (a sample: `compat_texts`) at every run start, where a differing merge would silently
+    change the targets. Raises
     `TokenizerConversionError` naming the text; returns the number checked, or ``None`` when the model ships
     no ``tokenizer.model`` (a BPE-native tokenizer such as Llama-3's is its own truth).
     """
@@ -242,8 +241,18 @@ def tokenizer_files_present(path: str | Path) -> bool:
 
 
 def load_tokenizer_files(path: str | Path):
-    """A tokenizer from tokenizer files alone (no weights needed): ``tokenizer.json`` as saved by staging,
-    else a SentencePiece ``tokenizer.model`` converted exactly."""
+    """The tokenizer of a model directory, from its tokenizer files alone (no weights needed): the one
+    loader of preflight, staging's check before the first weight byte, and training start (DESIGN §5).
+
+    Where the directory has a SentencePiece ``tokenizer.model``, that file is the tokenizer: converted
+    exactly (`spm_to_fast`) and proven equal to SentencePiece on `conversion_check_texts`, whatever
+    ``tokenizer.json`` lies beside it. A Hub ``tokenizer.json`` next to a ``tokenizer.model`` (CodeLlama's)
+    is read by transformers through its ``tokenizer_class``, which rebuilds the pipeline (a Metaspace
+    pre-tokenizer: ``"  two"`` tokenizes differently from SentencePiece) and matches ``</s>`` in text as a
+    control token; its four infilling tokens beyond the base vocabulary are not part of the exact tokenizer.
+    ``tokenizer.json`` is read only where there is no ``tokenizer.model`` (Llama-3's byte-level BPE, its own
+    truth).
+    """
     from transformers import AutoTokenizer
 
     # AutoTokenizer reads the model's config.json: our model_type must be registered with AutoConfig first,
@@ -251,13 +260,13 @@ def load_tokenizer_files(path: str | Path):
     import wmtp_lib.heads  # noqa: F401
 
     path = Path(path)
-    if (path / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(str(path))
     if (path / "tokenizer.model").is_file():
         tok = spm_to_fast(path / "tokenizer.model")
         verify_against_sentencepiece(tok, path / "tokenizer.model", conversion_check_texts())
         return tok
-    raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model")
+    if (path / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(path))
+    raise FileNotFoundError(f"{path}: no tokenizer.model or tokenizer.json")
 
 
 def _anchor_id(tokenizer) -> int:

@@ -623,7 +623,7 @@ def reward_model_scores(cfg: dict[str, Any], samples, rm_dir: Path, device) -> t
     entry = load_registry().model(cfg["models"]["reward"])
     dtype = torch.bfloat16 if cfg["train"]["mixed_precision"] == "bf16" else None
     rm = RewardModel.from_dir(rm_dir, entry.reward_layout, entry.input_template, entry.truncation_side,
-                              dtype=dtype, device=device)
+                              dtype=dtype, device=device, literal_control_tokens=entry.literal_control_tokens)
     return rm.score([s.prompt for s in samples], [s.completion for s in samples])
 
 
