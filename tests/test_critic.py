@@ -170,12 +170,12 @@ def test_reward_cache_of_other_samples_or_reward_model_is_refused(tmp_path):
     from wmtp_lib.distributed import Dist
     from wmtp_lib.weighting import reward_cache_key, sequence_rewards
 
-    cfg = {"critic": {"reward_source": "model"}, "models": {"reward": "rm-a"}}
+    cfg = {"critic": {"reward_source": "model"}, "models": {"reward": "tiny-rm"}}
     samples = [Sample("a", "def f():", " return 1"), Sample("b", "def g():", " pass")]
     save_file({"rewards": torch.tensor([0.5, 1.0])}, str(tmp_path / "rewards.safetensors"),
               metadata={"key": reward_cache_key(cfg, samples)})
     edited = [samples[0], Sample("b", "def g():", " return 2")]
-    other_rm = {**cfg, "models": {"reward": "rm-b"}}
+    other_rm = {**cfg, "models": {"reward": "starling-rm-7b"}}
     for c, s in ((cfg, edited), (other_rm, samples)):
         with pytest.raises(RuntimeError, match="rewards of other samples or another reward.*new run_name"):
             sequence_rewards(c, None, s, None, Dist(torch.device("cpu")), tmp_path, lambda m: tmp_path / m)

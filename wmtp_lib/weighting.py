@@ -552,14 +552,9 @@ def _finite_or_none(x: float | None) -> float | None:
 def reward_model_trunk(cfg: dict[str, Any], tokenizer, samples, rm_dir: Path, dist: Dist) -> torch.nn.Module:
     """The reward model's decoder as the value head's frozen trunk, on every rank. It reads the training rows
     as they are, so it must share the base's tokenizer: checked like the reference's, else refused by name."""
-    from wmtp_lib.reward import RewardModel
-
     check_tokenizer_compat(tokenizer, load_tokenizer(rm_dir), compat_texts(samples), cfg["models"]["base"],
                            cfg["models"]["reward"])
-    entry = load_registry().model(cfg["models"]["reward"])
-    dtype = torch.bfloat16 if cfg["train"]["mixed_precision"] == "bf16" else None
-    rm = RewardModel.from_dir(rm_dir, entry.reward_layout, entry.input_template, entry.truncation_side,
-                              dtype=dtype, device=dist.device)
+    rm = registered_reward_model(cfg, rm_dir, dist.device)
     dist.print(f"value trunk: {cfg['models']['reward']}'s decoder (frozen, {rm.backbone.config.hidden_size} features)")
     return rm.backbone
 
@@ -597,11 +592,30 @@ def sequence_rewards(cfg: dict[str, Any], tokenizer, samples, data: TokenizedDat
     return data.token_map(rewards)
 
 
+def registered_reward_model(cfg: dict[str, Any], rm_dir: Path, device):
+    """The run's reward model read as its registry entry says (layout, template, truncation, control tokens)."""
+    from wmtp_lib.reward import RewardModel
+
+    entry = load_registry().model(cfg["models"]["reward"])
+    dtype = torch.bfloat16 if cfg["train"]["mixed_precision"] == "bf16" else None
+    return RewardModel.from_dir(rm_dir, entry.reward_layout, entry.input_template, entry.truncation_side,
+                                dtype=dtype, device=device, literal_control_tokens=entry.literal_control_tokens)
+
+
+# bumped when the way a reward model reads its input changes (v2: BOS kept on left truncation, no in-band
+# template markers, per-model literal control tokens), so cached rewards of the old reading are not reused
+REWARD_INPUT_VERSION = 2
+
+
 def reward_cache_key(cfg: dict[str, Any], samples) -> str:
-    """sha256 of what the cached rewards depend on: the reward source (and model id) and every sample's
-    prompt and completion, in order."""
+    """sha256 of what the cached rewards depend on: the reward source (and model id, with how its registry
+    entry reads text), the input encoding's version and every sample's prompt and completion, in order."""
     source = cfg["critic"]["reward_source"]
-    digest = hashlib.sha256(json.dumps([source, cfg["models"]["reward"] if source == "model" else None]).encode())
+    reading = None
+    if source == "model":
+        entry = load_registry().model(cfg["models"]["reward"])
+        reading = [cfg["models"]["reward"], entry.input_template, entry.truncation_side, entry.literal_control_tokens]
+    digest = hashlib.sha256(json.dumps([source, reading, REWARD_INPUT_VERSION]).encode())
     for sample in samples:
         digest.update(json.dumps([sample.prompt, sample.completion]).encode())
     return digest.hexdigest()
@@ -618,12 +632,7 @@ def check_reward_cache(path: Path, key: str) -> None:
 
 def reward_model_scores(cfg: dict[str, Any], samples, rm_dir: Path, device) -> torch.Tensor:
     """The registered reward model's score of every sample's gold prompt and completion."""
-    from wmtp_lib.reward import RewardModel
-
-    entry = load_registry().model(cfg["models"]["reward"])
-    dtype = torch.bfloat16 if cfg["train"]["mixed_precision"] == "bf16" else None
-    rm = RewardModel.from_dir(rm_dir, entry.reward_layout, entry.input_template, entry.truncation_side,
-                              dtype=dtype, device=device, literal_control_tokens=entry.literal_control_tokens)
+    rm = registered_reward_model(cfg, rm_dir, device)
     return rm.score([s.prompt for s in samples], [s.completion for s in samples])
 
 
