@@ -278,7 +278,7 @@ def _execute(code: str, tests: list[str] | None, timeout_s: float, memory_mb: in
             os.close(fd)
         child_fds = []
         outcome = _collect(sample, procs, setup_r, done_r, mine[2] if tests is not None else None, stdin,
-                           timeout_s, sample_dir if info.dir_limit != "tmpfs" else None)
+                           timeout_s, sample_dir if info.dir_limit == "polled" else None)
     finally:
         for proc in procs:
             _stop(proc)
@@ -503,6 +503,7 @@ def remove_tree(path: str) -> list[str]:
         name, key = stack.pop()
         if not _remove_entry(cur, name, True):
             stuck.add(key)
+            leftovers.append(f"{os.path.join(path, *[n for n, _ in stack], name)} (not removable)")
 
 
 # ------------------------------------------------------------------------------------------ entry points

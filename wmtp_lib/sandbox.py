@@ -269,6 +269,7 @@ def apply_landlock() -> int:
 # ------------------------------------------------------------------------------------------ user, directory
 
 CLONE_NEWNS, CLONE_NEWUSER = 0x00020000, 0x10000000
+_OWN_USER_NAMESPACE = False  # set once this process made its own user namespace (RLIMIT_NPROC counts there)
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 0x4000, 1 << 18
 
 
@@ -283,6 +284,8 @@ def private_tmpfs(size_bytes: int, inodes: int, uid: int, gid: int) -> None:
     else:
         outer_uid, outer_gid = os.getuid(), os.getgid()
         _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWUSER), "unshare(user + mount namespace)")
+        global _OWN_USER_NAMESPACE
+        _OWN_USER_NAMESPACE = True
         for name, text in (("uid_map", f"{outer_uid} {outer_uid} 1"), ("setgroups", "deny"),
                            ("gid_map", f"{outer_gid} {outer_gid} 1")):
             with open(f"/proc/self/{name}", "w") as fh:
@@ -340,8 +343,10 @@ def apply_limits(memory_mb: int, cpu_s: int, file_mb: int, fds: int, tasks: int)
         resource.setrlimit(limit, (value, value))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
     if os.geteuid() != 0:  # root ignores RLIMIT_NPROC; the sample never is root when the layers apply
-        # It counts every process and thread of the user, so the cap sits a few above what already runs.
-        cap = _tasks_of_uid(os.getuid()) + tasks
+        # It counts the user's processes and threads in this user namespace (all of them outside one), so
+        # the cap sits ``tasks`` above what already runs there.
+        running = len(os.listdir("/proc/self/task")) if _OWN_USER_NAMESPACE else _tasks_of_uid(os.getuid())
+        cap = running + tasks
         resource.setrlimit(resource.RLIMIT_NPROC, (cap, cap))
 
 
@@ -472,6 +477,10 @@ def _serve_calls(namespace: dict, requests: int, answers: int) -> None:
         send(answers, result)
 
 
+def _exit(code=None):
+    raise SystemExit(code)
+
+
 def _run(config: dict, setup_fd: int) -> None:
     with open("job.json") as fh:
         job = json.load(fh)
@@ -492,6 +501,7 @@ def _run(config: dict, setup_fd: int) -> None:
     os.write(setup_fd, b"ok %d" % os.getuid())
     os.close(setup_fd)  # from here on nothing can write to the harness but stdout, stderr and the call pipe
     sys.argv = ["program.py"]
+    builtins.exit = builtins.quit = _exit  # what `site` would add (the program runs under -S)
     namespace = {"__name__": "__main__", "__builtins__": __builtins__}
     exec(compile(_GUARD, "<guard>", "exec"), namespace)
     try:
@@ -558,6 +568,8 @@ def _judge(config: dict) -> None:
     results = []
     for i, test in enumerate(tests):
         try:
+            if i == 0:  # the program answers only once its top level ran: a program that ended first passes nothing
+                program.ask({"op": "names", "names": []})
             code = compile(test, f"test_{i}.py", "exec", dont_inherit=True, optimize=0)
             wanted = sorted(_global_names(code) - builtin_names - set(known))
             if wanted:
