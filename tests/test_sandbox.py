@@ -230,6 +230,21 @@ def test_output_is_bounded(monkeypatch):
     assert run_program(flood).passed
 
 
+def test_directory_is_polled_where_no_tmpfs_can_be_mounted(monkeypatch, outside):
+    """Without a private tmpfs the harness counts the directory and fails the sample past the limit."""
+    strong_or_skip()
+    import dataclasses
+
+    monkeypatch.setattr(execution, "_ISOLATION", dataclasses.replace(isolation_info(), dir_limit="polled"))
+    monkeypatch.setattr(execution, "DIR_BYTES", 8 << 20)  # lower limits: the attacks cross them sooner
+    monkeypatch.setattr(execution, "DIR_FILES", 500)
+    programs = probe_programs(outside, 0)
+    for name in ("directory_files", "directory_bytes"):
+        result = check_completion(programs[name], [], timeout_s=20.0)
+        assert result.status == "disk limit", (name, result)
+    assert check_completion("open('small', 'w').write('x')\n", []).passed
+
+
 def _deep_chain(root: Path, depth: int) -> None:
     fd = os.open(root, os.O_RDONLY)
     for _ in range(depth):

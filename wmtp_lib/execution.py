@@ -353,6 +353,8 @@ def _collect(sample: subprocess.Popen, procs: list[subprocess.Popen], setup_r: i
                     break
     for proc in procs:
         _stop(proc)
+    if poll_dir is not None and not limit and _directory_over(poll_dir):  # what it left between two polls
+        limit = "disk limit"
     return _Outcome(None if limit else sample.returncode, bytes(stdout.data), bytes(stderr.data), limit=limit,
                     done=done.data == b"done", setup=bytes(setup.data),
                     result=bytes(result.data) if result is not None and not result.over else b"")
