@@ -1,17 +1,25 @@
-"""Running generated code: one locked-down process per program, limits, a secret pass report.
+"""Running generated code: the program in one locked-down process, its tests in a judge it cannot reach.
 
-Each program runs in a fresh temporary directory with a scrubbed environment (no credentials), a wall and
-CPU time limit, an address-space limit, a file-size limit and its own session (the whole process group is
-killed on timeout). Inside, `wmtp_lib.sandbox` applies the isolation layers this machine offers, probed
-once (`isolation()`): Landlock (no reads outside Python's own files, no writes or deletes outside the
-sample's directory, root included) and seccomp (no sockets, no new processes, no signals to other
-processes); a non-root user also gets a process cap. Levels without filesystem and network isolation are
-refused unless the caller passes ``allow_weak=True`` (``allow_weak_sandbox: true`` in a run's config).
+Each program runs in a fresh directory (its own size- and inode-limited tmpfs where the machine allows a
+private mount, else polled), with a scrubbed environment, wall and CPU time limits, address-space, file-size,
+file-descriptor and task limits and its own session; when the harness is root it runs as `SAMPLE_UID` with no
+capabilities. Inside, `wmtp_lib.sandbox` applies the isolation layers this machine offers, probed once
+(`isolation()`): Landlock (no reads outside the interpreter's stdlib and libraries, no writes or deletes
+outside the sample's directory, no device nodes, no signals out) and seccomp (no sockets, new processes,
+signals, F_SETOWN or scheduling calls on other processes, metadata changes, SysV IPC, memfd, mount API,
+fanotify/inotify, clock or hostname). Levels without filesystem and network isolation are refused unless the
+caller passes ``allow_weak=True`` (``allow_weak_sandbox: true`` in a run's config).
 
-A sample passes only when the sandbox reports this run's secret token after the program's tests ran; the
-token travels on a pipe the program never sees, so printing a marker and exiting 0 passes nothing.
-stdin/stdout tasks (CodeContests) run once per input and their stdout is compared here, in the harness.
-A crash, hang, ``exit()`` or kill attempt is a failed sample, never a failed evaluation.
+The verdict comes from data the program cannot reach. Assert tests run in a second process, the judge,
+started by the harness: names the tests use become calls into the program with plain-data arguments and
+results (exact builtin types), and the judge's per-test results go to the harness on its own pipe; they are
+checked here (exactly one well-formed entry per test, else every test failed). The program holds no secret:
+there is nothing to find in its frames or memory, and no report it could write counts. Neither the tests nor
+the benchmark's files are readable to it. stdin/stdout tasks (CodeContests) run once per input and their
+stdout (at most `OUTPUT_BYTES`, read in bounded chunks) is compared here, in the harness. A crash, hang,
+``exit()``, kill attempt, forged report or limit is a failed sample, never a failed evaluation; only a
+sandbox that could not apply its layers, said on a pipe closed before the program runs, is a `SandboxError`.
+Cleanup (`remove_tree`) never raises and logs what it could not remove.
 
 ``python -m wmtp_lib.execution --check`` prints the level in force and why.
 """
@@ -643,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  filesystem isolation: {'yes' if info.filesystem else 'no'}")
     print(f"  network isolation:    {'yes' if info.network else 'no'}")
     print(f"  process limit:        {'yes' if info.processes else 'no (root ignores RLIMIT_NPROC)'}")
+    print(f"  programs run as uid:  {info.sample_uid} (interpreter {info.interpreter or sys.executable})")
+    print(f"  directory limit:      {info.dir_limit} ({DIR_BYTES >> 20} MB, {DIR_FILES} files)")
     for note in info.notes:
         print(f"  missing {note}")
     if not info.strong:
