@@ -65,7 +65,7 @@ class WeakSandboxError(RuntimeError):
 @dataclass
 class ExecResult:
     passed: bool
-    status: str  # passed | failed | timeout | error
+    status: str  # passed | failed | timeout | error | output limit | disk limit
     detail: str = ""
 
 

@@ -22,12 +22,16 @@
   goes to the harness as plain JSON on the result pipe.
 ``--probe CONFIG``: applies everything the machine offers and checks each layer holds.
 
-What stays inherent (DESIGN §8): a test is Python run against values the program computed. The judge makes
-the program's values plain data, so an object "equal to everything" cannot reach a comparison, the program
-cannot replace ``exec``/``compile``/``assert`` of the tests, read them, or write a verdict. But a test that
-itself calls back into the program is as strong as its comparisons: the program still chooses every value it
-returns, so it can special-case the inputs it is called with (the tests are not secret from a program that
-guesses them); stdin/stdout tests have the same limit and are compared as plain bytes by the harness.
+What stays inherent to assert-style tests (DESIGN §8): a test is Python comparing values the program computed.
+Run in the program's own interpreter, the program owns the comparison: an object equal to everything, a
+replaced ``exec``/``compile``, asserts compiled away or a forged report pass any test, and no isolation layer
+stops that, since program and test share one interpreter. So the tests run in the judge, and only plain
+data of exact builtin types crosses: the comparison, the assert and the count happen where the program
+cannot reach. What remains is any black-box judge's limit: the program chooses every value it returns, so it
+can special-case inputs it knows or guesses (memorised benchmark tests) or satisfy a weak test, and what the
+tests do not probe goes unseen; a test that needs a non-plain value from the program (a generator, an
+instance of its class, a mutated argument) fails here. stdin/stdout tests avoid the shared interpreter the
+same way: the program only produces bytes, and the harness compares them as whitespace-separated tokens.
 """
 
 from __future__ import annotations
@@ -297,7 +301,7 @@ def private_tmpfs(size_bytes: int, inodes: int, uid: int, gid: int) -> None:
     os.chdir(cwd)  # onto the new mount
 
 
-def _capabilities() -> dict[str, str]:
+def _capabilities() -> dict[str, list[str]]:
     with open("/proc/self/status") as fh:
         return {k: v.split() for k, v in (line.split(":", 1) for line in fh) if k.startswith(("Cap", "Uid", "Gid"))}
 
@@ -474,7 +478,10 @@ def _serve_calls(namespace: dict, requests: int, answers: int) -> None:
             result = {"ok": encode(namespace[message["name"]](*args, **kwargs))}
         except Exception as exc:
             result = {"raise": type(exc).__name__, "message": str(exc)[:300]}
-        send(answers, result)
+        try:
+            send(answers, result)
+        except NotPlainData as exc:  # a result over the message limit: the call fails, the judge goes on
+            send(answers, {"raise": "NotPlainData", "message": str(exc)})
 
 
 def _exit(code=None):
