@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from sandbox_probes import SECRET, outside_state, prepare_outside, probe_programs, run_probes
+from sandbox_probes import (LIMITS, FORGE_COMPLETIONS, FORGE_TESTS, HUMAN_EVAL_DATA, SECRET, VICTIMS, outside_state,
+                            prepare_outside, probe_programs, run_probes, victim_state)
 from wmtp_lib import execution
 from wmtp_lib.execution import (Isolation, WeakSandboxError, check_completion, fraction_of_tests_passed,
                                 isolation_info, run_io_test, run_program, sandbox_record)
@@ -75,21 +79,31 @@ def listener():
     udp.close()
 
 
+# Attacks on the harness itself: passing them is fine, the harness must return and clean up.
+HARNESS_ATTACKS = ("deep_tree",)
+
+
 def assert_probes_held(results: dict, outside: Path, before: dict, reached: dict) -> None:
-    names = probe_programs(outside, 0, 0)
-    escaped = [name for name in names if results[name]["passed"]]
+    names = [n for n in probe_programs(outside, 0, dict.fromkeys(VICTIMS, 0)) if n not in HARNESS_ATTACKS]
+    escaped = [name for name in names + list(FORGE_COMPLETIONS) if results[name]["passed"]]
     assert not escaped, {name: results[name] for name in escaped}
+    assert {name: results[name]["fraction"] for name in FORGE_COMPLETIONS} == dict.fromkeys(FORGE_COMPLETIONS, 0.0)
     assert results["endless_loop"]["status"] == "timeout"
     assert "MemoryError" in results["memory_bomb"]["detail"]
     assert results["process_flood"]["detail"] == "started 0 processes", results["process_flood"]
     assert results["forge_reward"]["fraction"] == 0.0
     assert not results["stdio_reads_secret"]["passed"]
-    assert results["victim_alive"], "a sample killed another process of the evaluator's user"
-    assert outside_state(outside) == before, "the outside directory changed"
+    assert all(results["victims"].values()), results["victims"]  # alive and unchanged
+    assert outside_state(outside) == before, "the outside directory changed (content or metadata)"
     assert not TMP_WRITE.exists()
     assert reached == {"tcp": 0, "udp": 0}
-    for blocked in ("read_credentials", "read_checkpoint", "write_outside", "delete_outside"):
+    for blocked in ("read_credentials", "read_checkpoint", "write_outside", "delete_outside", "read_benchmark_data"):
         assert "PermissionError" in results[blocked]["detail"], results[blocked]
+    for bounded in ("directory_bytes", "directory_files"):
+        assert "No space left on device" in results[bounded]["detail"], results[bounded]
+    assert "can't start new thread" in results["threads"]["detail"]
+    assert "Too many open files" in results["file_descriptors"]["detail"]
+    assert results["isolation"]["sample_uid"] != 0 and results["isolation"]["dir_limit"] == "tmpfs"
 
 
 def strong_or_skip() -> None:
@@ -111,8 +125,8 @@ def test_probes_escape_without_the_layers(outside, listener, monkeypatch):
     """Control: the same probes do get out of a plain process, so the tests above can fail."""
     monkeypatch.setattr(execution, "_ISOLATION", WEAK)
     port, reached = listener
-    programs = probe_programs(outside, port, 0)
-    for name in ("write_outside", "read_credentials", "connect_tcp"):
+    programs = probe_programs(outside, port)
+    for name in ("write_outside", "read_credentials", "connect_tcp", "read_benchmark_data"):
         assert check_completion(programs[name], [], allow_weak=True).passed, name
     assert (outside / "written.txt").exists()
     for _ in range(50):  # the listener thread counts within its 0.1 s poll
@@ -120,6 +134,178 @@ def test_probes_escape_without_the_layers(outside, listener, monkeypatch):
             break
         threading.Event().wait(0.1)
     assert reached["tcp"] == 1
+
+
+def _weak_check(program: str, **limits) -> execution.ExecResult:
+    return check_completion(program, [], allow_weak=True, **limits)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the controls of root's reach need root")
+def test_attacks_get_through_without_the_layers(outside, monkeypatch):
+    """Control for every attack class: with no layers (and the limits they set raised) each one works, as root."""
+    monkeypatch.setattr(execution, "_ISOLATION", WEAK)
+    monkeypatch.setattr(execution, "FDS", 4096)
+    victims = {name: subprocess.Popen(["sleep", "60"]) for name in VICTIMS}
+    try:
+        before = {name: victim_state(proc.pid) for name, proc in victims.items()}
+        programs = probe_programs(outside, 0, {name: proc.pid for name, proc in victims.items()})
+        names = [n for n in programs if n not in ("endless_loop", "memory_bomb", "process_flood", "spawn_subprocess",
+                                                  "write_outside", "write_tmp", "delete_outside", "rename_outside",
+                                                  "read_credentials", "read_checkpoint", "list_outside",
+                                                  "read_env_secret", "connect_tcp", "send_udp", "forge_marker",
+                                                  "forge_report_fds", "exit_zero_early", "clock_set")]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            results = dict(zip(names, pool.map(lambda n: _weak_check(programs[n], **LIMITS.get(n, {})), names)))
+        failed = {n: r for n, r in results.items() if not r.passed}
+        assert not failed, failed  # clock_set is left out: it would set this machine's clock
+        changed = {name: victim_state(proc.pid) != before[name] for name, proc in victims.items()}
+        assert all(changed.values()), changed
+    finally:
+        for proc in victims.values():
+            proc.kill()
+            proc.wait()
+    victim = (outside / "victim.txt").stat()
+    assert (victim.st_mode & 0o777, victim.st_uid, victim.st_mtime) == (0o600, 4321, 0)
+    assert os.listxattr(outside / "victim.txt") == ["user.probe"]
+
+
+def in_process_judge(completion: str, tests: list[str]) -> str:
+    """The old design in miniature: a secret in the harness's frame, the tests exec'd in the program's
+    interpreter, ``<token> <passed>`` printed at the end."""
+    return ("import os, sys\ntoken = os.urandom(16).hex()\nnamespace = {'__name__': '__main__'}\n"
+            f"exec(compile({completion!r}, 'program.py', 'exec'), namespace)\npassed = 0\n"
+            f"for test in {tests!r}:\n    try:\n        exec(compile(test, 'test.py', 'exec'), namespace)\n"
+            "        passed += 1\n    except Exception:\n        pass\n"
+            "sys.stdout.write(f'{token} {passed}')\n")
+
+
+def test_forged_passes_get_through_an_in_process_judge(monkeypatch):
+    """Control for the forge classes: each completion fools a judge living in the program's interpreter
+    (reading the tests: any judge whose test file it can read), so the judge process is what stops them."""
+    monkeypatch.setattr(execution, "_ISOLATION", WEAK)
+    for name, completion in FORGE_COMPLETIONS.items():
+        if name == "read_the_tests":  # with the layers off the program reads the judge's own copy
+            assert check_completion(completion, FORGE_TESTS, allow_weak=True).passed
+            continue
+        out = execution._execute(in_process_judge(completion, FORGE_TESTS), None, 10.0, 1024, True).stdout
+        counts = [int(c) for c in re.findall(rb"[0-9a-f]{32} (\d{1,5})(?!\d)", out)]
+        assert counts and max(counts) >= len(FORGE_TESTS), (name, out[-300:])
+    honest = execution._execute(in_process_judge("def f(x):\n    return x\n", FORGE_TESTS), None, 10.0, 1024, True)
+    assert re.fullmatch(rb"[0-9a-f]{32} 0", honest.stdout), honest.stdout  # the wrong solution itself scores 0
+
+
+def test_forged_reports_are_failed_samples_never_errors():
+    """A judge result the program wrote, a huge count, a forged sandbox error: a failed sample each."""
+    strong_or_skip()
+    for name in ("forge_from_frames", "replace_exec_compile"):
+        result = check_completion(FORGE_COMPLETIONS[name], FORGE_TESTS)
+        assert not result.passed and result.status in ("failed", "error"), result
+    assert execution._valid_results(b'[{"passed": true, "error": ""}]', 3)[0]["passed"] is False
+    assert execution._valid_results(b"9" * 4000, 1) == [{"passed": False, "error": "no valid result from the judge"}]
+
+
+def test_samples_run_unprivileged(monkeypatch):
+    """As root the sample is uid 65534 with no groups and no capabilities; the record names the uid."""
+    strong_or_skip()
+    info = isolation_info()
+    expected = 65534 if os.geteuid() == 0 else os.getuid()
+    assert info.sample_uid == expected and sandbox_record()["sample_uid"] == expected
+    probe = ("import os\nassert os.getuid() == os.geteuid() == %d and os.getgroups() == []\n"
+             "import ctypes\nassert ctypes.CDLL(None).prctl(39, 0, 0, 0, 0) == 1\n") % expected  # no_new_privs
+    assert run_program(probe).passed
+    if os.geteuid() == 0:  # control: with the layers off the program is root
+        monkeypatch.setattr(execution, "_ISOLATION", WEAK)
+        assert run_program("import os\nassert os.getuid() == 0\n", allow_weak=True).passed
+
+
+def test_output_is_bounded(monkeypatch):
+    """Past OUTPUT_BYTES the sample fails as "output limit"; control: under a larger cap the same program passes."""
+    strong_or_skip()
+    flood = "import sys\nfor _ in range(12):\n    sys.stdout.write('x' * (1 << 20))\n"
+    result = run_io_test(flood, "", "x")
+    assert result.status == "output limit" and not result.passed
+    monkeypatch.setattr(execution, "OUTPUT_BYTES", 64 << 20)
+    assert run_program(flood).passed
+
+
+def test_directory_is_polled_where_no_tmpfs_can_be_mounted(monkeypatch, outside):
+    """Without a private tmpfs the harness counts the directory and fails the sample past the limit."""
+    strong_or_skip()
+    import dataclasses
+
+    monkeypatch.setattr(execution, "_ISOLATION", dataclasses.replace(isolation_info(), dir_limit="polled"))
+    monkeypatch.setattr(execution, "DIR_BYTES", 8 << 20)  # lower limits: the attacks cross them sooner
+    monkeypatch.setattr(execution, "DIR_FILES", 500)
+    programs = probe_programs(outside, 0)
+    for name in ("directory_files", "directory_bytes"):
+        result = check_completion(programs[name], [], timeout_s=20.0)
+        assert result.status == "disk limit", (name, result)
+    assert check_completion("open('small', 'w').write('x')\n", []).passed
+
+
+def _deep_chain(root: Path, depth: int) -> None:
+    fd = os.open(root, os.O_RDONLY)
+    for _ in range(depth):
+        os.mkdir("d", dir_fd=fd)
+        next_fd = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = next_fd
+    with open(os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "w") as fh:
+        fh.write("x")
+    os.close(fd)
+
+
+def test_cleanup_survives_deep_trees_odd_permissions_and_immutable_files(tmp_path):
+    """Control: the standard library's removal fails on the same tree."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    _deep_chain(tree, 1200)
+    with pytest.raises(RecursionError):
+        shutil.rmtree(tree)
+    (tree / "locked").mkdir()
+    (tree / "locked" / "file").write_text("x")
+    os.chmod(tree / "locked", 0)
+    if os.geteuid() == 0 and shutil.which("chattr"):
+        (tree / "pinned").write_text("x")
+        chattr = subprocess.run(["chattr", "+i", str(tree / "pinned")], capture_output=True)
+        assert chattr.returncode == 0, chattr.stderr
+        with pytest.raises(PermissionError):
+            os.unlink(tree / "pinned")
+    assert execution.remove_tree(str(tree)) == []
+    assert not tree.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs a private mount namespace")
+def test_cleanup_reports_what_it_cannot_remove(tmp_path):
+    (tmp_path / "tree" / "busy").mkdir(parents=True)
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from wmtp_lib.execution import remove_tree; "
+            f"print(remove_tree({str(tmp_path / 'tree')!r}))")
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs none {tmp_path}/tree/busy && "
+                           f"{sys.executable} -c \"{code}\""], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "tree/busy (not removable)" in proc.stdout, proc.stdout
+
+
+def test_orphan_holding_the_pipes_does_not_hang_the_harness(monkeypatch, tmp_path):
+    """With the layers off a program leaves a process in another session holding its output pipes; the
+    harness still returns. Control: an untimed read of those pipes would wait for the orphan."""
+    monkeypatch.setattr(execution, "_ISOLATION", WEAK)
+    pid_file = tmp_path / "orphan.pid"
+    os.chmod(tmp_path, 0o777)
+    program = ("import ctypes, os, time\nlibc = ctypes.CDLL(None)\npid = libc.fork()\nif pid == 0:\n"
+               f"    os.setsid()\n    open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n    time.sleep(30)\n"
+               "    os._exit(0)\ntime.sleep(0.3)\n")
+    try:
+        start = time.monotonic()
+        assert run_program(program, timeout_s=5.0, allow_weak=True).passed
+        assert time.monotonic() - start < 4.0
+        with pytest.raises(subprocess.TimeoutExpired):  # the control: the orphan keeps the pipe open
+            subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=2.0)
+    finally:
+        for pid in pid_file.read_text().split() if pid_file.exists() else []:
+            os.kill(int(pid), signal.SIGKILL)
 
 
 def _python_for(uid: int) -> str | None:
@@ -145,7 +331,7 @@ def test_probes_hold_as_unprivileged_user(outside, listener):
     port, reached = listener
     before = outside_state(outside)
     env = {"PATH": os.environ["PATH"], "HOME": "/tmp", "TMPDIR": "/tmp", "AWS_SECRET_ACCESS_KEY": SECRET,
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), execution._layer_paths()])}
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "WMTP_HUMAN_EVAL_DATA": HUMAN_EVAL_DATA}
     proc = subprocess.run(["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups", python,
                            str(ROOT / "tests" / "sandbox_probes.py"), str(outside), str(port)],
                           env=env, capture_output=True, text=True, timeout=240)
@@ -253,12 +439,15 @@ def test_codecontests_unequal_test_lists_are_refused(tmp_path):
 
 
 def test_humaneval_canonical_solutions_all_pass():
+    """Through the evaluation's own path: the judge runs each problem's tests against the canonical solution."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from wmtp_lib.data import load_humaneval
-    from wmtp_lib.execution import program_for, run_many
 
     problems = load_humaneval()
-    results = run_many([program_for(p.completion, p.tests, p.exec_prefix) for p in problems], timeout_s=20,
-                       workers=2)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda p: check_completion(p.completion, p.tests, p.io_tests, p.exec_prefix, 20.0),
+                                problems))
     failed = [(p.id, r.detail) for p, r in zip(problems, results) if not r.passed]
     assert len(problems) == 164 and not failed, failed
 
