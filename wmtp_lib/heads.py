@@ -528,11 +528,13 @@ class SafetensorsReader:
                     raise ValueError(f"{location.file}: tensor {name} is truncated")
         return out
 
-    def check(self, expected: dict[str, tuple[tuple[int, ...], str]]) -> str | None:
+    def check(self, expected: dict[str, tuple[tuple[int, ...], str]], ignored_suffixes: tuple[str, ...] = ()
+              ) -> str | None:
         """``None`` when the files hold exactly ``expected`` (source key -> (shape, what the model calls it)),
-        else the error message (missing and unexpected keys, or the first wrong shape)."""
+        keys ending in ``ignored_suffixes`` aside, else the error message (missing and unexpected keys, or
+        the first wrong shape)."""
         missing = sorted(set(expected) - set(self.locations))
-        unexpected = sorted(set(self.locations) - set(expected))
+        unexpected = sorted(k for k in set(self.locations) - set(expected) if not k.endswith(ignored_suffixes))
         if missing or unexpected:
             return (f"{self.path} does not match MTPModel: missing keys {missing[:8]}"
                     f"{'...' if len(missing) > 8 else ''} ({len(missing)}), unexpected keys {unexpected[:8]}"

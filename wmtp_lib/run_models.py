@@ -83,7 +83,9 @@ def load_base(path: Path, n_future: int, dist: Dist, mixed_precision: str = "no"
     if dist.is_main:
         reader = SafetensorsReader(path)
         own = model.state_dict()
-        problem = reader.check({names[name]: (tuple(own[name].shape), name) for name in own})
+        # older causal-LM checkpoints store RoPE frequencies; they are recomputed, never read
+        problem = reader.check({names[name]: (tuple(own[name].shape), name) for name in own},
+                               ignored_suffixes=("rotary_emb.inv_freq",))
     # the verdict reaches every rank before any collective: a bad checkpoint is an error everywhere, not a hang
     problem = dist.broadcast_object(problem if dist.is_main else None)
     if problem is not None:
