@@ -9,9 +9,11 @@ arithmetic; under FSDP2 each block is its own shard unit and its reduce-scatter 
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard
 
 
 class Dist:
@@ -122,3 +124,59 @@ def shard_fsdp(model, mixed_precision: str):
     fully_shard(model, mp_policy=policy)
     return model
 
+
+
+@torch.no_grad()
+def fill_from_rank0(model: torch.nn.Module, read: Callable[[str], torch.Tensor] | None, procs: Dist) -> None:
+    """Copy every state-dict tensor of a materialised (``to_empty``) model from rank 0, one tensor at a time.
+
+    ``read(name)`` (rank 0 only; ``None`` elsewhere) gives the full tensor; it is cast to the model's dtype
+    and moved to the device. An FSDP2 shard (a DTensor split on dim 0) receives only its rows: rank 0 splits
+    the tensor as FSDP2 does (``torch.chunk``, padded to equal rows) and scatters, so no other rank ever
+    holds more than one chunk beyond its own shards. A replicated tensor (no FSDP, several processes) is
+    broadcast. Rank 0's host then holds one tensor at a time, the others none.
+    """
+    for name, target in model.state_dict(keep_vars=True).items():
+        full = read(name).to(device=procs.device, dtype=target.dtype) if procs.is_main else None
+        if isinstance(target, DTensor):
+            _scatter_rows(full, target, procs)
+        else:
+            if procs.is_main:
+                target.copy_(full)
+            if procs.active:
+                dist.broadcast(target.data, src=0)
+
+
+def _scatter_rows(full: torch.Tensor | None, target: DTensor, procs: Dist) -> None:
+    """Rank 0's ``full`` into every rank's dim-0 shard of ``target`` (one scatter)."""
+    if tuple(target.placements) != (Shard(0),):
+        raise ValueError(f"FSDP2 shards are expected on dim 0 of a 1-D mesh, got {target.placements}")
+    local = target.to_local()
+    if not procs.active:
+        local.copy_(full)
+        return
+    rows = target.shape[0]
+    chunk = -(-rows // procs.world)  # torch.chunk's rows per rank; the last ranks may get fewer or none
+    expected = max(0, min(chunk, rows - procs.rank * chunk))
+    if local.shape[0] != expected:
+        raise ValueError(f"shard of {tuple(target.shape)} on rank {procs.rank} has {local.shape[0]} rows, "
+                         f"torch.chunk gives {expected}")
+    # a full chunk is received straight into the shard; only a short last shard needs a buffer of its own
+    full_chunk = local.shape[0] == chunk and local.is_contiguous()
+    received = local if full_chunk else torch.empty((chunk, *target.shape[1:]), dtype=local.dtype,
+                                                    device=procs.device)
+    pieces = None
+    if procs.is_main:
+        # views of ``full`` where a rank's rows are all there; only a short or empty last piece is a copy
+        parts = list(full.split(chunk))
+        pieces = []
+        for rank in range(procs.world):
+            part = parts[rank] if rank < len(parts) else full[:0]
+            if part.shape[0] < chunk:
+                padded = full.new_zeros(received.shape)
+                padded[: part.shape[0]] = part
+                part = padded
+            pieces.append(part)
+    dist.scatter(received, pieces, src=0)
+    if not full_chunk:
+        local.copy_(received[: local.shape[0]])

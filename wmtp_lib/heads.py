@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from huggingface_hub import save_torch_state_dict
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
@@ -109,6 +108,34 @@ def keep_rope_float32(lm: LlamaForCausalLM) -> LlamaForCausalLM:
     return lm
 
 
+def mtp_config_from_causal_lm(source: LlamaConfig, n_future: int) -> MTPConfig:
+    """The MTP config of a causal LM whose last layer becomes head 0 and is copied into ``n_future - 1``
+    more heads (untied unembedding)."""
+    kwargs = {k: v for k, v in source.to_dict().items()
+              if k not in ("architectures", "model_type", "transformers_version", "n_future_tokens")}
+    kwargs["tie_word_embeddings"] = False
+    kwargs["num_hidden_layers"] = source.num_hidden_layers - 1 + n_future
+    return mtp_config(n_future, **kwargs)
+
+
+def causal_lm_key_map(config: LlamaConfig, tied: bool) -> dict[str, str]:
+    """`MTPModel` key -> the causal LM's key it is read from (`mtp_config_from_causal_lm`'s layout): trunk
+    block ``i`` is layer ``i``, every head is the last layer, the unembedding is ``lm_head`` (the embedding
+    when ``tied``)."""
+    n_future = config.n_future_tokens
+    n_trunk = config.num_hidden_layers - n_future
+    with torch.device("meta"):
+        block = LlamaDecoderLayer(config, 0)
+    names = {"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+             "lm_head.weight": "model.embed_tokens.weight" if tied else "lm_head.weight"}
+    for suffix in block.state_dict():
+        for i in range(n_trunk):
+            names[f"trunk.{i}.{suffix}"] = f"model.layers.{i}.{suffix}"
+        for k in range(n_future):
+            names[f"heads.{k}.{suffix}"] = f"model.layers.{n_trunk}.{suffix}"
+    return names
+
+
 class Unembedding(nn.Linear):
     """The shared output projection; with ``targets`` it returns chunked per-token cross-entropy.
 
@@ -190,6 +217,14 @@ class MTPModel(nn.Module):
     def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
         """Recompute trunk block activations in backward instead of storing them."""
         self.gradient_checkpointing = enabled
+
+    def reset_rotary(self, device: str | torch.device) -> None:
+        """Recompute the RoPE buffers in float32 on ``device``. They are not persistent, so loading a state
+        dict never fills them: a model built on the meta device (or materialised with ``to_empty``) holds
+        no values there until this runs."""
+        fresh = Float32RotaryEmbedding(config=self.config)
+        self.rotary_emb.inv_freq = fresh.inv_freq.to(device)
+        self.rotary_emb.original_inv_freq = fresh.original_inv_freq.to(device)
 
     # ------------------------------------------------------------------ forward pieces
     def forward_trunk(
@@ -384,30 +419,15 @@ class MTPModel(nn.Module):
             from wmtp_lib.loaders import load_causal_lm
 
             source = load_causal_lm(source)
-        src_cfg = source.config
-        kwargs = {k: v for k, v in src_cfg.to_dict().items()
-                  if k not in ("architectures", "model_type", "transformers_version", "n_future_tokens")}
-        tied = bool(kwargs.get("tie_word_embeddings", False))
-        kwargs["tie_word_embeddings"] = False
-        n_layers = src_cfg.num_hidden_layers
-        kwargs["num_hidden_layers"] = n_layers - 1 + n_future
-        config = mtp_config(n_future, **kwargs)
+        config = mtp_config_from_causal_lm(source.config, n_future)
         with torch.device("meta"):
             model = cls(config)
         src = source.state_dict()
-        state: dict[str, torch.Tensor] = {"embed_tokens.weight": src["model.embed_tokens.weight"],
-                                          "norm.weight": src["model.norm.weight"]}
-        state["lm_head.weight"] = src["model.embed_tokens.weight" if tied else "lm_head.weight"].clone()
-        for i in range(n_layers - 1):
-            prefix = f"model.layers.{i}."
-            for name, tensor in src.items():
-                if name.startswith(prefix):
-                    state[f"trunk.{i}.{name[len(prefix):]}"] = tensor
-        last = f"model.layers.{n_layers - 1}."
-        for k in range(n_future):
-            for name, tensor in src.items():
-                if name.startswith(last):
-                    state[f"heads.{k}.{name[len(last):]}"] = tensor.clone()
+        state, used = {}, set()
+        for name, key in causal_lm_key_map(config, bool(source.config.tie_word_embeddings)).items():
+            # a source tensor that fills several keys (extra heads, tied unembedding) is copied after its first use
+            state[name] = src[key].clone() if key in used else src[key]
+            used.add(key)
         model.load_state_dict(state, strict=True, assign=True)
         model.rotary_emb = Float32RotaryEmbedding(config=config)
         return model.to(device=source.device, dtype=source.dtype)
@@ -440,32 +460,111 @@ class MTPModel(nn.Module):
         return copy.deepcopy(self)
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+@dataclass
+class TensorLocation:
+    """Where one tensor's bytes lie in a safetensors file (offsets from the file's start)."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    stop: int
+
+
+class SafetensorsReader:
+    """A model's safetensors files read one tensor at a time: the headers first (names, dtypes, shapes,
+    offsets), then each tensor with a plain read of its bytes, so no whole file is loaded or mapped.
+
+    The files are the shards named by ``model.safetensors.index.json`` when there is one (each key must be
+    in the shard the index names), else ``model.safetensors``/``pattern`` files (side files such as
+    ``value_head.safetensors`` are not model weights); a key in two shards is an error.
+    """
+
+    def __init__(self, path: str | Path, pattern: str = "model*.safetensors"):
+        self.path = Path(path)
+        index_file = self.path / WEIGHTS_INDEX_NAME
+        weight_map = None
+        if index_file.is_file():
+            weight_map = json.loads(index_file.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError(f"{index_file}: no weight_map")
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (self.path / f).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index_file} names shards that are missing: {missing}")
+        else:
+            files = sorted(p.name for p in self.path.glob(pattern))
+            if not files:
+                raise FileNotFoundError(f"no {pattern} files in {self.path}")
+        self.locations: dict[str, TensorLocation] = {}
+        for file in files:
+            for name, location in _safetensors_header(self.path / file).items():
+                if name in self.locations:
+                    raise ValueError(f"tensor {name} appears in more than one shard of {self.path}")
+                if weight_map is not None and weight_map.get(name) != file:
+                    raise ValueError(f"{index_file}: tensor {name} found in {file}, index says {weight_map.get(name)}")
+                self.locations[name] = location
+        if weight_map is not None and set(weight_map) != set(self.locations):
+            raise ValueError(f"{index_file}: index lists {sorted(set(weight_map) - set(self.locations))[:8]} "
+                             "not in any shard")
+
+    def keys(self) -> list[str]:
+        return list(self.locations)
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, as stored (dtype kept), in a fresh CPU buffer."""
+        location = self.locations[name]
+        out = torch.empty(location.shape, dtype=location.dtype)
+        if out.numel():
+            with open(location.file, "rb") as fh:
+                fh.seek(location.start)
+                view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+                if fh.readinto(view) != location.stop - location.start:
+                    raise ValueError(f"{location.file}: tensor {name} is truncated")
+        return out
+
+    def check(self, expected: dict[str, tuple[tuple[int, ...], str]], ignored_suffixes: tuple[str, ...] = ()
+              ) -> str | None:
+        """``None`` when the files hold exactly ``expected`` (source key -> (shape, what the model calls it)),
+        keys ending in ``ignored_suffixes`` aside, else the error message (missing and unexpected keys, or
+        the first wrong shape)."""
+        missing = sorted(set(expected) - set(self.locations))
+        unexpected = sorted(k for k in set(self.locations) - set(expected) if not k.endswith(ignored_suffixes))
+        if missing or unexpected:
+            return (f"{self.path} does not match MTPModel: missing keys {missing[:8]}"
+                    f"{'...' if len(missing) > 8 else ''} ({len(missing)}), unexpected keys {unexpected[:8]}"
+                    f"{'...' if len(unexpected) > 8 else ''} ({len(unexpected)})")
+        for name, (shape, target) in expected.items():
+            if self.locations[name].shape != tuple(shape):
+                return (f"shape mismatch for {target}: checkpoint {self.locations[name].shape}, "
+                        f"model {tuple(shape)}")
+        return None
+
+
+def _safetensors_header(file: Path) -> dict[str, TensorLocation]:
+    """The tensors a safetensors file holds, from its header alone (8-byte little-endian length + JSON)."""
+    with open(file, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+    base = 8 + size
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}")
+        start, stop = info["data_offsets"]
+        out[name] = TensorLocation(file, _SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), base + start,
+                                   base + stop)
+    return out
+
+
 def load_safetensors_dir(path: str | Path, pattern: str = "model*.safetensors") -> dict[str, torch.Tensor]:
-    """All tensors of a model's safetensors in ``path``: the shards named by ``model.safetensors.index.json``
-    when there is one (each key from the shard the index names), else ``model.safetensors``/``pattern`` files
-    (side files such as ``value_head.safetensors`` are not model weights); a key in two shards is an error."""
-    path = Path(path)
-    index_file = path / WEIGHTS_INDEX_NAME
-    if index_file.is_file():
-        weight_map = json.loads(index_file.read_text()).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index_file}: no weight_map")
-        files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not (path / f).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{index_file} names shards that are missing: {missing}")
-    else:
-        files = sorted(p.name for p in path.glob(pattern))
-        if not files:
-            raise FileNotFoundError(f"no {pattern} files in {path}")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        for name, tensor in load_file(str(path / file)).items():
-            if name in state:
-                raise ValueError(f"tensor {name} appears in more than one shard of {path}")
-            if index_file.is_file() and weight_map.get(name) != file:
-                raise ValueError(f"{index_file}: tensor {name} found in {file}, index says {weight_map.get(name)}")
-            state[name] = tensor
-    if index_file.is_file() and set(weight_map) != set(state):
-        raise ValueError(f"{index_file}: index lists {sorted(set(weight_map) - set(state))[:8]} not in any shard")
-    return state
+    """All tensors of a model's safetensors in ``path`` (the files and checks of `SafetensorsReader`)."""
+    reader = SafetensorsReader(path, pattern)
+    return {name: reader.read(name) for name in reader.keys()}

@@ -112,6 +112,13 @@ def _hub_reachable(repo: str) -> bool | str:
         return f"{type(exc).__name__}"
 
 
+def base_load_peak_bytes(n_params: float, largest_tensor: float, n_devices: int) -> float:
+    """Bytes rank 0 holds while the base loads (`wmtp_lib.run_models.load_base`, float32): its shards, the one
+    tensor being read (``largest_tensor`` elements at most) and the copy the scatter stages from it (measured
+    with gloo: about one tensor more); the other ranks receive each chunk straight into their shard."""
+    return 4 * n_params / max(1, n_devices) + 2 * 4 * largest_tensor
+
+
 def memory_estimate(cfg: dict[str, Any], models_dir: Path, n_gpus: int) -> dict[str, float | None]:
     """GiB per device under FSDP (fp32 master weights, bf16 compute) for one recipe config.
 
@@ -119,6 +126,11 @@ def memory_estimate(cfg: dict[str, Any], models_dir: Path, n_gpus: int) -> dict[
     (trunk with or without checkpointing, one head at a time), one logits chunk, and the largest
     frozen model that is resident at the same time (online reference, or the reward/reference model
     during its one scoring pass, bf16, unsharded).
+
+    Loading the base (`wmtp_lib.run_models.load_base`) peaks at the rank's float32 shards 4P/N plus, on
+    rank 0, the one tensor it reads and scatters and the scatter's copy of it (the largest is the embedding
+    or unembedding, 4VD): on the device ``load_gib``; on the host rank 0 holds that tensor as stored (at most float32) and the other
+    ranks no weights (``host_load_gib``; before the meta-device load every rank held 4P on its host).
     """
     base_p, base_cfg = model_params(cfg["models"]["base"], models_dir)
     if base_p is None:
@@ -149,12 +161,17 @@ def memory_estimate(cfg: dict[str, Any], models_dir: Path, n_gpus: int) -> dict[
         if rm_p is not None:
             frozen = max(frozen, 2 * rm_p * 1e9)
     train_peak = weights + grads + adam + block_bytes + activations + logits
+    F = (base_cfg or {}).get("intermediate_size", 11008)
+    largest_tensor = 4 * max(V * D, D * F)
+    load_peak = base_load_peak_bytes(P, largest_tensor / 4, N)
     online = cfg["weights"]["scheme"] == "rho1" and not cfg["rho1"]["ref_cache"]
     total = train_peak + frozen if online else max(train_peak, weights + frozen + act_per_layer)
+    total = max(total, load_peak)
     return {
         "params_billion": round(base_p, 3),
         "weights_gib": weights / GIB, "grads_gib": grads / GIB, "adamw_gib": adam / GIB,
         "activations_gib": (activations + logits + block_bytes) / GIB, "frozen_model_gib": frozen / GIB,
+        "load_gib": load_peak / GIB, "host_load_gib": largest_tensor / GIB,
         "total_gib": total / GIB,
     }
 

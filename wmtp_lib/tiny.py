@@ -65,11 +65,13 @@ def build_tokenizer(workdir: Path, seed: int):
     return train_tokenizer(synthetic_corpus(seed=seed, n=600), workdir=workdir)
 
 
-def build_base(dst: Path, tokenizer_dir: Path, vocab: int, seed: int, n_future: int = 4) -> Path:
+def build_base(dst: Path, tokenizer_dir: Path, vocab: int, seed: int, n_future: int = 4,
+               dims: dict | None = None) -> Path:
     """A random-initialised MTP base in Meta's repo layout (weights in ``7B_1T_4/``, ``tokenizer.model`` at the
-    root), then converted with `convert_checkpoint`."""
+    root), then converted with `convert_checkpoint`. ``dims`` replaces tiny-mtp's architecture fields (a larger
+    base built the same way, e.g. for memory measurements)."""
     torch.manual_seed(seed)
-    dims = {**tiny_config_dict("tiny-mtp", n_future), "vocab_size": vocab}
+    dims = {**tiny_config_dict("tiny-mtp", n_future), **(dims or {}), "vocab_size": vocab}
     config = mtp_config(n_future, bos_token_id=1, eos_token_id=2, **dims)
     model = MTPModel(config)
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,7 +22,7 @@ from transformers import get_scheduler
 from wmtp_lib.checkpoint import Checkpointer
 from wmtp_lib.config import ConfigError, flat_config, load_resolved, project_path
 from wmtp_lib.data import BatchSchedule, TokenizedData, load_samples, tokenize_samples
-from wmtp_lib.distributed import Dist, clip_grad_norm, shard_fsdp
+from wmtp_lib.distributed import Dist, clip_grad_norm
 from wmtp_lib.heads import MTPModel
 from wmtp_lib.loaders import load_tokenizer
 from wmtp_lib.metrics import TrainMetrics
@@ -127,7 +127,10 @@ class Trainer:
 
         self.base_dir = self.model_dir(cfg["models"]["base"])
         self.tokenizer = load_tokenizer(self.base_dir)
-        self.model = load_base(self.base_dir, cfg["models"]["n_future"]).to(self.dist.device).train()
+        # Memory: built on the meta device everywhere, then (under FSDP2) sharded before any weight exists;
+        # rank 0 alone reads the weights and scatters each tensor's chunks (`load_base`), so no rank holds
+        # the full float32 model (28 GB of host memory a rank at 7B) it does not train with.
+        self.model = load_base(self.base_dir, cfg["models"]["n_future"], self.dist, train["mixed_precision"]).train()
         if train["gradient_checkpointing"]:
             self.model.gradient_checkpointing_enable()
         self.samples = load_samples(cfg["data"], "train", project_path(cfg["paths"]["datasets_dir"]))
@@ -141,12 +144,8 @@ class Trainer:
         self.schedule = BatchSchedule(len(self.data), train["micro_batch_size"], train["grad_accum"], self.dist.world,
                                       cfg["seed"])
 
-        # Memory: every rank still loads the full base model (float32 7B: 28 GB of host memory a rank, then
-        # on its GPU) before sharding; sharding leaves each GPU a 1/world shard. The weighting is built after
-        # sharding because it may put a second 7B model (reference scoring, reward model) on rank 0's GPU:
-        # built before, rank 0 would hold the whole base and that model at once.
-        if self.dist.fsdp:
-            self.model = shard_fsdp(self.model, train["mixed_precision"])
+        # The weighting may put a second 7B model (reference scoring, reward model) on rank 0's GPU, and only
+        # there (the other ranks read its cached losses or rewards); the base is already sharded by then.
         self.weighting = build_weighting(cfg, self.model.n_future, self.model.config.hidden_size, self.tokenizer,
                                          self.samples, self.data, self.dist, self.run_dir, self.model_dir)
 
