@@ -279,3 +279,15 @@ def test_value_trunk_config_is_validated():
         resolve_config("critic", "local", {"critic.score_lambda": 1.5})
     assert resolve_config("critic", "local")["weights"]["standardize"] is False
     assert resolve_config("rho1", "local")["weights"]["standardize"] is True
+
+
+def test_registry_says_which_reward_models_can_be_a_value_trunk(tmp_path):
+    from wmtp_lib.registry import REGISTRY_PATH, RegistryError, load_registry
+
+    reg = load_registry()
+    assert "mtp-7b" in reg.model("starling-rm-7b").value_trunk_for  # Llama-2's tokenizer, as the 7B base
+    assert reg.model("llama3-8b-rm").value_trunk_for == ()  # Llama-3's tokenizer
+    bad = tmp_path / "models.yaml"
+    bad.write_text(REGISTRY_PATH.read_text().replace("value_trunk_for: [tiny-mtp]", "value_trunk_for: [tiny-ref]"))
+    with pytest.raises(RegistryError, match="tiny-rm.value_trunk_for lists 'tiny-ref'"):
+        load_registry(bad)

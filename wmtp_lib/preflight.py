@@ -156,7 +156,8 @@ def memory_estimate(cfg: dict[str, Any], models_dir: Path, n_gpus: int) -> dict[
         ref_p, _ = model_params(cfg["models"]["reference"], models_dir)
         if ref_p is not None:
             frozen = max(frozen, 2 * ref_p * 1e9)
-    if cfg["weights"]["scheme"] == "critic" and cfg["critic"]["reward_source"] == "model":
+    if cfg["weights"]["scheme"] == "critic" and (cfg["critic"]["reward_source"] == "model"
+                                                 or cfg["critic"]["value_trunk"] == "reward_model"):
         rm_p, _ = model_params(cfg["models"]["reward"], models_dir)
         if rm_p is not None:
             frozen = max(frozen, 2 * rm_p * 1e9)
@@ -164,7 +165,9 @@ def memory_estimate(cfg: dict[str, Any], models_dir: Path, n_gpus: int) -> dict[
     F = (base_cfg or {}).get("intermediate_size", 11008)
     largest_tensor = 4 * max(V * D, D * F)
     load_peak = base_load_peak_bytes(P, largest_tensor / 4, N)
-    online = cfg["weights"]["scheme"] == "rho1" and not cfg["rho1"]["ref_cache"]
+    # an online reference, or a reward model serving as the critic's value trunk, stays resident in training
+    online = (cfg["weights"]["scheme"] == "rho1" and not cfg["rho1"]["ref_cache"]) or (
+        cfg["weights"]["scheme"] == "critic" and cfg["critic"]["value_trunk"] == "reward_model")
     total = train_peak + frozen if online else max(train_peak, weights + frozen + act_per_layer)
     total = max(total, load_peak)
     return {
@@ -219,15 +222,17 @@ def fetch_tokenizer_files(model_id: str, models_dir: Path, dst: Path, check_s3: 
     return None
 
 
-def tokenizer_check(cfg: dict[str, Any], models_dir: Path, check_s3: bool, check_hub: bool) -> dict[str, Any]:
-    """Rho-1's base and reference tokenizers compared from their tokenizer files, before any weights move:
-    special ids, the piece of every base id, identical ids on 256 of the recipe's training texts."""
+def tokenizer_check(cfg: dict[str, Any], models_dir: Path, check_s3: bool, check_hub: bool,
+                    other: str = "reference") -> dict[str, Any]:
+    """The base's tokenizer and that of ``models.<other>`` (Rho-1's reference, or the reward model that serves
+    as the critic's value trunk) compared from their tokenizer files, before any weights move: special ids, the
+    piece of every base id, identical ids on 256 of the recipe's training texts."""
     import tempfile
 
     from wmtp_lib.data import load_samples
     from wmtp_lib.tokenization import check_tokenizer_compat, compat_texts, load_tokenizer_files
 
-    base_id, ref_id = cfg["models"]["base"], cfg["models"]["reference"]
+    base_id, ref_id = cfg["models"]["base"], cfg["models"][other]
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {}
         for mid in (base_id, ref_id):
@@ -283,6 +288,14 @@ def recipe_report(recipe: str, env: str, env_info: dict[str, Any], check_s3: boo
         if tokenizers["status"] == "mismatch":
             blockers.append(tokenizers["reason"])
             fixes.append("choose a reference that shares the base model's tokenizer (models.reference)")
+    value_trunk = cfg["weights"]["scheme"] == "critic" and cfg["critic"]["value_trunk"] == "reward_model"
+    if value_trunk:
+        tokenizers = tokenizer_check(cfg, models_dir, check_s3, check_hub, other="reward")
+        if tokenizers["status"] == "mismatch":
+            blockers.append(f"{cfg['models']['reward']} cannot be the value trunk of {cfg['models']['base']} "
+                            f"(critic.value_trunk: reward_model reads the base's token ids): {tokenizers['reason']}")
+            fixes.append("set critic.value_trunk: base, or a reward model with the base's tokenizer "
+                         "(params/models.yaml says which: value_trunk_for)")
     n = n_gpus if n_gpus is not None else cfg["launch"]["num_processes"]
     mem = memory_estimate(cfg, models_dir, n)
     uses_gpu = cfg["train"]["mixed_precision"] == "bf16" or "fsdp" in cfg["launch"]["accelerate_config"]

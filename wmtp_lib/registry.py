@@ -22,7 +22,7 @@ DATASET_FORMATS = ("mbpp", "codecontests", "humaneval", "jsonl", "synthetic")
 
 _MODEL_KEYS = {"role", "format", "hf_repo", "hf_subfolder", "hf_root_files", "gated", "s3", "params_billion",
                "n_future", "reward_layout", "tokenizer_source", "input_template", "truncation_side",
-               "literal_control_tokens", "note"}
+               "literal_control_tokens", "value_trunk_for", "note"}
 _DATASET_KEYS = {"format", "hf_repo", "hf_config", "s3", "path"}
 
 
@@ -50,6 +50,9 @@ class ModelEntry:
     truncation_side: str = "right"
     # reward models: how literal control-token strings in the text are read (one of LITERAL_CONTROL_TOKENS)
     literal_control_tokens: str | None = None
+    # reward models: the bases whose token ids this model reads as its own (same tokenizer), so its decoder can
+    # be the critic's value trunk (critic.value_trunk: reward_model); training and preflight check the files
+    value_trunk_for: tuple[str, ...] = ()
     note: str | None = None
 
 
@@ -140,11 +143,17 @@ def load_registry(path: str | Path = REGISTRY_PATH) -> Registry:
         s3 = spec.get("s3")
         if s3 is not None and not str(s3).startswith(f"s3://{reg.bucket}/models/{mid}/"):
             _fail(path, f"models.{mid}.s3 must be s3://{reg.bucket}/models/{mid}/ (one id, one path), got {s3!r}")
-        reg.models[mid] = ModelEntry(id=mid, **{**spec, "hf_root_files": tuple(spec.get("hf_root_files") or ())})
+        if "value_trunk_for" in spec and spec.get("role") != "reward":
+            _fail(path, f"models.{mid}.value_trunk_for is for reward models only (role {spec.get('role')!r})")
+        reg.models[mid] = ModelEntry(id=mid, **{**spec, "hf_root_files": tuple(spec.get("hf_root_files") or ()),
+                                                "value_trunk_for": tuple(spec.get("value_trunk_for") or ())})
     for mid, entry in reg.models.items():
         if entry.tokenizer_source != "own" and entry.tokenizer_source not in reg.models:
             _fail(path, f"models.{mid}.tokenizer_source must be 'own' or a model id of this file, "
                         f"got {entry.tokenizer_source!r}")
+        for base in entry.value_trunk_for:
+            if base not in reg.models or reg.models[base].role != "base":
+                _fail(path, f"models.{mid}.value_trunk_for lists {base!r}, which is not a base model of this file")
     for did, spec in (raw.get("datasets") or {}).items():
         _check_entry(path, "datasets", did, spec, _DATASET_KEYS, DATASET_FORMATS)
         reg.datasets[did] = DatasetEntry(id=did, **spec)
