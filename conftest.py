@@ -1,4 +1,5 @@
-"""pytest for the whole project: `pytest` also executes every notebook with nbmake (pyproject addopts).
+"""pytest for the whole project. `pytest` runs the notebooks through tests/test_notebooks.py (workflow order,
+alone, and in JupyterLab); `pytest --nbmake notebooks/` executes each notebook alone, as configured here.
 
 Notebooks run CI-sized: each nbmake item runs with ``WMTP_CI=1`` (params/ci.yaml: few steps, runs in
 ``runs/ci``) unless the caller set ``WMTP_CI`` itself, and counts as ``slow`` so ``pytest -m "not slow"``

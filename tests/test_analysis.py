@@ -90,3 +90,44 @@ def test_find_or_train_run_finds_runs_and_refuses_unknown_names(tmp_path):
     assert find_or_train_run(str(final), tmp_path) == final  # a model directory is used as is
     with pytest.raises(FileNotFoundError, match="my-run.*train it first: papermill notebooks/train.ipynb"):
         find_or_train_run("my-run", tmp_path)
+
+
+def test_pass_at_k_table_reads_only_pass_at_k_keys_of_a_synthetic_summary():
+    """evaluate.ipynb's synthetic summary also holds noise_imitation (issue 22: analysis crashed on it)."""
+    runs = _runs()
+    for run in runs:
+        run["eval"]["synthetic"]["summary"]["noise_imitation"] = 0.25
+    table = analysis.pass_at_k_table(runs, n_boot=50)
+    assert sorted(set(table.k)) == [1, 2] and len(table) == 4
+
+
+def test_runs_table_shows_an_interrupted_run_from_its_config_and_metrics(tmp_path):
+    run = tmp_path / "rho1-local-seed0-steps50"
+    run.mkdir()
+    (run / "config.yaml").write_text("recipe: rho1\ntrain:\n  steps: 50\n")
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"stage": "mtp", "step": s, "loss": 3.0 - s / 100}) + "\n"
+                                               for s in (5, 10, 15)))
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "metrics.jsonl").write_text(json.dumps({"stage": "mtp", "step": 20, "loss": 1.5}) + "\n")
+    (done / "summary.json").write_text(json.dumps({"recipe": "mtp_baseline", "steps": 20, "final_loss": 1.5,
+                                                   "git_commit": "a" * 40 + "-dirty", "code_dirty": True,
+                                                   "code_diff_sha256": "9f3e" * 16}))
+    table = analysis.runs_table([analysis.load_run(tmp_path, n) for n in analysis.discover_runs(tmp_path)])
+    stopped = table.set_index("run").loc["rho1-local-seed0-steps50"]
+    assert (stopped.recipe, stopped.steps, stopped.of, stopped.status) == ("rho1", 15, 50, "stopped at step 15")
+    assert stopped.final_loss == pytest.approx(2.85)
+    finished = table.set_index("run").loc["done"]
+    assert (finished.status, finished.commit) == ("finished", "aaaaaaa+diff 9f3e9f3e")
+
+
+def test_figures_are_readable(tmp_path):
+    """Integer ticks on head axes, pass@k labels at 9 pt unrotated."""
+    results = {"synthetic": _eval_result([0, 4, 2])}
+    fig = analysis.plot_head_metrics(results)
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+    fig = analysis.plot_pass_at_k(analysis.pass_at_k_table(_runs(), n_boot=50))
+    labels = fig.axes[0].get_yticklabels()
+    assert len(labels) == 4 and all(lb.get_fontsize() >= 9 and lb.get_rotation() == 0 for lb in labels)

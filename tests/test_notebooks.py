@@ -1,25 +1,221 @@
-"""Notebooks through papermill where a test checks what they write or how they fail.
+"""The notebooks as a researcher uses them: committed clean, run in workflow order, run alone, and in JupyterLab.
 
-Every notebook is also executed by nbmake as part of `pytest` (conftest.py, CI-sized), and the README's
-commands (stage, train every recipe, evaluate, analysis) run verbatim in tests/test_readme.py: the
-stage → train → evaluate → analysis pipeline is checked there, not run a third time here.
+- The committed notebooks carry no outputs and exactly the metadata JupyterLab writes, so opening one changes
+  nothing (and a notebook never makes a run "dirty": wmtp_lib/metrics.py `CODE_PATHS`).
+- `test_notebooks_in_workflow_order`: preflight → stage_models → train → evaluate → analysis with their default
+  parameters on one shared CI-sized runs folder (``runs/ci``, params/ci.yaml), as a researcher runs them.
+- `test_evaluate_and_analysis_each_alone`: the two that read earlier work, each in an empty runs folder (they
+  train the default run they need). preflight, stage_models and train run first in the workflow anyway.
+- `test_train_notebook_in_jupyterlab`: headless Chromium drives JupyterLab (skipped where no browser is installed).
+
+These replace nbmake's pass over the notebooks (alphabetical: analysis before evaluate); `pytest --nbmake
+notebooks/` still runs each notebook alone if wanted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import textwrap
+import threading
+import time
+import urllib.request
+from pathlib import Path
 
 import nbformat
 import papermill as pm
 import pytest
+from ipykernel.ipkernel import IPythonKernel
 from jupyter_client.kernelspec import KernelSpecManager
 
 from train_helpers import ROOT
+from wmtp_lib import launch, metrics
+from wmtp_lib.notebook_files import pre_save_hook
 
-pytestmark = pytest.mark.slow
-NOTEBOOKS = ("preflight", "stage_models", "train", "evaluate", "analysis")
+WORKFLOW = ("preflight", "stage_models", "train", "evaluate", "analysis")
+CI_RUNS = ROOT / "runs" / "ci"  # params/ci.yaml paths.runs_dir: CI scratch
+DEFAULT_RUN = "rho1-local-seed0"
+# What JupyterLab writes into a notebook it opens with the project's kernel (ipykernel's kernel_info reply)
+JUPYTERLAB_KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+
+
+# ------------------------------------------------------------------ committed notebooks
+
+
+def test_committed_notebooks_have_one_parameters_cell_no_outputs_and_jupyterlab_metadata():
+    expected_language = dict(IPythonKernel.language_info)
+    for name in WORKFLOW:
+        path = ROOT / "notebooks" / f"{name}.ipynb"
+        nb = nbformat.read(path, as_version=4)
+        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1, name
+        ran = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
+        assert not ran, (f"{path} has outputs in cells {ran}: clear them (Edit → Clear Outputs of All Cells) and "
+                         "save before committing")
+        assert nb.metadata.get("kernelspec") == JUPYTERLAB_KERNELSPEC, f"{name}: JupyterLab would rewrite the kernelspec"
+        language = dict(nb.metadata.get("language_info", {}))
+        # the patch version is the kernel's own Python; everything else JupyterLab would rewrite must match
+        assert re.fullmatch(r"3\.\d+\.\d+", str(language.pop("version", ""))), f"{name}: language_info.version"
+        expected_language.pop("version", None)
+        assert language == expected_language, f"{name}: JupyterLab would rewrite language_info"
+        assert set(nb.metadata) == {"kernelspec", "language_info"}, f"{name}: extra notebook metadata"
+        # the Jupyter server saves through nbformat: a file in any other layout would be rewritten on save
+        assert path.read_text() == nbformat.writes(nb) + "\n", f"{name}: not in the layout a save writes"
+
+
+def test_pre_save_hook_strips_outputs_of_project_notebooks_only(tmp_path):
+    checkout = tmp_path / "clone"
+    for folder in ("notebooks", "wmtp_lib", "params", "elsewhere"):
+        (checkout / folder).mkdir(parents=True)
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1 + 1", execution_count=3, outputs=[
+        nbformat.v4.new_output("execute_result", {"text/plain": "2"}, execution_count=3)])])
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {}}
+
+    class Contents:
+        root_dir = str(checkout)
+
+    def save(path: str) -> dict:
+        model = {"type": "notebook", "content": json.loads(nbformat.writes(nb))}
+        pre_save_hook(model=model, path=path, contents_manager=Contents())
+        return model["content"]
+
+    saved = save("notebooks/train.ipynb")
+    assert saved["cells"][0]["outputs"] == [] and saved["cells"][0]["execution_count"] is None
+    assert "widgets" not in saved["metadata"] and "".join(saved["cells"][0]["source"]) == "1 + 1"
+    kept = save("elsewhere/mine.ipynb")  # a researcher's own notebook keeps its outputs
+    assert kept["cells"][0]["outputs"] and kept["cells"][0]["execution_count"] == 3
+
+
+# ------------------------------------------------------------------ provenance
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                          capture_output=True, text=True).stdout
+
+
+def test_code_provenance_ignores_notebooks_and_hashes_the_code_diff(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    (repo / "wmtp_lib").mkdir(parents=True)
+    (repo / "notebooks").mkdir()
+    (repo / "wmtp_lib" / "a.py").write_text("x = 1\n")
+    (repo / "notebooks" / "train.ipynb").write_text("{}\n")
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-qm", "init")
+    commit = _git(repo, "rev-parse", "HEAD").strip()
+    monkeypatch.setattr(metrics, "PROJECT_ROOT", repo)
+
+    assert metrics.code_provenance() == {"git_commit": commit, "code_dirty": False, "code_diff_sha256": None}
+    (repo / "notebooks" / "train.ipynb").write_text('{"outputs": "an opened, executed, autosaved notebook"}\n')
+    (repo / "runs").mkdir()
+    (repo / "runs" / "out.ipynb").write_text("{}\n")
+    assert metrics.code_provenance()["code_dirty"] is False, "notebooks and runs never make a run dirty"
+
+    (repo / "wmtp_lib" / "a.py").write_text("x = 2\n")
+    first = metrics.code_provenance()
+    assert first["git_commit"] == commit + "-dirty" and first["code_dirty"] is True
+    assert re.fullmatch(r"[0-9a-f]{64}", first["code_diff_sha256"])
+    assert metrics.code_provenance() == first, "the same code gives the same hash"
+    (repo / "wmtp_lib" / "new.py").write_text("y = 1\n")  # an untracked module runs too
+    with_new = metrics.code_provenance()
+    assert with_new["code_dirty"] and with_new["code_diff_sha256"] != first["code_diff_sha256"]
+
+
+# ------------------------------------------------------------------ run names, interrupt, resume rate
+
+
+def test_overrides_never_take_the_default_run_name(tmp_path):
+    lines: list[str] = []
+    where = {"paths.runs_dir": str(tmp_path / "runs")}
+    cfg, _ = launch.prepare_run("rho1", "local", None, {**where, "train.steps": 50}, log=lines.append)
+    assert cfg["run_name"] == "rho1-local-seed0-steps50" and cfg["train"]["steps"] == 50
+    assert "named rho1-local-seed0-steps50, not rho1-local-seed0" in lines[-1]
+    cfg, _ = launch.prepare_run("rho1", "local", None, where, log=lines.append)
+    assert cfg["run_name"] == DEFAULT_RUN, "where files go does not change the run"
+    cfg, _ = launch.prepare_run("rho1", "local", "mine", {**where, "train.steps": 50}, log=lines.append)
+    assert cfg["run_name"] == "mine"
+    long = {f"weights.{k}": v for k, v in {"temperature": 0.5, "max_weight": 2.5, "keep_ratio": 0.6,
+                                           "standardize": False}.items()}
+    assert re.fullmatch(r"ov[0-9a-f]{8}", launch.overrides_suffix(long))
+
+
+FAKE_TRAINING = textwrap.dedent("""
+    import sys, time
+    print("resumed from checkpoints/mtp-0000100 (stage mtp, step 100)", flush=True)
+    for step in range(105, 201, 5):
+        time.sleep(0.25)
+        print(f"step {step}/200 loss 1.0000 lr 1.00e-04 gnorm 1.0000", flush=True)
+        if step == 120 and sys.argv[1] == "hang":
+            time.sleep(600)
+""")
+
+
+def _fake_launch(monkeypatch, tmp_path, mode: str):
+    cfg = {"paths": {"runs_dir": str(tmp_path / "runs")}, "run_name": "fake", "train": {"steps": 200}}
+    monkeypatch.setattr(launch, "launch_command", lambda *a: [sys.executable, "-c", FAKE_TRAINING, mode])
+    return cfg
+
+
+def test_bar_rate_after_a_resume_counts_only_this_sessions_steps(tmp_path, monkeypatch, capsys):
+    cfg = _fake_launch(monkeypatch, tmp_path, "run")
+    launch.launch_training(cfg, tmp_path / "config.yaml")
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    done, rate = re.search(r"200/200 \[[^,]+, *([\d.]+) ?(step/s|s/step)", bar).group(0, 1)
+    # 100 steps in about 5 s: 20 step/s; counting the 100 resumed steps would show about 40
+    assert "s/step" in done or float(rate) < 30, bar
+
+
+def test_interrupt_stops_training_with_one_line_in_the_notebook_and_the_log(tmp_path, monkeypatch):
+    cfg = _fake_launch(monkeypatch, tmp_path, "hang")
+    ckpt = tmp_path / "runs" / "fake" / "checkpoints" / "mtp-0000110"
+    ckpt.mkdir(parents=True)
+    (ckpt / "COMPLETE").write_text("")
+    pids: list[int] = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        proc = real_popen(*args, **kwargs)
+        pids.append(proc.pid)
+        return proc
+
+    monkeypatch.setattr(launch.subprocess, "Popen", popen)
+    log = tmp_path / "runs" / "fake" / "train.log"
+    # Kernel → Interrupt is a SIGINT to the kernel: KeyboardInterrupt in its main thread
+    timer = threading.Thread(target=lambda: (_wait_for(lambda: log.is_file() and "step 120/200" in log.read_text(), 60),
+                                             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)))
+    timer.start()
+    try:
+        with pytest.raises(launch.Stopped) as stopped:
+            launch.launch_training(cfg, tmp_path / "config.yaml", progress=False)
+        assert not launch._group_alive(pids[0]), "the training process group is gone"
+    finally:
+        timer.join()
+        for pid in pids:  # whatever happened above, leave no fake training behind
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+    message = "stopped at step 120 — run the cell again to resume (from the checkpoint at step 110)"
+    assert stopped.value._render_traceback_() == [message], "IPython shows this one line, no traceback"
+    assert log.read_text().splitlines()[-1] == message
+
+
+def _wait_for(condition, timeout_s: float) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"condition not met in {timeout_s} s")
+
+
+# ------------------------------------------------------------------ notebooks through papermill
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +237,19 @@ def kernel_name(tmp_path_factory):
         os.environ["JUPYTER_PATH"] = old
 
 
+@pytest.fixture
+def ci_runs(monkeypatch):
+    """An empty CI-sized runs folder (``runs/ci``) that the notebooks use with their default parameters."""
+    monkeypatch.setenv("WMTP_CI", "1")
+    if CI_RUNS.is_dir():
+        shutil.rmtree(CI_RUNS)
+    CI_RUNS.mkdir(parents=True)
+    return CI_RUNS
+
+
 def _run(name, out, kernel_name, **params):
     return pm.execute_notebook(str(ROOT / "notebooks" / f"{name}.ipynb"), str(out), parameters=params,
-                               kernel_name=kernel_name, cwd=str(out.parent), progress_bar=False)
+                               kernel_name=kernel_name, cwd=str(ROOT / "notebooks"), progress_bar=False)
 
 
 def _outputs(nb) -> str:
@@ -54,14 +260,59 @@ def _outputs(nb) -> str:
     return "\n".join(text)
 
 
-def test_each_notebook_has_one_parameters_cell_and_no_outputs():
-    for name in NOTEBOOKS:
-        nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
-        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-        assert len(tagged) == 1, name
-        assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), name
+def _cell_text(nb, needle: str) -> str:
+    """The outputs of the first code cell whose source contains ``needle``."""
+    cell = next(c for c in nb.cells if c.cell_type == "code" and needle in c.source)
+    return "\n".join(o.get("text", "") or json.dumps(o.get("data", {}).get("text/plain", "")) for o in cell.outputs)
 
 
+def _check_reads_default_run(nb) -> None:
+    text = _outputs(nb)
+    assert re.search(rf"reading run {DEFAULT_RUN} \(.*\): recipe rho1, 20 steps, final loss \d+\.\d+, commit [0-9a-f]{{10}}",
+                     text), text[-2000:]
+
+
+@pytest.mark.slow
+def test_notebooks_in_workflow_order(ci_runs, kernel_name):
+    """As a researcher runs them, each with its default parameters, on one runs folder."""
+    out = ci_runs / "notebooks"
+    out.mkdir()
+    executed = {}
+    for name in WORKFLOW:
+        started = time.monotonic()
+        executed[name] = _run(name, out / f"{name}.ipynb", kernel_name)
+        print(f"{name}.ipynb: {time.monotonic() - started:.0f} s")
+
+    assert json.loads((ci_runs / "preflight.json").read_text())["recipes"]
+    assert "tiny-mtp" in _outputs(executed["stage_models"])
+    summary = json.loads((ci_runs / DEFAULT_RUN / "summary.json").read_text())
+    assert summary["steps"] == 20 and summary["recipe"] == "rho1" and "code_dirty" in summary
+    evaluation = json.loads((ci_runs / DEFAULT_RUN / "eval" / "synthetic.json").read_text())
+    assert "noise_imitation" in evaluation["summary"], "the key that crashed analysis is there"
+    _check_reads_default_run(executed["evaluate"])
+    _check_reads_default_run(executed["analysis"])
+    table = _cell_text(executed["analysis"], "pass_at_k_table(loaded)")
+    assert DEFAULT_RUN in table and "synthetic" in table, "analysis shows the evaluation evaluate.ipynb wrote"
+    assert (ci_runs / "analysis_pass_at_k.png").is_file()
+    for name in ("evaluate", "analysis"):
+        assert "training it now" not in _outputs(executed[name]), \
+            f"{name} trained again instead of reading the workflow's run"
+
+
+@pytest.mark.slow
+def test_evaluate_and_analysis_each_alone(ci_runs, kernel_name, tmp_path):
+    """Run first in an empty runs folder, each trains the default run it needs, says so, and reads it."""
+    for name in ("analysis", "evaluate"):
+        shutil.rmtree(ci_runs)
+        ci_runs.mkdir()
+        nb = _run(name, tmp_path / f"{name}.ipynb", kernel_name)
+        text = _outputs(nb)
+        assert f"run {DEFAULT_RUN} is not under {ci_runs} yet: training it now" in text, name
+        _check_reads_default_run(nb)
+    assert (ci_runs / DEFAULT_RUN / "eval" / "head_metrics.png").is_file()
+
+
+@pytest.mark.slow
 def test_preflight_notebook_reports_and_writes_json(tmp_path, kernel_name):
     nb = _run("preflight", tmp_path / "preflight.ipynb", kernel_name, output=str(tmp_path / "preflight.json"))
     report = json.loads((tmp_path / "preflight.json").read_text())
@@ -71,11 +322,13 @@ def test_preflight_notebook_reports_and_writes_json(tmp_path, kernel_name):
         assert r["memory_per_device"]["total_gib"] is not None
 
 
+@pytest.mark.slow
 def test_train_notebook_fails_on_a_failed_run(tmp_path, kernel_name):
     with pytest.raises(pm.PapermillExecutionError, match="unknown key"):
         _run("train", tmp_path / "bad.ipynb", kernel_name, recipe="rho1", overrides={"train.nope": 1})
 
 
+@pytest.mark.slow
 def test_train_notebook_fails_when_training_fails(tmp_path, kernel_name):
     overrides = {"paths.models_dir": str(tmp_path / "no_models"), "paths.runs_dir": str(tmp_path / "runs"),
                  "storage.stage_tiny_if_missing": False}
@@ -83,3 +336,170 @@ def test_train_notebook_fails_when_training_fails(tmp_path, kernel_name):
         _run("train", tmp_path / "fail.ipynb", kernel_name, recipe="mtp_baseline", overrides=overrides)
     log = (tmp_path / "runs" / "mtp_baseline-local-seed0" / "train.log").read_text()
     assert "not staged at" in log
+
+
+# ------------------------------------------------------------------ JupyterLab in a real browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+SCREENSHOT = ROOT / "runs" / "jupyterlab-train.png"
+
+
+def _answers(url: str) -> bool:
+    try:
+        return urllib.request.urlopen(url, timeout=2).status == 200
+    except OSError:  # not listening yet
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def jupyterlab(tmp_path, monkeypatch):
+    """JupyterLab as the README starts it (pre-save hook on), serving a checkout whose notebooks/ is a copy."""
+    checkout = tmp_path / "wmtp"
+    (checkout / "notebooks").mkdir(parents=True)
+    shutil.copy2(ROOT / "notebooks" / "train.ipynb", checkout / "notebooks" / "train.ipynb")
+    for folder in ("wmtp_lib", "params"):
+        os.symlink(ROOT / folder, checkout / folder)
+    port, token = _free_port(), "wmtp-browser-test"
+    env = {**os.environ, "WMTP_CI": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+           "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "lab-settings"),
+           "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "lab-workspaces"), "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path / "jupyterlab.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={checkout}",
+         "--ContentsManager.pre_save_hook=wmtp_lib.notebook_files.pre_save_hook"]
+        + (["--allow-root"] if os.geteuid() == 0 else []),
+        cwd=checkout, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for(lambda: server.poll() is not None or _answers(f"http://127.0.0.1:{port}/api/status?token={token}"), 90)
+        assert server.poll() is None, "JupyterLab exited:\n" + (tmp_path / "jupyterlab.log").read_text()[-3000:]
+        yield f"http://127.0.0.1:{port}/lab?token={token}", checkout
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server shuts its kernels down
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                    reason="no browser: install Debian's chromium and chromium-driver (apt-get install -y chromium "
+                           "chromium-driver, as .ci/run does) to drive JupyterLab")
+def test_train_notebook_in_jupyterlab(jupyterlab, tmp_path):
+    """Open train.ipynb from the file browser, set a CI-sized parameter, Run All: a live progress widget and
+    the inline figure, no error output; saving writes no outputs and changes no metadata."""
+    from selenium import webdriver
+    from selenium.common.exceptions import ElementNotInteractableException, StaleElementReferenceException
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, checkout = jupyterlab
+    notebook = checkout / "notebooks" / "train.ipynb"
+    committed = notebook.read_bytes()
+    run_dir = CI_RUNS / f"{DEFAULT_RUN}-steps10"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # CI scratch: a stale run would resume instead of training
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1400,1100"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    wait = WebDriverWait(driver, 60)
+
+    def open_in_file_browser(name: str) -> None:
+        item = wait.until(ec.element_to_be_clickable(
+            (By.XPATH, f"//li[contains(@class, 'jp-DirListing-item')][.//span[text()='{name}']]")))
+        ActionChains(driver).double_click(item).perform()
+
+    def save() -> None:
+        ActionChains(driver).key_down(Keys.CONTROL).send_keys("s").key_up(Keys.CONTROL).perform()
+
+    def saved_since(mtime_ns: int) -> bool:
+        """The server wrote the notebook again, completely (it writes in place: an empty file first)."""
+        if notebook.stat().st_mtime_ns == mtime_ns:
+            return False
+        try:
+            json.loads(notebook.read_text())
+        except json.JSONDecodeError:
+            return False
+        return True
+
+    def click(css: str, index: int = 0):
+        """Click the element once JupyterLab has stopped re-rendering it (a kernel start re-renders cells)."""
+        for _ in range(20):
+            try:
+                element = driver.find_elements(By.CSS_SELECTOR, css)[index]
+                element.click()
+                return element
+            except (StaleElementReferenceException, ElementNotInteractableException, IndexError):
+                time.sleep(0.25)
+        raise AssertionError(f"{css} never became clickable")
+
+    try:
+        driver.get(url)
+        open_in_file_browser("notebooks")
+        open_in_file_browser("train.ipynb")
+        wait.until(ec.presence_of_element_located(
+            (By.CSS_SELECTOR, ".jp-NotebookPanel .jp-Notebook-ExecutionIndicator[data-status='idle']")))
+        # opening and saving with the kernel started changes nothing in the committed file
+        before = notebook.stat().st_mtime_ns
+        click(".jp-NotebookPanel .jp-CodeCell .jp-InputPrompt")
+        save()
+        _wait_for(lambda: saved_since(before), 20)
+        assert notebook.read_bytes() == committed, "JupyterLab rewrote the notebook on open + save"
+
+        # the parameters cell: a CI-sized run of its own (WMTP_CI=1 in the server's environment sizes the rest)
+        editor = click(".jp-NotebookPanel .jp-CodeCell .cm-content")
+        ActionChains(driver).key_down(Keys.CONTROL).send_keys(Keys.END).key_up(Keys.CONTROL).perform()
+        ActionChains(driver).send_keys(Keys.ENTER, 'overrides = {"train.steps": 10').perform()
+        source = editor.text
+        assert re.search(r'overrides = \{"train\.steps": 10\}?', source), source
+        if not source.rstrip().endswith("}"):
+            ActionChains(driver).send_keys("}").perform()
+        driver.find_element(By.XPATH, "//div[contains(@class, 'lm-MenuBar-itemLabel')][text()='Run']").click()
+        driver.find_element(By.XPATH, "//div[contains(@class, 'lm-Menu-itemLabel')][text()='Run All Cells']").click()
+
+        progress = WebDriverWait(driver, 120).until(ec.presence_of_element_located(
+            (By.CSS_SELECTOR, ".jp-OutputArea-output .widget-hprogress, .jp-OutputArea-output .widget-progress")))
+        assert progress.is_displayed()
+        WebDriverWait(driver, 150).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".jp-RenderedImage img") or
+                                         d.find_elements(By.CSS_SELECTOR, "[data-mime-type='application/vnd.jupyter.stderr']"))
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(SCREENSHOT))
+        errors = [e.text for e in driver.find_elements(By.CSS_SELECTOR,
+                                                       "[data-mime-type='application/vnd.jupyter.stderr']")]
+        assert not errors, f"error output in the notebook (screenshot {SCREENSHOT}):\n" + "\n".join(errors)[-3000:]
+        image = driver.find_element(By.CSS_SELECTOR, ".jp-RenderedImage img")
+        assert image.size["width"] > 300, "the inline figure is rendered"
+        text = driver.find_element(By.CSS_SELECTOR, ".jp-NotebookPanel .jp-Notebook").text
+        assert f"named {DEFAULT_RUN}-steps10" in text and "step 10/10 loss" in text, text[-2000:]
+        assert "Error displaying widget" not in text and "Traceback" not in text
+        assert (run_dir / "summary.json").is_file()
+
+        # saving after the run writes the edit, never the outputs
+        before = notebook.stat().st_mtime_ns
+        save()
+        _wait_for(lambda: saved_since(before), 20)
+        saved = nbformat.read(notebook, as_version=4)
+        assert not any(c.get("outputs") or c.get("execution_count") for c in saved.cells if c.cell_type == "code")
+        assert '"train.steps": 10' in saved.cells[1].source and saved.metadata == nbformat.reads(
+            committed.decode(), as_version=4).metadata
+    finally:
+        driver.quit()

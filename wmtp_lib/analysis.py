@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from wmtp_lib.config import read_yaml
 from wmtp_lib.evaluation import bootstrap_ci
 
 PASS_AT_K_COLUMNS = ["run", "benchmark", "k", "pass@k", "ci95_low", "ci95_high", "problems"]
@@ -24,20 +25,49 @@ def discover_runs(runs_dir: str | Path) -> list[str]:
 
 
 def load_run(runs_dir: str | Path, name: str) -> dict[str, Any]:
+    """A run's metrics, summary (empty while unfinished), resolved config and evaluations."""
     d = Path(runs_dir) / name
     metrics = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
     summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").is_file() else {}
+    config = read_yaml(d / "config.yaml") if (d / "config.yaml").is_file() else {}
     evals = {p.stem: json.loads(p.read_text()) for p in sorted((d / "eval").glob("*.json"))} \
         if (d / "eval").is_dir() else {}
-    return {"name": name, "metrics": metrics, "summary": summary, "eval": evals}
+    return {"name": name, "metrics": metrics, "summary": summary, "config": config, "eval": evals}
+
+
+RUNS_COLUMNS = ["run", "recipe", "steps", "of", "status", "final_loss", "commit", "w_noisy", "w_clean"]
 
 
 def runs_table(runs: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per run: recipe, steps, final loss and the noisy/clean mean token weights of its summary."""
-    return pd.DataFrame([{"run": r["name"], "recipe": r["summary"].get("recipe"), "steps": r["summary"].get("steps"),
-                          "final_loss": r["summary"].get("final_loss"), "w_noisy": r["summary"].get("weight_noisy"),
-                          "w_clean": r["summary"].get("weight_clean")} for r in runs],
-                        columns=["run", "recipe", "steps", "final_loss", "w_noisy", "w_clean"])
+    """One row per run: recipe, steps trained (of those planned), finished or stopped, final loss, commit, and
+    the noisy/clean mean token weights. An unfinished run (no summary yet) is read from its config and
+    metrics, so an interrupted run shows its recipe and the step it reached."""
+    rows = []
+    for r in runs:
+        summary, config = r["summary"], r.get("config", {})
+        mtp = [m for m in r["metrics"] if m.get("stage") == "mtp"]
+        last = mtp[-1] if mtp else {}
+        planned = summary.get("steps") or config.get("train", {}).get("steps")
+        rows.append({"run": r["name"], "recipe": summary.get("recipe") or config.get("recipe"),
+                     "steps": last.get("step", 0), "of": planned,
+                     "status": "finished" if summary else f"stopped at step {last.get('step', 0)}",
+                     "final_loss": summary.get("final_loss", last.get("loss")),
+                     "commit": short_commit(summary),
+                     "w_noisy": summary.get("weight_noisy", last.get("weight_noisy")),
+                     "w_clean": summary.get("weight_clean", last.get("weight_clean"))})
+    return pd.DataFrame(rows, columns=RUNS_COLUMNS)
+
+
+def short_commit(summary: dict[str, Any]) -> str | None:
+    """``abc1234``, ``abc1234+diff 9f3e…`` when the code that ran differed from the commit, None if unknown."""
+    commit = summary.get("git_commit")
+    if not commit:
+        return None
+    short = commit.split("-")[0][:7]
+    if summary.get("code_dirty") or commit.endswith("-dirty"):
+        diff = summary.get("code_diff_sha256")
+        return f"{short}+diff {diff[:8]}" if diff else f"{short}-dirty"
+    return short
 
 
 def pass_at_k_table(runs: list[dict[str, Any]], n_boot: int = 2000) -> pd.DataFrame:
@@ -45,7 +75,8 @@ def pass_at_k_table(runs: list[dict[str, Any]], n_boot: int = 2000) -> pd.DataFr
     rows = []
     for run in runs:
         for bench, res in run["eval"].items():
-            for key in res["summary"]:
+            # the summary also holds other means (synthetic: noise_imitation); only pass@k keys are rows
+            for key in [key for key in res["summary"] if key.startswith("pass@")]:
                 k = key.split("@")[1]
                 values = [p["pass_at_k"][k] for p in res["per_problem"]]
                 mean, lo, hi = bootstrap_ci(values, n_boot=n_boot)
@@ -69,6 +100,7 @@ def speculative_table(runs: list[dict[str, Any]]) -> pd.DataFrame:
 def plot_curves(runs: list[dict[str, Any]], save_to: str | Path | None = None):
     """Loss and per-head final loss across runs."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for run in runs:
@@ -81,8 +113,9 @@ def plot_curves(runs: list[dict[str, Any]], save_to: str | Path | None = None):
     axes[0].set_xlabel("step")
     axes[1].set_title("final per-head loss")
     axes[1].set_xlabel("head k (predicts t+k+1)")
+    axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     if save_to:
         fig.savefig(save_to, dpi=100)
@@ -107,7 +140,8 @@ def plot_weights(runs: list[dict[str, Any]], save_to: str | Path | None = None):
     axes[1].set_title("mean weight noisy / clean samples")
     for ax in axes:
         ax.set_xlabel("step")
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     if save_to:
         fig.savefig(save_to, dpi=100)
@@ -118,12 +152,16 @@ def plot_pass_at_k(table: pd.DataFrame, save_to: str | Path | None = None):
     """Bars of `pass_at_k_table` with their 95% bootstrap intervals."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 3.8))
-    labels = [f"{r.run}\n{r.benchmark} pass@{r.k}" for r in table.itertuples()]
+    # horizontal bars: run names stay readable (9 pt, unrotated) however many rows there are
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.4 * len(table)))
+    labels = [f"{r.run}  {r.benchmark} pass@{r.k}" for r in table.itertuples()]
     means = table["pass@k"]
     err = [means - table["ci95_low"], table["ci95_high"] - means]
-    ax.bar(range(len(table)), means, yerr=err, capsize=3)
-    ax.set_xticks(range(len(table)), labels, rotation=60, ha="right", fontsize=6)
+    ax.barh(range(len(table)), means, xerr=err, capsize=3)
+    ax.set_yticks(range(len(table)), labels, fontsize=9)
+    ax.invert_yaxis()  # first row on top, as in the table
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("pass@k")
     ax.set_title("pass@k with 95% bootstrap CI over problems")
     fig.tight_layout()
     if save_to:
@@ -155,6 +193,7 @@ def evaluation_speculative(results: dict[str, Any]) -> pd.DataFrame:
 def plot_head_metrics(results: dict[str, Any], save_to: str | Path | None = None):
     """Loss and top-1 accuracy of head k on held-out data, one line per benchmark."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     table = evaluation_head_metrics(results)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -165,6 +204,7 @@ def plot_head_metrics(results: dict[str, Any], save_to: str | Path | None = None
     axes[1].set_title("top-1 accuracy of head k")
     for ax in axes:
         ax.set_xlabel("head k (predicts t+k+1)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
     fig.tight_layout()
     if save_to:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -115,8 +116,11 @@ def head_metric_sums(logits: torch.Tensor, input_ids: torch.Tensor, label_mask: 
 
 
 @torch.no_grad()
-def head_metrics(model: torch.nn.Module, data: TokenizedData, batch_size: int = 8) -> dict[str, list[float]]:
-    """Loss and top-1 accuracy of head k for token t+k+1 on held-out rows (targets = label mask)."""
+def head_metrics(model: torch.nn.Module, data: TokenizedData, batch_size: int = 8,
+                 progress=None) -> dict[str, list[float]]:
+    """Loss and top-1 accuracy of head k for token t+k+1 on held-out rows (targets = label mask).
+
+    ``progress(done_rows, total_rows)`` is called after each batch when given."""
     model.eval()
     device = next(model.parameters()).device
     totals: dict[str, torch.Tensor] | None = None
@@ -129,6 +133,8 @@ def head_metrics(model: torch.nn.Module, data: TokenizedData, batch_size: int = 
         logits = model(b["input_ids"].to(device), b["attention_mask"].to(device), **packed)
         sums = head_metric_sums(logits.float(), b["input_ids"].to(device), b["label_mask"].to(device), positions)
         totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
+        if progress is not None:
+            progress(idx[-1] + 1, len(data))
     assert totals is not None, "no held-out rows"
     count = totals["count"].clamp(min=1)
     return {"loss": (totals["ce_sum"] / count).tolist(), "accuracy": (totals["correct"] / count).tolist(),
@@ -165,6 +171,29 @@ def bootstrap_ci(values: list[float], n_boot: int = 2000, alpha: float = 0.05, s
     lo = means[int(alpha / 2 * n_boot)].item()
     hi = means[min(n_boot - 1, int((1 - alpha / 2) * n_boot))].item()
     return v.mean().item(), lo, hi
+
+
+class _PhaseBar:
+    """A tqdm bar with its total for one evaluation phase, called as ``bar(done, total)``; a no-op when off."""
+
+    def __init__(self, on: bool, total: int, desc: str, unit: str):
+        self.tqdm = None
+        if on:
+            from tqdm.auto import tqdm
+
+            self.tqdm = tqdm(total=total, desc=desc, unit=unit)
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.tqdm is not None:
+            self.tqdm.total = total
+            self.tqdm.update(done - self.tqdm.n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.tqdm is not None:
+            self.tqdm.close()
 
 
 def resolve_model_dir(run: str, runs_dir: str | Path = "runs") -> tuple[Path, Path | None]:
@@ -207,11 +236,14 @@ def benchmark_samples(benchmark: str, limit: int | None, data_cfg: dict[str, Any
 def run_evaluation(run: str, benchmarks: list[str], n_samples: int = 5, ks: list[int] | None = None,
                    temperature: float = 0.8, top_p: float = 0.95, max_new_tokens: int = 96, limit: int | None = 50,
                    speculative_prompts: int = 20, seed: int = 0, runs_dir: str | Path | None = None,
-                   datasets_dir: str | Path = "datasets", progress=None, log=print,
+                   datasets_dir: str | Path = "datasets", progress: bool = False, log=print,
                    allow_weak_sandbox: bool = False) -> dict[str, Any]:
     """Everything `notebooks/evaluate.ipynb` reports; results saved to ``<run>/eval/<benchmark>.json``.
 
     ``runs_dir`` defaults to `default_runs_dir`; under ``WMTP_CI=1`` the sizes are capped by ``params/ci.yaml``.
+    With ``progress``, every phase shows itself: a bar with its total for sampling and executing the problems
+    and for the held-out head metrics, a line before and after loading the model and the speculative-decoding
+    benchmark (timed as a whole, so it gets no per-prompt updates that would sit inside its clock).
     """
     from wmtp_lib.data import tokenize_samples
     from wmtp_lib.loaders import load_tokenizer
@@ -235,8 +267,12 @@ def run_evaluation(run: str, benchmarks: list[str], n_samples: int = 5, ks: list
     model_dir, run_dir = resolve_model_dir(run, runs_dir)
     out_dir = (run_dir or model_dir) / "eval"
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    say = log if progress else (lambda line: None)
+    t0 = time.perf_counter()
+    say(f"loading {model_dir} on {device}")
     model = MTPModel.from_pretrained(model_dir, device=device).eval()
     tokenizer = load_tokenizer(model_dir)
+    say(f"loaded in {time.perf_counter() - t0:.1f} s")
     data_cfg = None
     max_length = 256
     if run_dir is not None and (run_dir / "config.yaml").is_file():
@@ -248,13 +284,21 @@ def run_evaluation(run: str, benchmarks: list[str], n_samples: int = 5, ks: list
     for bench in benchmarks:
         samples = benchmark_samples(bench, limit, data_cfg, datasets_dir)
         torch.manual_seed(seed)
-        res = evaluate_pass_at_k(model, tokenizer, samples, bench, n_samples, ks or [1, n_samples], temperature,
-                                 top_p, max_new_tokens, seed, progress=progress,
-                                 allow_weak_sandbox=allow_weak_sandbox)
+        with _PhaseBar(progress, len(samples), f"{bench}: problems", "problem") as bar:
+            res = evaluate_pass_at_k(model, tokenizer, samples, bench, n_samples, ks or [1, n_samples], temperature,
+                                     top_p, max_new_tokens, seed, progress=bar,
+                                     allow_weak_sandbox=allow_weak_sandbox)
         held_out = tokenize_samples(tokenizer, samples, max_length)
-        res["head_metrics"] = head_metrics(model, held_out)
-        res["speculative"] = speculative_report(model, tokenizer, samples[:speculative_prompts], max_new_tokens) \
-            if speculative_prompts > 0 else None
+        with _PhaseBar(progress, len(held_out), f"{bench}: head metrics", "row") as bar:
+            res["head_metrics"] = head_metrics(model, held_out, progress=bar)
+        res["speculative"] = None
+        if speculative_prompts > 0:
+            prompts = samples[:speculative_prompts]
+            t0 = time.perf_counter()
+            say(f"{bench}: self-speculative vs greedy decoding on {len(prompts)} prompts (each decoder twice, up to "
+                f"{max_new_tokens} tokens a prompt)…")
+            res["speculative"] = speculative_report(model, tokenizer, prompts, max_new_tokens)
+            say(f"{bench}: speculative decoding done in {time.perf_counter() - t0:.1f} s")
         res["sandbox_isolation"] = res["sandbox"]["level"]
         res["model_dir"] = str(model_dir)
         save_json(res, out_dir / f"{bench}.json")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from wmtp_lib.config import (
+    RESUME_FREE_KEYS,
     ConfigError,
     as_dict,
     check_same_run,
@@ -23,16 +25,73 @@ from wmtp_lib.config import (
 from wmtp_lib.registry import PROJECT_ROOT
 
 STEP_LINE = re.compile(r"^step (\d+)/(\d+)")
+RESUMED_LINE = re.compile(r"^resumed from \S+ \(stage mtp, step (\d+)\)")
+# Overrides that leave what a run computes alone (where files live, when it logs or saves); any other override
+# gives the run a name of its own, so a short trial never takes the default run's name (and its checkpoints).
+NAME_FREE_KEYS = ("seed",) + RESUME_FREE_KEYS  # the default name already carries the seed
+NAME_FREE_PREFIXES = ("paths.", "storage.")
+
+
+class Stopped(KeyboardInterrupt):
+    """The user interrupted a long cell: shown in the notebook as its one line, not as a traceback.
+
+    IPython renders an exception through ``_render_traceback_`` when it has one; the cell still ends in
+    error, so *Run All* stops there. A KeyboardInterrupt, so ``except Exception`` never swallows it.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def _render_traceback_(self) -> list[str]:
+        return [self.message]
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def overrides_suffix(overrides: dict[str, Any]) -> str:
+    """A run-name suffix for the overrides that change what a run computes (``""`` when none do).
+
+    ``{"train.steps": 50, "weights.temperature": 0.5}`` → ``"steps50-temperature0.5"``; a long or unprintable
+    set becomes ``"ov"`` + 8 hex digits of its JSON. Keys of `NAME_FREE_KEYS`/`NAME_FREE_PREFIXES` are left out.
+    """
+    flat = {k: v for k, v in _flatten(overrides).items()
+            if k not in NAME_FREE_KEYS and not k.startswith(NAME_FREE_PREFIXES)}
+    if not flat:
+        return ""
+    parts = [k.rsplit(".", 1)[-1] + re.sub(r"[^A-Za-z0-9.]+", "", json.dumps(v)) for k, v in sorted(flat.items())]
+    suffix = "-".join(parts)
+    if len(suffix) > 40 or not re.fullmatch(r"[A-Za-z0-9._-]+", suffix):
+        suffix = "ov" + hashlib.sha1(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:8]
+    return suffix
 
 
 def prepare_run(recipe: str, env: str = "local", run_name: str | None = None,
                 overrides: dict[str, Any] | None = None, log=print) -> tuple[dict[str, Any], Path]:
     """Resolve recipe + environment + overrides and write ``runs/<run_name>/config.yaml``.
 
-    A run directory that already has checkpoints belongs to its config: another resolved config under
-    the same run name is refused (naming the changed keys) before anything is written.
+    With no ``run_name``, overrides that change what the run computes extend the default name
+    (``rho1-local-seed0-steps50``, `overrides_suffix`), and that is said in one line: the default run, which
+    evaluate.ipynb and analysis.ipynb read, is never replaced by a variant. A run directory that already has
+    checkpoints belongs to its config: another resolved config under the same run name is refused (naming
+    the changed keys) before anything is written.
     """
-    cfg = resolve_config(recipe, env, as_dict(overrides or {}, "overrides"), run_name=run_name or None)
+    overrides = as_dict(overrides or {}, "overrides")
+    suffix = "" if run_name else overrides_suffix(overrides)
+    cfg = resolve_config(recipe, env, overrides, run_name=run_name or None)
+    if suffix:
+        named = f"{cfg['run_name']}-{suffix}"
+        log(f"overrides {json.dumps(overrides)} change the run, so it is named {named}, not {cfg['run_name']} "
+            "(pass run_name to choose the name)")
+        cfg = resolve_config(recipe, env, overrides, run_name=named)
     run_dir = project_path(cfg["paths"]["runs_dir"]) / cfg["run_name"]
     existing = run_dir / "config.yaml"
     has_checkpoints = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
@@ -61,8 +120,21 @@ def ensure_tiny_models(cfg: dict[str, Any], log=print) -> None:
     models_dir = project_path(cfg["paths"]["models_dir"])
     missing = [m for m in needed if not (models_dir / m / "manifest.json").is_file()]
     if missing:
-        log(f"building tiny models {missing} in {models_dir}")
-        stage_tiny(models_dir, ids=tuple(missing), log=log)
+        from transformers.utils import logging as hf_logging
+
+        log(f"building tiny models {missing} in {models_dir} (about a minute; each step is printed)")
+        # transformers' "Writing model shards" bar says nothing here: a tiny model is one shard
+        bars_were_on = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            stage_tiny(models_dir, ids=tuple(missing), log=log)
+        except KeyboardInterrupt:
+            # a model is complete once its manifest.json is written, so the next run rebuilds only what is missing
+            raise Stopped(f"stopped while building the tiny models {missing} — run the cell again to build them") \
+                from None
+        finally:
+            if bars_were_on:
+                hf_logging.enable_progress_bar()
 
 
 def required_models(cfg: dict[str, Any]) -> list[str]:
@@ -126,6 +198,9 @@ def launch_training(cfg: dict[str, Any], config_path: Path, num_processes: int |
     """Run training as a subprocess; its output goes to ``runs/<run>/train.log``, progress to a bar.
 
     A non-zero exit raises `RuntimeError` with the end of the log, so a failed run fails the notebook.
+    An interrupt (Kernel → Interrupt, Ctrl+C) stops the whole process group and raises `Stopped`: one line,
+    also appended to train.log, saying where training stopped and that running the cell again resumes.
+    After a resume the bar starts at the resumed step and its rate counts this session's steps only.
     """
     run_dir = project_path(cfg["paths"]["runs_dir"]) / cfg["run_name"]
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -137,8 +212,9 @@ def launch_training(cfg: dict[str, Any], config_path: Path, num_processes: int |
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg["train"]["steps"], desc=cfg["run_name"], unit="step")
+        bar = tqdm(total=cfg["train"]["steps"], desc="training", unit="step")
     tail: list[str] = []
+    step = 0
     with open(log_path, "w", buffering=1) as log:  # line-buffered: `tail -f train.log` follows the run
         log.write("$ " + " ".join(cmd) + "\n")
         # its own process group: an interrupted or failed cell stops the launcher and every worker with it
@@ -150,9 +226,20 @@ def launch_training(cfg: dict[str, Any], config_path: Path, num_processes: int |
                 log.write(line)
                 tail = (tail + [line.rstrip()])[-40:]
                 m = STEP_LINE.match(line)
+                resumed = RESUMED_LINE.match(line)
+                if m:
+                    step = int(m.group(1))
+                if resumed:
+                    step = int(resumed.group(1))
+                if resumed and bar is not None:
+                    # steps done before this session are not this session's speed: tqdm's rate is (n - initial)/elapsed
+                    bar.initial = bar.n = step
+                    bar.start_t = bar.last_print_t = bar._time()
+                    bar.refresh()
                 if m and bar is not None:
-                    bar.n = int(m.group(1))
-                    bar.set_postfix_str(line.split(" ", 2)[2].strip()[:80])
+                    bar.n = step
+                    # short, so name, bar and stats fit one line; the printed step line carries the rest
+                    bar.set_postfix_str(" ".join(line.split()[2:4]))
                     bar.refresh()
                 # The bar is the live view only (a saved notebook, nbviewer or a job log keeps none of its
                 # updates); the printed step lines are the record, so they are printed with or without a bar.
@@ -160,6 +247,13 @@ def launch_training(cfg: dict[str, Any], config_path: Path, num_processes: int |
                                                         "data:", "rollouts:", "rewards:", "already finished")):
                     print(line.rstrip())
             code = proc.wait()
+        except KeyboardInterrupt:
+            stop_process_group(proc)
+            message = stopped_message(run_dir, step)
+            log.write(message + "\n")
+            if bar is not None:
+                bar.close()
+            raise Stopped(message) from None
         finally:
             stop_process_group(proc)
     if bar is not None:
@@ -167,6 +261,23 @@ def launch_training(cfg: dict[str, Any], config_path: Path, num_processes: int |
     if code != 0:
         raise RuntimeError(f"training exited with code {code}; log: {log_path}\n" + "\n".join(tail[-20:]))
     return run_dir
+
+
+def stopped_message(run_dir: Path, step: int) -> str:
+    """``stopped at step N — run the cell again to resume``, naming the checkpoint a resume starts from when
+    it is an earlier step (checkpoints are written every ``save_every`` steps)."""
+    from wmtp_lib.checkpoint import COMPLETE_MARKER
+
+    # training checkpoints are checkpoints/mtp-<step, 7 digits>, complete once their marker is written
+    saved = [int(p.parent.name.split("-")[1]) for p in (run_dir / "checkpoints").glob(f"mtp-*/{COMPLETE_MARKER}")]
+    where = f"stopped at step {step}" if step else "stopped before the first logged step"
+    if saved and max(saved) < step:
+        return f"{where} — run the cell again to resume (from the checkpoint at step {max(saved)})"
+    if not saved and list((run_dir / "checkpoints").glob(f"value-*/{COMPLETE_MARKER}")):
+        return f"{where} — run the cell again to resume (from the critic's value-head checkpoint)"
+    if not saved:
+        return f"{where} — run the cell again to start it again (no checkpoint was written yet)"
+    return f"{where} — run the cell again to resume"
 
 
 def load_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -184,7 +295,7 @@ def plot_run(records: list[dict[str, Any]], title: str = "", save_to: str | Path
     ncols = 3 if weighted else 2
     fig, axes = plt.subplots(1, ncols, figsize=(5 * ncols, 3.6))
     steps = [r["step"] for r in mtp]
-    axes[0].plot(steps, [r["loss"] for r in mtp], label="Σ_k α_k L_k")
+    axes[0].plot(steps, [r["loss"] for r in mtp], label=r"$\sum_k \alpha_k L_k$ (all heads)")
     if value:
         axes[0].plot([r["step"] for r in value], [r["value_loss"] for r in value], label="value loss (stage 1)")
     axes[0].set_xlabel("step")
@@ -210,7 +321,8 @@ def plot_run(records: list[dict[str, Any]], title: str = "", save_to: str | Path
             axes[2].plot(ws, [r.get("weight_clean") for r in weighted], label="clean samples")
         axes[2].set_xlabel("step")
         axes[2].set_title("token weights")
-        axes[2].legend(fontsize=7)
+        # beside the axes, not over the max line
+        axes[2].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.suptitle(title)
     fig.tight_layout()
     if save_to is not None:

@@ -7,6 +7,7 @@ Any other missing run is an error that says how to train it.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Callable
@@ -42,3 +43,26 @@ def find_or_train_run(run: str, runs_dir: str | Path | None = None, log: Callabl
     cfg, config_path = prepare_run(recipe, "local", run, {"seed": seed, "paths.runs_dir": str(root)})
     ensure_tiny_models(cfg, log=log)
     return launch_training(cfg, config_path)
+
+
+def describe_run(run_dir: str | Path) -> str:
+    """One line saying which run a notebook reads: name, recipe, steps, final loss, commit (and diff hash).
+
+    ``run_dir`` may also be a plain model directory (no run around it), which is said instead.
+    """
+    run_dir = Path(run_dir)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        return f"reading the model directory {run_dir} (not a run: no summary.json, so no recipe, steps or commit)"
+    s = json.loads(summary_path.read_text())
+    loss = "n/a" if s.get("final_loss") is None else f"{s['final_loss']:.4f}"
+    commit = s.get("git_commit")
+    if commit is None:
+        code = "commit unknown (not a git checkout)"
+    elif s.get("code_dirty") or commit.endswith("-dirty"):
+        diff = s.get("code_diff_sha256")
+        code = f"commit {commit.split('-')[0][:10]} with uncommitted code changes" + (f" (diff {diff[:12]})" if diff else "")
+    else:
+        code = f"commit {commit[:10]}"
+    return (f"reading run {run_dir.name} ({run_dir}): recipe {s.get('recipe')}, {s.get('steps')} steps, "
+            f"final loss {loss}, {code}")
