@@ -12,6 +12,7 @@ Each ends up as a converted directory with a manifest, exactly like a staged 7B 
 
 from __future__ import annotations
 
+import math
 import random
 import shutil
 import tempfile
@@ -65,13 +66,57 @@ def build_tokenizer(workdir: Path, seed: int):
     return train_tokenizer(synthetic_corpus(seed=seed, n=600), workdir=workdir)
 
 
-def build_base(dst: Path, tokenizer_dir: Path, vocab: int, seed: int, n_future: int = 4) -> Path:
-    """A random-initialised MTP base in Meta's repo layout (weights in ``7B_1T_4/``, ``tokenizer.model`` at the
-    root), then converted with `convert_checkpoint`."""
+PRETRAIN_SEED_OFFSET = 3  # the tokenizer's corpus is seed, the reference's seed + 1, the reward model's seed + 2
+PRETRAIN = dict(steps=120, batch=16, length=144, lr=3e-3, n_tasks=1200)
+
+
+def pretraining_corpus(seed: int, n_tasks: int = PRETRAIN["n_tasks"]) -> list[Sample]:
+    """The base's pretraining text: clean training-split synthetic tasks of corpus seed ``seed + 3`` (no
+    test-split constant, i.e. no multiple of 7; not the fine-tuning data, which is seeded by ``data_seed``)."""
+    return synthetic_tasks(n_tasks, "train", seed + PRETRAIN_SEED_OFFSET, noise_fraction=0.0)
+
+
+def pretrain_base(model: MTPModel, tokenizer, seed: int, steps: int = PRETRAIN["steps"],
+                  batch: int = PRETRAIN["batch"], length: int = PRETRAIN["length"], lr: float = PRETRAIN["lr"],
+                  n_tasks: int = PRETRAIN["n_tasks"], log: Callable[[str], None] = print) -> MTPModel:
+    """Pretrain ``model`` in place with the multi-token objective, every head (`mtp_token_ce` and
+    `weighted_mtp_loss` with uniform weights, as the ``mtp_baseline`` recipe; AdamW, cosine decay from ``lr``
+    to 0, gradients clipped at 1), on the full text (prompt and
+    solution, BOS to EOS) of `pretraining_corpus`: a base that already writes such code, as the 7B does."""
+    from wmtp_lib.losses import mtp_token_ce, weighted_mtp_loss
+
+    rows = [encode_sample(tokenizer, s, prompt_masking=False)[0] for s in pretraining_corpus(seed, n_tasks)]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
+    rng = random.Random(f"pretrain-{seed}")
+    batches = _batches(rows, batch, length, tokenizer.pad_token_id or 0, rng)
+    model.train()
+    for step in range(steps):
+        ids, mask = next(batches)
+        width = int(mask.sum(dim=1).max())  # padding past the longest row carries no target
+        ids, mask = ids[:, :width], mask[:, :width]
+        ce, valid = mtp_token_ce(model(ids, attention_mask=mask), ids, label_mask=mask)
+        loss = weighted_mtp_loss(ce, torch.ones_like(ce), valid)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 50 == 0 or step == steps - 1:
+            log(f"tiny-mtp pretraining step {step}: loss {loss.item():.3f} (sum over {ce.shape[-1]} heads)")
+    return model.eval()
+
+
+def build_base(dst: Path, tokenizer, tokenizer_dir: Path, seed: int, n_future: int = 4,
+               steps: int = PRETRAIN["steps"], log: Callable[[str], None] = print) -> Path:
+    """An MTP base pretrained with `pretrain_base` (``steps``; 0 leaves it random), written in Meta's repo
+    layout (weights in ``7B_1T_4/``, ``tokenizer.model`` at the root), then converted with `convert_checkpoint`."""
     torch.manual_seed(seed)
-    dims = {**tiny_config_dict("tiny-mtp", n_future), "vocab_size": vocab}
+    dims = {**tiny_config_dict("tiny-mtp", n_future), "vocab_size": len(tokenizer)}
     config = mtp_config(n_future, bos_token_id=1, eos_token_id=2, **dims)
     model = MTPModel(config)
+    if steps > 0:
+        pretrain_base(model, tokenizer, seed, steps=steps, log=log)
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
         meta_dir = save_meta_checkpoint(model, repo / "7B_1T_4")
@@ -151,7 +196,8 @@ def build_reward(dst: Path, tokenizer, tokenizer_dir: Path, seed: int, steps: in
 
 
 def stage_tiny(models_dir: str | Path, ids: tuple[str, ...] = TINY_IDS, seed: int = 0, force: bool = False,
-               log: Callable[[str], None] = print, ref_steps: int = 300, rm_steps: int = 600) -> dict[str, Path]:
+               log: Callable[[str], None] = print, base_steps: int = PRETRAIN["steps"], ref_steps: int = 300,
+               rm_steps: int = 600) -> dict[str, Path]:
     """Build the tiny models that are missing under ``models_dir`` (all of ``ids`` when ``force``)."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     models_dir = Path(models_dir)
@@ -183,7 +229,7 @@ def stage_tiny(models_dir: str | Path, ids: tuple[str, ...] = TINY_IDS, seed: in
             if dst.exists():
                 shutil.rmtree(dst)
             if model_id == "tiny-mtp":
-                build_base(dst, tok_dir, len(tokenizer), seed)
+                build_base(dst, tokenizer, tok_dir, seed, steps=base_steps, log=log)
             elif model_id == "tiny-ref":
                 build_reference(dst, tokenizer, tok_dir, seed, steps=ref_steps, log=log)
             else:
