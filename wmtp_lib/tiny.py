@@ -1,12 +1,25 @@
-"""The embedded default: tiny models built on the spot, deterministically, in about a minute on a CPU.
+"""The embedded default: tiny models built on the spot, deterministically, on a CPU. Building all three on
+the first run took 142 CPU-seconds on one thread (52 of them pretraining tiny-mtp; 97 before it was
+pretrained), measured on the shared 2-core machine under load (`/usr/bin/time`, user + sys).
 
-- a SentencePiece ``tokenizer.model`` trained with Llama-2's settings on the synthetic task corpus (every
-  digit its own piece, so held-out test constants are spelled like training constants);
-- ``tiny-mtp``: a random MTP base written in Meta's layout (``tokenizer.model`` at the repo root, weights
-  in a subfolder, as in Meta's repo) and then converted (so the converter runs every time the default is
-  staged);
-- ``tiny-ref``: a next-token Llama trained briefly on clean synthetic data (the Rho-1 reference);
-- ``tiny-rm``: a sequence-classification reward model trained briefly to prefer correct solutions.
+What each was trained on (all text comes from `wmtp_lib.data.synthetic_tasks`, ``seed`` = `stage_tiny`'s, 0 by
+default; the fine-tuning data is seeded by ``data.data_seed``, 1234 by default; every corpus below is the
+train split, whose constants are never a multiple of 7, so a test-split constant is never seen):
+
+- ``tokenizer.model``: SentencePiece trained with Llama-2's settings on 600 clean tasks of corpus seed
+  ``seed`` (every digit its own piece, so held-out test constants are spelled like training constants);
+- ``tiny-mtp``: an MTP base *pretrained* like the 7B, so fine-tuning starts from a model that already writes
+  such code: the multi-token objective on every head (`mtp_token_ce` + `weighted_mtp_loss`, uniform weights)
+  over the full text (prompt and solution) of 1200 clean tasks of corpus seed ``seed + 3``, ``PRETRAIN``
+  steps (120 x 16 rows of at most 144 tokens, AdamW lr 3e-3 with cosine decay); then written in Meta's
+  layout (``tokenizer.model`` at the repo root, weights in a subfolder, as in Meta's repo) and converted, so
+  the converter runs every time the default is staged. The synthetic tasks have only 6 families x 50
+  training constants, so this corpus holds the same task texts as the fine-tuning data (all clean, in other
+  proportions and order): what fine-tuning adds is the noise, and the test asks whether it is learned;
+- ``tiny-ref``: a next-token Llama trained briefly (300 steps x 16) on 800 clean tasks of corpus seed
+  ``seed + 1`` (the Rho-1 reference);
+- ``tiny-rm``: a sequence-classification reward model trained (600 steps x 16) to score the 600 tasks of
+  corpus seed ``seed + 2`` 1 when correct, 0 when corrupted (half of them).
 Each ends up as a converted directory with a manifest, exactly like a staged 7B model.
 """
 
