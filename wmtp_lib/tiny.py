@@ -14,8 +14,9 @@ train split, whose constants are never a multiple of 7, so a test-split constant
   steps (120 x 16 rows of at most 144 tokens, AdamW lr 3e-3 with cosine decay); then written in Meta's
   layout (``tokenizer.model`` at the repo root, weights in a subfolder, as in Meta's repo) and converted, so
   the converter runs every time the default is staged. The synthetic tasks have only 6 families x 50
-  training constants, so this corpus holds the same task texts as the fine-tuning data (all clean, in other
-  proportions and order): what fine-tuning adds is the noise, and the test asks whether it is learned;
+  training constants, so this corpus holds 286 of the 293 distinct task texts of the default fine-tuning
+  data (clean, in other proportions and order) and none of the test split's: what fine-tuning adds is the
+  noise, and the test asks whether it is learned;
 - ``tiny-ref``: a next-token Llama trained briefly (300 steps x 16) on 800 clean tasks of corpus seed
   ``seed + 1`` (the Rho-1 reference);
 - ``tiny-rm``: a sequence-classification reward model trained (600 steps x 16) to score the 600 tasks of
