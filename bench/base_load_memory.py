@@ -37,8 +37,8 @@ def build(path: Path) -> None:
     from wmtp_lib.tiny import build_base, build_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        build_tokenizer(Path(tmp), seed=0)
-        build_base(path, Path(tmp), VOCAB, seed=0, n_future=N_FUTURE, dims=DIMS)
+        tokenizer = build_tokenizer(Path(tmp), seed=0)
+        build_base(path, tokenizer, Path(tmp), seed=0, n_future=N_FUTURE, steps=0, dims=DIMS, vocab=VOCAB)
 
 
 def status() -> dict[str, int]:

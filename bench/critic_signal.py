@@ -8,7 +8,7 @@ and the final token (``</s>``) of corrupted and of clean solutions, where the se
 All scores and weights are computed by training's own `CriticWeighting` (advantages → soft weights, value
 trunk, temperature, standardize and cap from the run's config), over the first ``--rows`` training rows.
 
-    python bench/critic_signal.py runs/experiment/runs/critic-noise0.4-seed0
+    python bench/critic_signal.py runs/experiment/runs/critic-noise0.4-seed0 [--sweep]
 """
 
 from __future__ import annotations
@@ -36,23 +36,19 @@ GROUPS = ("corrupted", "rest of noisy (not final)", "clean (not final)", "final 
 
 
 @torch.no_grad()
-def token_groups(model: MTPModel, head: ValueHead, data, rewards: torch.Tensor, rows: int, cfg: dict
+def token_groups(model: MTPModel, critic: CriticWeighting, data, rows: int
                  ) -> tuple[dict[str, list[float]], dict[str, list[float]], list[float]]:
-    """TD errors and weights of head 0's targets per token group, and every valid weight."""
-    ccfg, wcfg, H = cfg["critic"], cfg["weights"], model.n_future
-    td_by, w_by = {g: [] for g in GROUPS}, {g: [] for g in GROUPS}
+    """Scores and weights of head 0's targets per token group, and every valid weight."""
+    H = model.n_future
+    score_by, w_by = {g: [] for g in GROUPS}, {g: [] for g in GROUPS}
     every = []
-    token_rewards = data.token_map(rewards)
     for start in range(0, rows, 32):
         idx = list(range(start, min(rows, start + 32)))
         b = data.rows(idx)
         hidden = model(b["input_ids"], b["attention_mask"], return_trunk=True).hidden
-        states = state_mask_from_labels(b["label_mask"])
-        delta, _ = value_targets(head(hidden), sparse_rewards(token_rewards[idx], states), states, ccfg["gamma"],
-                                 ccfg["lam"])
-        td = align_td(delta, H)
+        score = critic.score(hidden, b)
         valid = target_valid(b["label_mask"], H)
-        w = critic_weights(td, valid, temperature=wcfg["temperature"], max_weight=wcfg["max_weight"])
+        w = critic.weights_from_scores(score, valid)
         noisy = noisy_targets(b["noisy"], H)[..., 0]
         mark = noisy_targets(b["noise_marks"], H)[..., 0]
         ok = valid[..., 0]
@@ -61,21 +57,48 @@ def token_groups(model: MTPModel, head: ValueHead, data, rewards: torch.Tensor, 
         groups = {GROUPS[0]: noisy & mark & ok, GROUPS[1]: noisy & ~mark & ok & ~final,
                   GROUPS[2]: ~noisy & ok & ~final, GROUPS[3]: noisy & final, GROUPS[4]: ~noisy & final}
         for g, m in groups.items():
-            td_by[g] += td[..., 0][m].tolist()
+            score_by[g] += score[..., 0][m].tolist()
             w_by[g] += w[..., 0][m].tolist()
         every += w[..., 0][ok].tolist()
-    return td_by, w_by, every
+    return score_by, w_by, every
+
+
+@torch.no_grad()
+def sweep(model: MTPModel, critic: CriticWeighting, data, rows: int, lambdas: list[float], temperatures: list[float]
+          ) -> None:
+    """Mean weight (all heads) on corrupted / other noisy / clean-slot targets for other ``score_lambda`` and
+    ``temperature`` with the same value head: λ_w = 0 shows what V itself localises (its one-step TD errors)."""
+    H = model.n_future
+    b = data.rows(list(range(rows)))
+    hidden = model(b["input_ids"], b["attention_mask"], return_trunk=True).hidden
+    valid = target_valid(b["label_mask"], H)
+    noisy, mark = noisy_targets(b["noisy"], H), noisy_targets(b["noise_marks"], H)
+    groups = {"corrupted": noisy & mark & valid, "rest": noisy & ~mark & valid, "clean slot": ~noisy & mark & valid}
+    ccfg, wcfg = dict(critic.ccfg), dict(critic.cfg)
+    print("  score_lambda temperature | corrupted  rest  clean slot | corrupted/rest corrupted/clean")
+    for lam in lambdas:
+        for temperature in temperatures:
+            critic.ccfg, critic.cfg = {**ccfg, "score_lambda": lam}, {**wcfg, "temperature": temperature}
+            w = critic.weights_from_scores(critic.score(hidden, b), valid)
+            m = {g: w[x].mean().item() for g, x in groups.items()}
+            print(f"  {lam:12.2f} {temperature:11.2f} | {m['corrupted']:9.2f} {m['rest']:5.2f} {m['clean slot']:11.2f} | "
+                  f"{m['corrupted'] / m['rest']:14.2f} {m['corrupted'] / m['clean slot']:15.2f}")
+    critic.ccfg, critic.cfg = ccfg, wcfg
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run_dir", type=Path)
     p.add_argument("--rows", type=int, default=512)
+    p.add_argument("--sweep", action="store_true",
+                   help="also weights for other score_lambda / temperature values (stage-1 value head)")
+    p.add_argument("--lambdas", default="0,0.5,0.8,0.9,0.95")
+    p.add_argument("--temperatures", default="0.2,0.33,0.5")
     args = p.parse_args()
     torch.set_num_threads(1)
     cfg = load_resolved(args.run_dir / "config.yaml")
     samples = load_samples(cfg["data"], "train", project_path(cfg["paths"]["datasets_dir"]))
-    tokenizer = load_tokenizer(args.run_dir / "final")
+    tokenizer = load_tokenizer(project_path(cfg["paths"]["models_dir"]) / cfg["models"]["base"])
     data = tokenize_samples(tokenizer, samples, cfg["data"]["max_length"], cfg["data"]["prompt_masking"], False)
     rewards = load_file(str(args.run_dir / "rewards.safetensors"))["rewards"]
     noisy = torch.tensor([s.noisy for s in samples])
@@ -97,6 +120,9 @@ def main() -> None:
                                  torch.device("cpu"), value_trunk)
         critic.value_head.load_state_dict(load_file(str(value_file)))
         td_by, w_by, every = token_groups(model, critic, data, min(args.rows, len(samples)))
+        if args.sweep and value_file.name == "value_head_stage1.safetensors":
+            sweep(model, critic, data, min(args.rows, len(samples), 256),
+                  [float(x) for x in args.lambdas.split(",")], [float(x) for x in args.temperatures.split(",")])
         print(f"\n{label}: head 0, first {min(args.rows, len(samples))} rows, mean weight {statistics.fmean(every):.3f}, "
               f"at the cap {sum(w >= cfg['weights']['max_weight'] - 1e-3 for w in every) / len(every):.3f}")
         for g in GROUPS:

@@ -311,12 +311,12 @@ def test_first_run_builds_only_the_tiny_models_its_recipe_needs(tmp_path, monkey
 def test_a_tiny_model_built_later_reuses_the_staged_tokenizer(tmp_path, monkeypatch):
     from wmtp_lib import tiny
 
-    tiny.stage_tiny(tmp_path, ids=("tiny-mtp",), log=lambda m: None)
+    tiny.stage_tiny(tmp_path, ids=("tiny-mtp",), log=lambda m: None, base_steps=2)
 
     def no_retraining(*args, **kwargs):
         raise AssertionError("the tokenizer was trained again instead of reused")
 
     monkeypatch.setattr(tiny, "build_tokenizer", no_retraining)
-    tiny.stage_tiny(tmp_path, ids=("tiny-mtp", "tiny-ref"), log=lambda m: None, ref_steps=2)
+    tiny.stage_tiny(tmp_path, ids=("tiny-mtp", "tiny-ref"), log=lambda m: None, base_steps=2, ref_steps=2)
     base = (tmp_path / "tiny-mtp" / "tokenizer.json").read_text()
     assert (tmp_path / "tiny-ref" / "tokenizer.json").read_text() == base
