@@ -209,22 +209,29 @@ def test_stage1_keeps_the_best_head_and_counts_evaluations_without_improvement()
         with torch.no_grad():
             head.fc2.bias.fill_(float(step))
         snapshots[step] = head.fc2.bias.clone()
-        fit.update(step, ev, head)
-    assert (fit.best_step, fit.best_ev, fit.bad_evals) == (40, 0.3, 2)  # nan never improves
+        fit.update({"step": step, "explained_variance": ev, "last_state_auc": step / 100}, head)
+    assert (fit.best_step, fit.best_ev, fit.bad_evals, fit.steps_run) == (40, 0.3, 2, 80)  # nan never improves
     assert torch.equal(fit.best_head["fc2.bias"], snapshots[40])
+    assert fit.best["last_state_auc"] == 0.4  # the summary's AUC is the kept head's, not the last evaluated one
     restored = Stage1Fit()
     restored.load_state_dict(fit.state_dict())
     assert (restored.best_step, restored.bad_evals) == (40, 2) and torch.equal(restored.best_head["fc2.bias"],
                                                                                snapshots[40])
 
 
-def test_heldout_rows_are_disjoint_seeded_and_bounded():
+def test_heldout_rows_keep_prompts_together_are_seeded_and_bounded():
     from wmtp_lib.weighting import heldout_split
 
-    fit, held = heldout_split(100, 128, seed=3)
-    assert len(held) == 20 and len(fit) == 80  # at most a fifth of the rows
+    groups = [f"prompt {i // 4}" for i in range(100)]  # 4 rollouts of each of 25 prompts
+    fit, held = heldout_split(groups, 128, seed=3)
+    assert len(held) == 20 and len(fit) == 80  # a fifth of the rows, in whole prompts
     assert set(fit.tolist()).isdisjoint(held.tolist()) and set(fit.tolist()) | set(held.tolist()) == set(range(100))
-    assert torch.equal(heldout_split(100, 128, seed=3)[1], held) and not torch.equal(heldout_split(100, 128, 4)[1], held)
+    assert not {groups[i] for i in fit} & {groups[i] for i in held}  # no held-out prompt was fitted
+    assert torch.equal(heldout_split(groups, 128, seed=3)[1], held)
+    assert not torch.equal(heldout_split(groups, 128, seed=4)[1], held)
+    assert len(heldout_split(["one"] * 10, 128, seed=0)[1]) == 0  # one prompt: nothing to hold out
+    fit, held = heldout_split([f"p{i}" for i in range(4)], 128, seed=0)
+    assert len(held) == 1 and len(fit) == 3  # few rows still hold one out
 
 
 def test_cut_documents_are_those_without_their_eos():

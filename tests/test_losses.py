@@ -389,3 +389,21 @@ def test_chunked_linear_ce_nan_at_invalid_positions_keeps_gradients_finite(dtype
     assert torch.isfinite(gw_p).all() and torch.isfinite(gh_p).all() and torch.isfinite(ce_p).all()
     assert torch.equal(ce_p, ce_c) and torch.equal(gw_p, gw_c)
     assert torch.equal(gh_p[valid], gh_c[valid]) and (gh_p[~valid] == 0).all()
+
+
+def test_cap_keeps_mean_one_for_huge_exponents_ties_equal_scores_and_bf16():
+    from wmtp_lib.losses import mean_preserving_cap
+
+    # |log w| ~ 1e5 (a z of 10 at temperature 1e-4): roundoff at the boundary must not drop the mean to 0.25
+    x = torch.tensor([-280598.754, -80789.286, -50072.747, 91709.728, 89038.856, 167762.043, 205828.58,
+                      292266.162, 132062.433, -221567.002, -10936.946, 227022.867], dtype=torch.float64).view(1, 12, 1)
+    w = mean_preserving_cap(x, torch.ones_like(x, dtype=torch.bool), 3.0)
+    assert w.double().mean().item() == pytest.approx(1.0) and int((w == 3.0).sum()) == 4
+    valid = torch.ones(1, 6, 1, dtype=torch.bool)
+    ties = torch.tensor([5.0, 5.0, 5.0, 0.0, 0.0, 0.0]).view(1, 6, 1)
+    w = critic_weights(ties, valid, temperature=0.1, max_weight=1.5)  # three tied at the top share the cap
+    assert w[0, :3, 0].tolist() == pytest.approx([1.5] * 3) and w[0, 3:, 0].tolist() == pytest.approx([0.5] * 3)
+    assert critic_weights(torch.full((1, 6, 1), 2.0), valid).flatten().tolist() == pytest.approx([1.0] * 6)
+    s = torch.randn(2, 9, 3)
+    valid = torch.rand(2, 9, 3) > 0.3
+    torch.testing.assert_close(critic_weights(s.bfloat16(), valid), critic_weights(s.bfloat16().float(), valid))

@@ -171,10 +171,9 @@ def value_loss(values: torch.Tensor, targets: torch.Tensor, state_mask: torch.Te
     """Squared error summed over states, divided by ``n_states`` (the states of the whole optimizer step, so
     the gradient does not depend on how the step is split; default: this batch's states). 0 when none."""
     m = state_mask.float()
-    n = m.sum() if n_states is None else n_states
-    if n == 0:
-        return values.sum() * 0.0
-    return (((values.float() - targets.detach().float()) ** 2) * m).sum() / n
+    n = m.sum() if n_states is None else torch.as_tensor(n_states, dtype=torch.float32, device=m.device)
+    # no `if n == 0`: a branch on a device value would wait for the GPU every micro-batch
+    return (((values.float() - targets.detach().float()) ** 2) * m).sum() / n.clamp(min=1.0)
 
 
 def explained_variance(values: torch.Tensor, targets: torch.Tensor) -> float:

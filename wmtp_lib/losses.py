@@ -106,9 +106,13 @@ def mean_preserving_cap(log_w: torch.Tensor, valid: torch.Tensor, max_weight: fl
     j = torch.arange(B * T, dtype=torch.float64, device=x.device)[:, None]
     room = n - j * max_weight  # what the uncapped entries must add up to
     log_c = torch.log(room.clamp(min=torch.finfo(torch.float64).tiny)) - log_suffix
-    fits = (j < n) & (room > 0) & (log_c + x_sorted <= math.log(max_weight) + 1e-12)  # roundoff at the boundary
-    # smallest such j per head (argmax finds the first True); a head with no valid entry keeps j = 0
-    first = fits.double().argmax(dim=0, keepdim=True)
+    # roundoff at the boundary grows with the exponents' size (|log w| ~ 1e5 at a temperature of 1e-4)
+    slack = 1e-12 + 1e-13 * (x_sorted.abs().nan_to_num(posinf=0.0) + log_suffix.abs().nan_to_num(posinf=0.0))
+    fits = (j < n) & (room > 0) & (log_c + x_sorted <= math.log(max_weight) + slack)
+    # smallest such j per head (argmax finds the first True); a head with no valid entry keeps j = 0; should
+    # roundoff still leave none, the largest j with room left (the most entries at the cap) is the answer
+    last_room = ((j < n) & (room > 0)).double().cumsum(dim=0).argmax(dim=0, keepdim=True)
+    first = torch.where(fits.any(dim=0, keepdim=True), fits.double().argmax(dim=0, keepdim=True), last_room)
     log_c = log_c.gather(0, first)  # (1, H)
     w = torch.exp(torch.clamp(x + log_c, max=math.log(max_weight)))
     return torch.where(m.reshape(B * T, H), w, torch.zeros_like(w)).float().reshape(B, T, H)

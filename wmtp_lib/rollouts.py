@@ -96,7 +96,7 @@ def rollout_cache_key(samples: list[Sample], cfg: dict[str, Any]) -> str:
 
 
 def build_rollout_data(model, tokenizer, samples: list[Sample], cfg: dict[str, Any], cache: Path, dist: Dist,
-                       ) -> tuple[TokenizedData, torch.Tensor]:
+                       ) -> tuple[TokenizedData, torch.Tensor, list[Sample]]:
     """Stage-1 data for the execution reward: rollouts of the current model and their pass fractions.
 
     Every process samples and runs the tests of its shard of the prompts; the main process stores the
@@ -138,4 +138,4 @@ def build_rollout_data(model, tokenizer, samples: list[Sample], cfg: dict[str, A
         dist.print(f"rollouts: {len(rollouts)} sampled, mean test pass fraction {rewards.mean():.3f} "
                    f"(sandbox {sandbox_record(allow_weak)['level']})")
     data = tokenize_samples(tokenizer, rollouts, cfg["data"]["max_length"], cfg["data"]["prompt_masking"], pack=False)
-    return data, row_rewards(data, rewards)
+    return data, row_rewards(data, rewards), rollouts

@@ -260,33 +260,56 @@ class Stage1Fit:
         self.best_step = 0
         self.bad_evals = 0
         self.best_head: dict[str, torch.Tensor] | None = None
-        self.last: dict[str, Any] = {}  # the latest evaluation: step, explained variance, AUC
+        self.best: dict[str, Any] = {}  # the best evaluation's record: step, explained variance, R², AUC
+        self.steps_run = 0
 
-    def update(self, step: int, ev: float, head: torch.nn.Module) -> bool:
-        """Record an evaluation; True when it improved on the best."""
+    def update(self, record: dict[str, Any], head: torch.nn.Module) -> bool:
+        """Record an evaluation (``step``, ``explained_variance``, ...); True when it improved on the best."""
+        self.steps_run = record["step"]
+        ev = record["explained_variance"]
         if ev == ev and ev > self.best_ev:  # nan (no variance to explain) never improves
-            self.best_ev, self.best_step, self.bad_evals = ev, step, 0
+            self.best_ev, self.best_step, self.bad_evals = ev, record["step"], 0
             self.best_head = {k: v.detach().clone() for k, v in head.state_dict().items()}
+            self.best = dict(record)
             return True
         self.bad_evals += 1
         return False
 
     def state_dict(self) -> dict[str, Any]:
         return {"best_ev": self.best_ev, "best_step": self.best_step, "bad_evals": self.bad_evals,
-                "best_head": self.best_head, "last": dict(self.last)}
+                "best_head": self.best_head, "best": dict(self.best), "steps_run": self.steps_run}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_ev, self.best_step = state["best_ev"], state["best_step"]
-        self.bad_evals, self.best_head, self.last = state["bad_evals"], state["best_head"], dict(state["last"])
+        self.bad_evals, self.best_head, self.best = state["bad_evals"], state["best_head"], dict(state["best"])
+        self.steps_run = state["steps_run"]
 
 
-def heldout_split(n_rows: int, n_heldout: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fit rows, held-out rows) of stage 1: a seeded draw of ``min(n_heldout, n_rows // 5)`` rows held out."""
-    k = min(n_heldout, n_rows // 5)
-    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 7919 + 17))
-    held = order[:k].sort().values
-    fit = order[k:].sort().values
-    return fit, held
+def heldout_split(groups: list[str], n_heldout: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit rows, held-out rows) of stage 1, split by group (a row's prompt): whole prompts are held out, a
+    seeded draw of them until about ``min(n_heldout, rows // 5)`` rows, so no held-out state shares its prompt
+    prefix with a fitted one (rollouts of one prompt, or the synthetic tasks' repeated statements). One group:
+    nothing is held out."""
+    order = list(dict.fromkeys(groups))
+    rows_of: dict[str, list[int]] = {g: [] for g in order}
+    for i, g in enumerate(groups):
+        rows_of[g].append(i)
+    target = min(n_heldout, len(groups) // 5)
+    held: list[int] = []
+    if len(order) > 1:
+        for j in torch.randperm(len(order), generator=torch.Generator().manual_seed(seed * 7919 + 17)).tolist():
+            if len(held) >= max(1, target) or len(held) + len(rows_of[order[j]]) > len(groups) // 2:
+                continue
+            held += rows_of[order[j]]
+    held_set = set(held)
+    fit = [i for i in range(len(groups)) if i not in held_set]
+    return torch.tensor(fit, dtype=torch.long), torch.tensor(sorted(held), dtype=torch.long)
+
+
+def row_prompts(data: TokenizedData, samples) -> list[str]:
+    """The prompt of each row's (first) document: the group `heldout_split` keeps together."""
+    first = data.sample_index.clamp(min=0)[:, 0].tolist()
+    return [samples[i].prompt for i in first]
 
 
 class CriticWeighting:
@@ -312,6 +335,7 @@ class CriticWeighting:
         self.window_states: torch.Tensor | None = None  # states of the current optimizer step (begin_window)
         self.fit = Stage1Fit()
         self._trunk_features: tuple[torch.Tensor, torch.Tensor] | None = None  # (input_ids, features) of the last batch
+        self._transitions: tuple[torch.Tensor, Transitions] | None = None  # (input_ids, transitions) of the last batch
 
     @classmethod
     def build(cls, cfg: dict[str, Any], H: int, hidden_size: int, tokenizer, samples, data: TokenizedData,
@@ -340,6 +364,12 @@ class CriticWeighting:
 
     def transitions(self, batch: Batch, rewards: torch.Tensor | None = None, cut: torch.Tensor | None = None
                     ) -> Transitions:
+        """The micro-batch's `Transitions`, built once: its host-to-device copies happen when the micro-batch
+        starts (`extra_trunk_loss`, before the forward), not between the step's kernels."""
+        if rewards is None and cut is None:
+            if self._transitions is None or self._transitions[0] is not batch["input_ids"]:
+                self._transitions = (batch["input_ids"], Transitions(batch, self.rewards, self.cut, self.device))
+            return self._transitions[1]
         return Transitions(batch, self.rewards if rewards is None else rewards, self.cut if cut is None else cut,
                            self.device)
 
@@ -369,6 +399,7 @@ class CriticWeighting:
 
     # the value loss (both stages) --------------------------------------------------------
     def extra_trunk_loss(self, batch: Batch) -> ValueTerm:
+        self.transitions(batch)  # before the forward: see `transitions`
         return ValueTerm(self, batch)
 
     def begin_window(self, batches: list[Batch], dist: Dist) -> None:
@@ -421,16 +452,18 @@ class CriticWeighting:
 
     def summary(self) -> dict[str, Any]:
         """What stage 1 reached, for ``summary.json``."""
+        best = self.fit.best  # every number of the head stage 2 starts with
         return {"stage1_best_step": self.fit.best_step, "stage1_explained_variance": _finite_or_none(self.fit.best_ev),
-                "stage1_last_state_auc": _finite_or_none(self.fit.last.get("last_state_auc")),
-                "stage1_steps_run": self.fit.last.get("step")}
+                "stage1_r2": _finite_or_none(best.get("r2")),
+                "stage1_last_state_auc": _finite_or_none(best.get("last_state_auc")),
+                "stage1_steps_run": self.fit.steps_run}
 
     # stage 1 ---------------------------------------------------------------------------
-    def stage1_data(self, trainer) -> tuple[TokenizedData, torch.Tensor]:
-        """Gold rows with their rewards, or (execution reward) rollouts of the current model, sampled on
-        every process through the sharded model and cached in the run directory for a resume."""
+    def stage1_data(self, trainer) -> tuple[TokenizedData, torch.Tensor, list]:
+        """Gold rows with their rewards and samples, or (execution reward) rollouts of the current model,
+        sampled on every process through the sharded model and cached in the run directory for a resume."""
         if self.ccfg["reward_source"] != "execution":
-            return trainer.data, self.rewards
+            return trainer.data, self.rewards, trainer.samples
         from wmtp_lib.rollouts import build_rollout_data
 
         return build_rollout_data(trainer.model, trainer.tokenizer, trainer.samples, trainer.cfg,
@@ -448,9 +481,7 @@ class CriticWeighting:
         micro = trainer.cfg["train"]["micro_batch_size"]
         for start in range(0, len(rows), micro):
             batch = move_batch(data.rows(rows[start:start + micro]), trainer.dist.device)
-            trunk = trainer.model(batch["input_ids"], batch["attention_mask"], position_ids=batch.get("position_ids"),
-                                  return_trunk=True).hidden
-            v = self.value_head(self.features(trunk, batch))
+            v = self.value_head(self.features(self.trunk_output(trainer.model, batch), batch))
             tr = self.transitions(batch, rewards, cut)
             g = mc_returns(tr.rewards, tr.states, self.ccfg["gamma"], v, tr.bootstrap)
             values.append(v[tr.states].cpu())
@@ -459,8 +490,23 @@ class CriticWeighting:
             noisy = batch["noisy"].bool()
             last_clean.append(v[last & ~noisy].cpu())
             last_noisy.append(v[last & noisy].cpu())
-        ev = explained_variance(torch.cat(values), torch.cat(targets))
-        return {"explained_variance": ev, "last_state_auc": auc(torch.cat(last_clean), torch.cat(last_noisy))}
+        if not values:
+            return {"explained_variance": float("nan"), "r2": float("nan"), "last_state_auc": float("nan")}
+        v, g = torch.cat(values).double(), torch.cat(targets).double()
+        # R² also counts a constant offset of V, which explained variance ignores and which, with γ = 1, lands
+        # on the last transition's TD error
+        r2 = float(1 - (g - v).pow(2).mean() / g.var(unbiased=False)) if g.numel() > 1 and g.var() > 0 else float("nan")
+        return {"explained_variance": explained_variance(v, g), "r2": r2,
+                "last_state_auc": auc(torch.cat(last_clean), torch.cat(last_noisy))}
+
+    def trunk_output(self, model, batch: Batch) -> torch.Tensor | None:
+        """The MTP trunk's output for V's features, or None when V reads the reward model (no base forward).
+        Every rank makes the same choice, so FSDP's collectives stay matched."""
+        if self.value_trunk is not None:
+            return None
+        with torch.no_grad():
+            return model(batch["input_ids"], batch["attention_mask"], position_ids=batch.get("position_ids"),
+                         return_trunk=True).hidden
 
     def fit_value_head(self, trainer, start: int) -> None:
         """Stage 1: the trunk frozen, fit V by MSE on Monte-Carlo returns over the fit rows, evaluating the
@@ -470,9 +516,11 @@ class CriticWeighting:
         ``mtp-0000000``, so a resume right after stage 1 continues with the same value head and state."""
         cfg, dist, ccfg = trainer.cfg, trainer.dist, self.ccfg
         steps, log_every, eval_every = ccfg["stage1_max_steps"], cfg["train"]["log_every"], ccfg["stage1_eval_every"]
-        data, rewards = self.stage1_data(trainer)
+        data, rewards, samples = self.stage1_data(trainer)
         cut = data.cut_documents(self.eos_token_id)
-        fit_rows, held_rows = heldout_split(len(data), ccfg["stage1_heldout_rows"], cfg["seed"])
+        fit_rows, held_rows = heldout_split(row_prompts(data, samples), ccfg["stage1_heldout_rows"], cfg["seed"])
+        if len(held_rows) == 0:
+            dist.print("[value] one prompt only: no held-out rows, stage 1 runs stage1_max_steps without evaluation")
         accum = cfg["train"]["grad_accum"]
         # the same global batch per step as training (micro × accum × processes), so the split does not matter
         schedule = BatchSchedule(len(fit_rows), cfg["train"]["micro_batch_size"], accum, dist.world, cfg["seed"] + 1)
@@ -484,9 +532,7 @@ class CriticWeighting:
             self.begin_window(batches, dist)
             step_loss = torch.zeros((), dtype=torch.float64, device=dist.device)
             for batch in batches:
-                with torch.no_grad():
-                    trunk = trainer.model(batch["input_ids"], batch["attention_mask"],
-                                          position_ids=batch.get("position_ids"), return_trunk=True).hidden
+                trunk = self.trunk_output(trainer.model, batch)
                 loss = self.value_loss(self.features(trunk, batch), batch, rewards, n_states=self.window_states,
                                        row_cut=cut)
                 (loss * dist.world).backward()  # the gradient average over ranks then gives the step's mean
@@ -503,10 +549,11 @@ class CriticWeighting:
                 window[2] += 1
             done = step + 1
             record: dict[str, Any] = {}
-            if done % eval_every == 0 or done == steps:
+            if len(held_rows) and (done % eval_every == 0 or done == steps):
                 record = {"step": done, **self.evaluate(trainer, data, rewards, cut, held_rows)}
-                self.fit.update(done, record["explained_variance"], self.value_head)
-                self.fit.last = dict(record)
+                # rank 0's numbers decide for all: ranks that stopped at different steps would hang
+                record = dist.broadcast_object(record)
+                self.fit.update(record, self.value_head)
             if done % log_every == 0 or done == steps or record:
                 total, count, skipped = dist.sum(window).tolist()
                 count, skipped = count / dist.world, int(skipped / dist.world)  # every rank counted each step once
@@ -514,6 +561,7 @@ class CriticWeighting:
                 ev, area = record.get("explained_variance"), record.get("last_state_auc")
                 trainer.metrics.write({"stage": "value", "step": done, "value_loss": mean, "value_lr": self.lr,
                                        "skipped_steps": skipped, "explained_variance": _finite_or_none(ev),
+                                       "r2": _finite_or_none(record.get("r2")),
                                        "last_state_auc": _finite_or_none(area)})
                 line = f"[value] step {done}/{steps} value_loss {'n/a' if mean is None else f'{mean:.4f}'}"
                 if record:
@@ -529,6 +577,8 @@ class CriticWeighting:
                 trainer.checkpointer.save(done, "value")
         if self.fit.best_head is not None:
             self.value_head.load_state_dict(self.fit.best_head)
+        # stage 2 starts its own optimizer: the moments of stage 1's last (maybe discarded) steps are not the head's
+        self.optimizer = torch.optim.AdamW(self.value_head.parameters(), lr=self.ccfg["stage1_lr"])
         best = self.fit.best_ev
         if not best > 0:
             dist.print(f"warning: the value head explains nothing of the held-out returns (explained variance "
