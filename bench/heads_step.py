@@ -7,7 +7,13 @@ each, the order alternating), so a neighbour's load lands in both halves of a ro
 the median of the per-round ratios, printed with its range (`bench_models.interleaved_rounds`).
 Prints the ratios sequential / all-at-once (DESIGN §9 targets: memory ≤ 0.6×, time ≤ 1.05×).
 
-    python bench/heads_step.py [--vocab 32000] [--hidden 128] [--length 256] [--batch 4] [--rounds 9]
+On the CPU each worker also reports the CPU time of its step (one intra-op thread by default): on an idle
+machine it equals the wall time; on a loaded one it leaves out the time the scheduler gave to other
+processes, which varies from step to step when a step lasts seconds, and so gives the same ratio loaded and
+idle. Two threads on a two-core machine that others use make every parallel region wait for a descheduled
+thread (a cost per operation, not per FLOP), so their wall time is not comparable across loads.
+
+    python bench/heads_step.py [--vocab 32000] [--hidden 128] [--length 256] [--batch 4] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ def serve_variant(args: argparse.Namespace) -> None:
     """The worker: build the model, report the first step's peak memory, then time one step per request.
 
     Protocol (one JSON line each way): the worker first writes ``{"peak_step_mib": ...}``; then for every
-    ``step`` line on stdin it runs one step and writes ``{"seconds": ...}``; it exits at end of input.
+    ``step`` line on stdin it runs one step and writes ``{"seconds": ..., "cpu_seconds": ...}`` (wall time
+    and this process's CPU time); it exits at end of input.
     """
     # the protocol keeps the real stdout; anything a library prints goes to stderr instead
     protocol = os.fdopen(os.dup(1), "w")
@@ -77,17 +84,20 @@ def serve_variant(args: argparse.Namespace) -> None:
     for line in sys.stdin:
         if line.strip() != "step":
             raise SystemExit(f"heads_step worker: unknown request {line.strip()!r} (expected 'step')")
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         step()
-        protocol.write(json.dumps({"seconds": time.perf_counter() - t0}) + "\n")
+        protocol.write(json.dumps({"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0})
+                       + "\n")
         protocol.flush()
 
 
 class VariantWorker:
-    """The parent's handle on one worker process: its first-step memory, then one timed step per call."""
+    """The parent's handle on one worker process: its first-step memory, then one timed step per call
+    (returns the wall time; ``cpu_seconds`` keeps every step's CPU time, warm-up included)."""
 
     def __init__(self, variant: str, args: argparse.Namespace):
         self.variant = variant
+        self.cpu_seconds: list[float] = []
         cmd = [sys.executable, __file__, "--worker", variant] + [
             f"--{k}={v}" for k, v in vars(args).items() if k not in ("worker", "autocast") and v is not None]
         cmd += ["--autocast"] if args.autocast else []
@@ -106,7 +116,9 @@ class VariantWorker:
     def step(self) -> float:
         self.process.stdin.write("step\n")
         self.process.stdin.flush()
-        return self._reply()["seconds"]
+        reply = self._reply()
+        self.cpu_seconds.append(reply["cpu_seconds"])
+        return reply["seconds"]
 
     def close(self) -> None:
         if self.process.stdin and not self.process.stdin.closed:
@@ -126,8 +138,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--chunk", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=9, help="timed rounds (one step of each variant)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (one step of each variant)")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads of each worker (see above)")
     parser.add_argument("--device", default="cpu", help="cpu (peak RSS) or cuda (peak allocated)")
     parser.add_argument("--autocast", action="store_true", help="bf16 autocast (fp32 master weights)")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -146,12 +158,16 @@ def main() -> None:
     print(bench_header(args.device, "bf16 autocast" if args.autocast else "fp32"))
     print(f"config: device={args.device} vocab={args.vocab} hidden={args.hidden} layers={args.layers} heads=4 "
           f"batch={args.batch} length={args.length} chunk={args.chunk}; one warm-up round, {args.rounds} timed")
+    cpu = {v: w.cpu_seconds[-args.rounds:] for v, w in workers.items()}  # the timed rounds' steps
     for v in VARIANTS:
-        print(f"{v:>12}: peak step memory {peaks[v]:8.1f} MiB, step {spread_line(seconds[v])} "
-              f"(median, range over rounds)")
-    ratio = paired_ratio(seconds["sequential"], seconds["all_at_once"])
-    print(f"ratio sequential/all_at_once: memory {peaks['sequential'] / peaks['all_at_once']:.3f}x (target <= 0.6), "
-          f"time {ratio} (target <= 1.05)")
+        print(f"{v:>12}: peak step memory {peaks[v]:8.1f} MiB, step wall {spread_line(seconds[v])}"
+              + (f", CPU {spread_line(cpu[v])}" if args.device == "cpu" else "") + " (median, range over rounds)")
+    print(f"ratio sequential/all_at_once: memory {peaks['sequential'] / peaks['all_at_once']:.3f}x (target <= 0.6)")
+    print(f"ratio sequential/all_at_once: time {paired_ratio(seconds['sequential'], seconds['all_at_once'])} wall "
+          f"(target <= 1.05)")
+    if args.device == "cpu":
+        print(f"ratio sequential/all_at_once: time {paired_ratio(cpu['sequential'], cpu['all_at_once'])} CPU "
+              f"(the load-independent one; target <= 1.05)")
 
 
 if __name__ == "__main__":
