@@ -64,14 +64,16 @@ def machine_name(device: torch.device) -> str:
     return f"{model or 'cpu'} ({platform.machine()}, {os.cpu_count()} cores)"
 
 
-def bench_header(device: torch.device | str, dtype: str) -> str:
+def bench_header(device: torch.device | str, dtype: str, threads: int | None = None) -> str:
     """The one line every bench prints first: machine, torch, threads, dtype, commit.
 
     ``dtype`` names the arithmetic (``fp32``, ``bf16 autocast``, ``bf16 FSDP2 params``); threads are
-    torch's intra-op threads, which set the CPU's speed (on a GPU they only feed the launches).
+    torch's intra-op threads, which set the CPU's speed (on a GPU they only feed the launches): this
+    process's, or ``threads`` where the work runs in other processes with their own count.
     """
     device = torch.device(device)
-    return (f"machine: {machine_name(device)} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+    threads = torch.get_num_threads() if threads is None else threads
+    return (f"machine: {machine_name(device)} | torch {torch.__version__} | threads {threads} | "
             f"dtype {dtype} | commit {git_commit()}")
 
 

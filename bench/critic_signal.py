@@ -23,6 +23,8 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without `pip install -e .`
 
+from bench_models import bench_header  # noqa: E402
+
 from wmtp_lib.config import load_resolved, project_path  # noqa: E402
 from wmtp_lib.critic import ValueHead, align_td, sparse_rewards, state_mask_from_labels, value_targets  # noqa: E402
 from wmtp_lib.data import load_samples, tokenize_samples  # noqa: E402
@@ -79,6 +81,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=512)
     args = p.parse_args()
     torch.set_num_threads(1)
+    print(bench_header("cpu", "fp32"))
     cfg = load_resolved(args.run_dir / "config.yaml")
     samples = load_samples(cfg["data"], "train", project_path(cfg["paths"]["datasets_dir"]))
     tokenizer = load_tokenizer(args.run_dir / "final")
