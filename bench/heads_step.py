@@ -9,8 +9,8 @@ Prints the ratios sequential / all-at-once (DESIGN §9 targets: memory ≤ 0.6×
 
 On the CPU each worker also reports the CPU time of its step (one intra-op thread by default): on an idle
 machine it equals the wall time; on a loaded one it leaves out the time the scheduler gave to other
-processes, which varies from step to step when a step lasts seconds, and so gives the same ratio loaded and
-idle. Two threads on a two-core machine that others use make every parallel region wait for a descheduled
+processes, which varies from step to step when a step lasts seconds (four runs on the shared 2-core
+machine, three loaded: CPU-time ratios 0.85-0.90x, wall-time ratios 0.69-0.94x; README, Benchmarks). Two threads on a two-core machine that others use make every parallel region wait for a descheduled
 thread (a cost per operation, not per FLOP), so their wall time is not comparable across loads.
 
     python bench/heads_step.py [--vocab 32000] [--hidden 128] [--length 256] [--batch 4] [--rounds 5]
@@ -147,7 +147,6 @@ def main() -> None:
     if args.worker:
         serve_variant(args)
         return
-    torch.set_num_threads(args.threads)  # the workers' count, so that the header names it
     workers = {v: VariantWorker(v, args) for v in VARIANTS}
     try:
         peaks = {v: w.peak_step_mib() for v, w in workers.items()}  # both alive from here on
@@ -155,7 +154,7 @@ def main() -> None:
     finally:
         for w in workers.values():
             w.close()
-    print(bench_header(args.device, "bf16 autocast" if args.autocast else "fp32"))
+    print(bench_header(args.device, "bf16 autocast" if args.autocast else "fp32", threads=args.threads))
     print(f"config: device={args.device} vocab={args.vocab} hidden={args.hidden} layers={args.layers} heads=4 "
           f"batch={args.batch} length={args.length} chunk={args.chunk}; one warm-up round, {args.rounds} timed")
     cpu = {v: w.cpu_seconds[-args.rounds:] for v, w in workers.items()}  # the timed rounds' steps
@@ -167,7 +166,7 @@ def main() -> None:
           f"(target <= 1.05)")
     if args.device == "cpu":
         print(f"ratio sequential/all_at_once: time {paired_ratio(cpu['sequential'], cpu['all_at_once'])} CPU "
-              f"(the load-independent one; target <= 1.05)")
+              f"(steadier than wall time under load, see the docstring; target <= 1.05)")
 
 
 if __name__ == "__main__":
