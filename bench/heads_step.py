@@ -9,8 +9,8 @@ Prints the ratios sequential / all-at-once (DESIGN §9 targets: memory ≤ 0.6×
 
 On the CPU each worker also reports the CPU time of its step (one intra-op thread by default): on an idle
 machine it equals the wall time; on a loaded one it leaves out the time the scheduler gave to other
-processes, which varies from step to step when a step lasts seconds (four runs on the shared 2-core
-machine, three loaded: CPU-time ratios 0.85-0.90x, wall-time ratios 0.69-0.94x; README, Benchmarks). Two threads on a two-core machine that others use make every parallel region wait for a descheduled
+processes, which varies from step to step when a step lasts seconds (six runs on the shared 2-core
+machine, loaded to quiet: CPU-time ratios 0.85-0.92x, wall-time ratios 0.69-0.94x; README, Benchmarks). Two threads on a two-core machine that others use make every parallel region wait for a descheduled
 thread (a cost per operation, not per FLOP), so their wall time is not comparable across loads.
 
     python bench/heads_step.py [--vocab 32000] [--hidden 128] [--length 256] [--batch 4] [--rounds 5]
