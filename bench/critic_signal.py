@@ -23,6 +23,8 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without `pip install -e .`
 
+from bench_models import bench_header  # noqa: E402
+
 from wmtp_lib.config import load_resolved, project_path  # noqa: E402
 from wmtp_lib.critic import auc  # noqa: E402
 from wmtp_lib.data import load_samples, tokenize_samples  # noqa: E402
@@ -96,6 +98,7 @@ def main() -> None:
     p.add_argument("--temperatures", default="0.2,0.33,0.5")
     args = p.parse_args()
     torch.set_num_threads(1)
+    print(bench_header("cpu", "fp32"))
     cfg = load_resolved(args.run_dir / "config.yaml")
     samples = load_samples(cfg["data"], "train", project_path(cfg["paths"]["datasets_dir"]))
     tokenizer = load_tokenizer(project_path(cfg["paths"]["models_dir"]) / cfg["models"]["base"])

@@ -42,6 +42,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_models import bench_header  # noqa: E402
 from wmtp_lib.config import RECIPES, load_resolved, project_path, resolve_config, write_config  # noqa: E402
 from wmtp_lib.data import load_samples  # noqa: E402
 from wmtp_lib.evaluation import run_evaluation  # noqa: E402
@@ -413,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir = out / "runs"
     models_dir = Path(args.models_dir).resolve() if args.models_dir else out / "models"
     runs_dir.mkdir(parents=True, exist_ok=True)
+    print(bench_header("cpu", "fp32", threads=args.threads), flush=True)  # each run's threads, not this process's
     t0 = time.perf_counter()
     needed = ["tiny-mtp"] + (["tiny-ref"] if {"rho1", "rho1_tokenskip"} & set(args.recipes) else []) + \
         (["tiny-rm"] if "critic" in args.recipes else [])

@@ -1,16 +1,26 @@
 """Sequential (memory-efficient) heads vs all heads at once: peak memory and step time, one run.
 
-Each variant runs in its own process so that the peak memory of one does not hide the other's (peak
-resident memory on the CPU, peak allocated memory on a GPU).
+Each variant lives in its own persistent worker process, so that the peak memory of one does not hide the
+other's (peak resident memory on the CPU, peak allocated memory on a GPU; measured on each worker's first
+step). Both workers stay alive and the parent drives them over pipes in interleaved rounds (one step of
+each, the order alternating), so a neighbour's load lands in both halves of a round; the time ratio is
+the median of the per-round ratios, printed with its range (`bench_models.interleaved_rounds`).
 Prints the ratios sequential / all-at-once (DESIGN §9 targets: memory ≤ 0.6×, time ≤ 1.05×).
 
-    python bench/heads_step.py [--vocab 32000] [--hidden 128] [--length 256] [--batch 4] [--steps 3]
+On the CPU each worker also reports the CPU time of its step (one intra-op thread by default): on an idle
+machine it equals the wall time; on a loaded one it leaves out the time the scheduler gave to other
+processes, which varies from step to step when a step lasts seconds (six runs on the shared 2-core
+machine, loaded to quiet: CPU-time ratios 0.85-0.92x, wall-time ratios 0.69-0.94x; README, Benchmarks). Two threads on a two-core machine that others use make every parallel region wait for a descheduled
+thread (a cost per operation, not per FLOP), so their wall time is not comparable across loads.
+
+    python bench/heads_step.py [--vocab 32000] [--hidden 128] [--length 256] [--batch 4] [--rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -19,32 +29,45 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without `pip install -e .`
 
+import torch  # noqa: E402
+from bench_models import bench_header, interleaved_rounds, paired_ratio, spread_line  # noqa: E402
 
-def run_variant(args: argparse.Namespace) -> dict:
-    import torch
+from wmtp_lib.heads import MTPModel, mtp_config  # noqa: E402
+from wmtp_lib.step import all_heads_step, sequential_mtp_step  # noqa: E402
 
-    from wmtp_lib.heads import MTPModel, mtp_config
-    from wmtp_lib.step import all_heads_step, sequential_mtp_step
+VARIANTS = ("all_at_once", "sequential")
 
+
+def serve_variant(args: argparse.Namespace) -> None:
+    """The worker: build the model, report the first step's peak memory, then time one step per request.
+
+    Protocol (one JSON line each way): the worker first writes ``{"peak_step_mib": ...}``; then for every
+    ``step`` line on stdin it runs one step and writes ``{"seconds": ..., "cpu_seconds": ...}`` (wall time
+    and this process's CPU time); it exits at end of input.
+    """
+    # the protocol keeps the real stdout; anything a library prints goes to stderr instead
+    protocol = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cfg = mtp_config(4, vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 3,
                      num_hidden_layers=args.layers, num_attention_heads=max(4, args.hidden // 128),
                      max_position_embeddings=args.length)
-    model = MTPModel(cfg).to(device).train()
+    with device:  # built where it runs: a 1B model's initialisation on the host would take a while
+        model = MTPModel(cfg).train()
     for p in model.parameters():
-        p.grad = torch.zeros_like(p)
+        p.grad = torch.zeros_like(p)  # gradients exist before the first step: its peak is a steady step's
     x = torch.randint(0, args.vocab, (args.batch, args.length), device=device)
 
-    def step():
+    def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):
-            if args.variant == "sequential":
+            if args.worker == "sequential":
                 sequential_mtp_step(model, x, chunk_size=args.chunk)
             else:
                 all_heads_step(model, x)
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize()  # kernels run asynchronously: the step ends when the device is done
 
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -56,13 +79,55 @@ def run_variant(args: argparse.Namespace) -> dict:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         step()  # the first step also sets the memory high-water mark
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
+    protocol.write(json.dumps({"peak_step_mib": peak}) + "\n")
+    protocol.flush()
+    for line in sys.stdin:
+        if line.strip() != "step":
+            raise SystemExit(f"heads_step worker: unknown request {line.strip()!r} (expected 'step')")
+        t0, cpu0 = time.perf_counter(), time.process_time()
         step()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return {"variant": args.variant, "peak_step_mib": peak, "step_s": times[len(times) // 2]}
+        protocol.write(json.dumps({"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0})
+                       + "\n")
+        protocol.flush()
+
+
+class VariantWorker:
+    """The parent's handle on one worker process: its first-step memory, then one timed step per call
+    (returns the wall time; ``cpu_seconds`` keeps every step's CPU time, warm-up included)."""
+
+    def __init__(self, variant: str, args: argparse.Namespace):
+        self.variant = variant
+        self.cpu_seconds: list[float] = []
+        cmd = [sys.executable, __file__, "--worker", variant] + [
+            f"--{k}={v}" for k, v in vars(args).items() if k not in ("worker", "autocast") and v is not None]
+        cmd += ["--autocast"] if args.autocast else []
+        self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def _reply(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            code = self.process.wait()
+            raise RuntimeError(f"heads_step worker {self.variant} exited (status {code}); its stderr is above")
+        return json.loads(line)
+
+    def peak_step_mib(self) -> float:
+        return self._reply()["peak_step_mib"]
+
+    def step(self) -> float:
+        self.process.stdin.write("step\n")
+        self.process.stdin.flush()
+        reply = self._reply()
+        self.cpu_seconds.append(reply["cpu_seconds"])
+        return reply["seconds"]
+
+    def close(self) -> None:
+        if self.process.stdin and not self.process.stdin.closed:
+            self.process.stdin.close()  # end of input: the worker returns
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 def main() -> None:
@@ -73,29 +138,35 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--chunk", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (one step of each variant)")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads of each worker (see above)")
     parser.add_argument("--device", default="cpu", help="cpu (peak RSS) or cuda (peak allocated)")
     parser.add_argument("--autocast", action="store_true", help="bf16 autocast (fp32 master weights)")
-    parser.add_argument("--variant", choices=["sequential", "all_at_once"])
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.variant:
-        print(json.dumps(run_variant(args)))
+    if args.worker:
+        serve_variant(args)
         return
-    results = {}
-    for variant in ("all_at_once", "sequential"):
-        cmd = [sys.executable, __file__, "--variant", variant] + [
-            f"--{k}={v}" for k, v in vars(args).items() if k not in ("variant", "autocast") and v is not None]
-        cmd += ["--autocast"] if args.autocast else []
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        results[variant] = json.loads(out)
-    base, seq = results["all_at_once"], results["sequential"]
-    print(f"config: device={args.device} autocast_bf16={args.autocast} vocab={args.vocab} hidden={args.hidden} layers={args.layers} heads=4 "
-          f"batch={args.batch} length={args.length} chunk={args.chunk} threads={args.threads}")
-    for r in (base, seq):
-        print(f"{r['variant']:>12}: peak step memory {r['peak_step_mib']:8.1f} MiB, median step {r['step_s']:.3f} s")
-    print(f"ratio sequential/all_at_once: memory {seq['peak_step_mib'] / base['peak_step_mib']:.3f}x "
-          f"(target <= 0.6), time {seq['step_s'] / base['step_s']:.3f}x (target <= 1.05)")
+    workers = {v: VariantWorker(v, args) for v in VARIANTS}
+    try:
+        peaks = {v: w.peak_step_mib() for v, w in workers.items()}  # both alive from here on
+        seconds = interleaved_rounds({v: w.step for v, w in workers.items()}, args.rounds)
+    finally:
+        for w in workers.values():
+            w.close()
+    print(bench_header(args.device, "bf16 autocast" if args.autocast else "fp32", threads=args.threads))
+    print(f"config: device={args.device} vocab={args.vocab} hidden={args.hidden} layers={args.layers} heads=4 "
+          f"batch={args.batch} length={args.length} chunk={args.chunk}; one warm-up round, {args.rounds} timed")
+    cpu = {v: w.cpu_seconds[-args.rounds:] for v, w in workers.items()}  # the timed rounds' steps
+    for v in VARIANTS:
+        print(f"{v:>12}: peak step memory {peaks[v]:8.1f} MiB, step wall {spread_line(seconds[v])}"
+              + (f", CPU {spread_line(cpu[v])}" if args.device == "cpu" else "") + " (median, range over rounds)")
+    print(f"ratio sequential/all_at_once: memory {peaks['sequential'] / peaks['all_at_once']:.3f}x (target <= 0.6)")
+    print(f"ratio sequential/all_at_once: time {paired_ratio(seconds['sequential'], seconds['all_at_once'])} wall "
+          f"(target <= 1.05)")
+    if args.device == "cpu":
+        print(f"ratio sequential/all_at_once: time {paired_ratio(cpu['sequential'], cpu['all_at_once'])} CPU "
+              f"(steadier than wall time under load, see the docstring; target <= 1.05)")
 
 
 if __name__ == "__main__":

@@ -7,13 +7,15 @@ unembedding is against the blocks: ``--preset 7b`` keeps the 7B model's proporti
 of 32000·4 / (4096·32)) at CPU size; ``--preset vocab32k`` uses the real vocabulary with a small hidden
 size, where the unembedding dominates.
 
-    python bench/mtp_vs_llama_step.py [--preset 7b|vocab32k] [--steps 5] [--threads 2]
+Timed in interleaved rounds (one step of each, the order alternating); the ratio is the median of the
+paired per-round ratios, printed with its range (`bench_models.interleaved_rounds`).
+
+    python bench/mtp_vs_llama_step.py [--preset 7b|vocab32k] [--rounds 7] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from pathlib import Path
 
@@ -25,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout witho
 from wmtp_lib.heads import MTPModel, mtp_config  # noqa: E402
 from wmtp_lib.step import sequential_mtp_step  # noqa: E402
 
-from bench_models import interleaved_best, median_seconds  # noqa: E402
+from bench_models import bench_header, interleaved_rounds, paired_ratio, spread_line, timed  # noqa: E402
 
 PRESETS = {
     # 7B: hidden 4096, 32 blocks, vocab 32000; here hidden 512, 8 blocks: vocab 32000·(512·8)/(4096·32) = 1000
@@ -49,7 +51,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int)
     parser.add_argument("--length", type=int)
     parser.add_argument("--chunk", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (one step of each model)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     for key, value in PRESETS[args.preset].items():
@@ -70,15 +72,14 @@ def main() -> None:
         llama(input_ids=x, labels=x).loss.backward()
         llama.zero_grad(set_to_none=True)
 
-    best = interleaved_best({"llama": lambda: median_seconds(llama_step, args.steps),
-                             "mtp": lambda: median_seconds(mtp_step, args.steps)})
-    llama_s, mtp_s = best["llama"], best["mtp"]
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, fp32")
+    seconds = interleaved_rounds({"llama": timed(llama_step), "mtp": timed(mtp_step)}, args.rounds)
+    print(bench_header("cpu", "fp32"))
     print(f"config: preset={args.preset} hidden={args.hidden} blocks={args.layers} (MTP: {args.layers - 4} trunk + 4 heads) "
-          f"vocab={args.vocab} batch={args.batch} length={args.length} chunk={args.chunk}")
-    print(f"LlamaForCausalLM step {llama_s:.3f} s, mtp_baseline step {mtp_s:.3f} s (median of {args.steps}, best of 2 rounds)")
-    print(f"ratio mtp_baseline/LlamaForCausalLM: {mtp_s / llama_s:.3f}x (target <= 1.15)")
+          f"vocab={args.vocab} batch={args.batch} length={args.length} chunk={args.chunk}; "
+          f"one warm-up round, {args.rounds} timed")
+    print(f"LlamaForCausalLM step {spread_line(seconds['llama'])}, mtp_baseline step {spread_line(seconds['mtp'])} "
+          f"(median, range over rounds)")
+    print(f"ratio mtp_baseline/LlamaForCausalLM: {paired_ratio(seconds['mtp'], seconds['llama'])} (target <= 1.15)")
 
 
 if __name__ == "__main__":

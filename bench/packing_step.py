@@ -4,7 +4,10 @@ under a plain causal mask (what leaked across documents), and vs padded rows of 
 All variants run the sequential MTP step (uniform weights) on the same model and the same documents,
 of unequal lengths, packed whole (first fit) into rows of ``--length``. Prints step times and ratios.
 
-    python bench/packing_step.py [--vocab 32000] [--hidden 128] [--length 1024] [--device cpu]
+Timed in interleaved rounds (one step of each variant, the order alternating); each ratio is the median of
+the paired per-round ratios, printed with its range (`bench_models.interleaved_rounds`).
+
+    python bench/packing_step.py [--vocab 32000] [--hidden 128] [--length 1024] [--device cpu] [--rounds 7]
 """
 
 from __future__ import annotations
@@ -26,16 +29,18 @@ def main() -> None:
     parser.add_argument("--min-doc", type=int, default=48)
     parser.add_argument("--max-doc", type=int, default=400)
     parser.add_argument("--chunk", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (one step of each variant)")
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
     import torch
-    from bench_models import bench_mtp_model, interleaved_best, median_seconds
+    from bench_models import bench_header, bench_mtp_model, interleaved_rounds, paired_ratio, spread_line, timed
 
     from wmtp_lib.packing import pack_documents
     from wmtp_lib.step import sequential_mtp_step
 
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = bench_mtp_model(args.vocab, args.hidden, args.layers, max(args.length, args.max_doc), device)
     lengths = torch.randint(args.min_doc, args.max_doc + 1, (args.docs,)).tolist()
@@ -66,7 +71,7 @@ def main() -> None:
     }
     batches = {k: tuple(None if t is None else t.to(device) for t in v) for k, v in batches.items()}
 
-    def run(kind: str) -> float:
+    def step_of(kind: str):
         ids, attn, pos = batches[kind]
 
         def step():
@@ -75,20 +80,22 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
 
-        return median_seconds(step, args.steps)
+        return step
 
-    best = interleaved_best({k: (lambda k=k: run(k)) for k in batches})
+    seconds = interleaved_rounds({k: timed(step_of(k)) for k in batches}, args.rounds)
+    print(bench_header(device, "fp32"))
     print(f"config: device={args.device} vocab={args.vocab} hidden={args.hidden} layers={args.layers} "
-          f"docs={args.docs} lengths {args.min_doc}..{args.max_doc} (sum {sum(lengths)})")
+          f"docs={args.docs} lengths {args.min_doc}..{args.max_doc} (sum {sum(lengths)}); "
+          f"one warm-up round, {args.rounds} timed")
     print(f"packed: {len(rows)} rows x {args.length} = {packed_ids.numel()} tokens "
           f"({sum(lengths) / packed_ids.numel():.0%} real); padded: {args.docs} rows x {longest} = "
           f"{padded_ids.numel()} tokens ({sum(lengths) / padded_ids.numel():.0%} real)")
-    for k, v in best.items():
-        print(f"{k:30s} {v * 1000:9.1f} ms")
-    mask = best["packed, per-document mask"] / best["packed, plain causal (leaks)"]
-    padded = best["packed, per-document mask"] / best["padded rows"]
-    print(f"packing mask cost: {mask:.3f}x the plain causal step on the same packed rows")
-    print(f"packed (with mask) vs padded, same documents: {padded:.3f}x")
+    for k, v in seconds.items():
+        print(f"{k:30s} {spread_line(v, 1e-3, 'ms')}")
+    masked = seconds["packed, per-document mask"]
+    print(f"packing mask cost: {paired_ratio(masked, seconds['packed, plain causal (leaks)'])} the plain causal step "
+          f"on the same packed rows")
+    print(f"packed (with mask) vs padded, same documents: {paired_ratio(masked, seconds['padded rows'])}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ held-out prompts both ways with a KV cache and reports accepted tokens per forwa
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_models import bench_header, paired_ratio  # noqa: E402
 
 from wmtp_lib.data import BatchSchedule, synthetic_corpus, synthetic_tasks, tokenize_samples  # noqa: E402
 from wmtp_lib.generation import every_head_argmax, new_cache, speculative_benchmark  # noqa: E402
@@ -42,9 +43,10 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def forward_cost_ratio(model: MTPModel, prompt: list[int], rounds: int = 20) -> tuple[float, float]:
-    """Median seconds of a greedy forward (1 token, trunk + head 0, last-position unembedding) and of a
-    speculative forward (H tokens, trunk + every head, one batched unembedding), after the same prompt.
+def forward_cost_ratio(model: MTPModel, prompt: list[int], rounds: int = 20) -> tuple[list[float], list[float]]:
+    """Seconds of a greedy forward (1 token, trunk + head 0, last-position unembedding) and of a
+    speculative forward (H tokens, trunk + every head, one batched unembedding), after the same prompt, per
+    round (one of each, alternating: round ``i``'s two times are a pair).
 
     Self-speculative decoding pays off only when verifying H tokens costs about what one token costs (a
     forward bound by reading the weights, as on a GPU at batch 1); their ratio bounds the wall-clock gain
@@ -74,7 +76,7 @@ def forward_cost_ratio(model: MTPModel, prompt: list[int], rounds: int = 20) -> 
         elapsed = time.perf_counter() - t0
         if i >= 2:
             (greedy_s if kind == "greedy" else spec_s).append(elapsed)
-    return statistics.median(greedy_s), statistics.median(spec_s)
+    return greedy_s, spec_s
 
 
 def main() -> None:
@@ -124,16 +126,16 @@ def main() -> None:
     model.eval()
     prompts = [[tokenizer.bos_token_id] + tokenizer(s.prompt, add_special_tokens=False)["input_ids"]
                for s in synthetic_tasks(args.prompts, "test", 1)]
-    greedy_fwd, spec_fwd = forward_cost_ratio(model, prompts[0])
+    greedy_times, spec_times = forward_cost_ratio(model, prompts[0])
+    greedy_fwd, spec_fwd = statistics.median(greedy_times), statistics.median(spec_times)
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads"
-    print(f"machine: {where}, torch {torch.__version__}, fp32")
+    print(bench_header(device, "fp32"))
     print(f"model: preset={args.preset} hidden={hidden} blocks={cfg['trunk']} trunk + 4 heads, {params:.1f}M params, "
           f"trained {cfg['steps']} steps x {cfg['batch']} sequences ({train_s:.0f} s)")
-    ratio = spec_fwd / greedy_fwd
+    forward_ratio = paired_ratio(spec_times, greedy_times)
+    ratio = forward_ratio.median
     print(f"forward: greedy (1 token, head 0) {greedy_fwd * 1e3:.1f} ms, speculative ({model.n_future} tokens, every "
-          f"head) {spec_fwd * 1e3:.1f} ms: {ratio:.2f}x (medians of 20)")
+          f"head) {spec_fwd * 1e3:.1f} ms (medians of {len(greedy_times)}): speculative/greedy {forward_ratio}")
     if args.forward_cost_only:
         return
     res = speculative_benchmark(model, prompts, args.max_new_tokens, tokenizer.eos_token_id, repeats=args.repeats)

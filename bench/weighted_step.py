@@ -5,7 +5,10 @@ All run the same sequential MTP step on the same model and batch; only the weigh
 Prints the ratios against mtp_baseline (DESIGN §9 target: cached rho1 ≤ 1.05×; online and the exact
 ``weight_group: global`` statistics, which add a no-grad scoring pass over the window, are reported).
 
-    python bench/weighted_step.py [--vocab 32000] [--hidden 128] [--device cpu]
+Timed in interleaved rounds (one step of each variant, the order alternating); each ratio is the median of
+the paired per-round ratios, printed with its range (`bench_models.interleaved_rounds`).
+
+    python bench/weighted_step.py [--vocab 32000] [--hidden 128] [--device cpu] [--rounds 7]
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--chunk", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (one step of each variant)")
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--accum", type=int, default=2, help="micro-batches per optimizer step (global group)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
     import torch
-    from bench_models import bench_mtp_model, interleaved_best, median_seconds
+    from bench_models import bench_header, bench_mtp_model, interleaved_rounds, paired_ratio, spread_line, timed
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from wmtp_lib.losses import align_reference, rho1_weights
@@ -41,6 +45,7 @@ def main() -> None:
     from wmtp_lib.train import forward_backward
     from wmtp_lib.weighting import Rho1Weighting
 
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = bench_mtp_model(args.vocab, args.hidden, args.layers, args.length, device)
     ref = LlamaForCausalLM(LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
@@ -65,7 +70,7 @@ def main() -> None:
                                "train": {"chunk_size": args.chunk}}, 4, ref_rows, None, device)
     dist = Dist(device)
 
-    def run(kind: str) -> float:
+    def step_of(kind: str):
         def step():
             if kind.startswith("window_"):
                 forward_backward(model, window, weighting, dist, kind.removeprefix("window_"), None, args.chunk)
@@ -84,17 +89,21 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
 
-        return median_seconds(step, args.steps)
+        return step
 
-    med = interleaved_best({k: (lambda k=k: run(k)) for k in
-                            ("mtp_baseline", "rho1_cached", "rho1_online", "window_micro_batch", "window_global")})
+    seconds = interleaved_rounds({k: timed(step_of(k)) for k in
+                                  ("mtp_baseline", "rho1_cached", "rho1_online", "window_micro_batch", "window_global")},
+                                 args.rounds)
+    print(bench_header(device, "fp32"))
     print(f"config: device={args.device} vocab={args.vocab} hidden={args.hidden} layers={args.layers} "
-          f"batch={args.batch} length={args.length}")
+          f"batch={args.batch} length={args.length}; one warm-up round, {args.rounds} timed")
     for k in ("mtp_baseline", "rho1_cached", "rho1_online"):
-        print(f"{k:>13}: {med[k]:.4f} s/step  ({med[k] / med['mtp_baseline']:.3f}x mtp_baseline)")
-    micro, exact = med["window_micro_batch"], med["window_global"]
-    print(f"rho1 cached, optimizer step of {args.accum} micro-batches: weight_group micro_batch {micro:.4f} s, "
-          f"global {exact:.4f} s ({exact / micro:.3f}x micro_batch)")
+        print(f"{k:>13}: step {spread_line(seconds[k])}")
+    for k in ("rho1_cached", "rho1_online"):
+        print(f"ratio {k}/mtp_baseline: {paired_ratio(seconds[k], seconds['mtp_baseline'])}")
+    print(f"rho1 cached, optimizer step of {args.accum} micro-batches: weight_group micro_batch "
+          f"{spread_line(seconds['window_micro_batch'])}, global {spread_line(seconds['window_global'])}")
+    print(f"ratio global/micro_batch: {paired_ratio(seconds['window_global'], seconds['window_micro_batch'])}")
 
 
 if __name__ == "__main__":
