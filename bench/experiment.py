@@ -159,7 +159,8 @@ def collect(run_dir: Path, recipe: str, noise: float, seed: int, evaluation: dic
     row["weight_mean"] = statistics.fmean(means) if means else None  # 1 for every soft weighting (DESIGN §4)
     row["stage1_ev"] = summary.get("stage1_explained_variance")
     row["stage1_auc"] = summary.get("stage1_last_state_auc")
-    row["stage1_steps"] = summary.get("stage1_best_step")
+    row["stage1_best_step"] = summary.get("stage1_best_step")
+    row["stage1_r2"] = summary.get("stage1_r2")
     return row
 
 
@@ -281,7 +282,7 @@ def write_tables(agg: list[dict[str, Any]], out: Path, header: str) -> None:
 
 def write_runs_csv(rows: list[dict[str, Any]], out: Path) -> None:
     cols = ["recipe", "noise", "seed", "final_loss", "pass@1", "noise_imitation", "problems", "n_samples", "commit",
-            "weight_mean", "stage1_ev", "stage1_auc", "stage1_steps"]
+            "weight_mean", "stage1_ev", "stage1_r2", "stage1_auc", "stage1_best_step"]
     with open(out / "runs.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(cols + ["heldout_head_loss"] + [f"weight_{g}{x}" for x in ("", "_final") for g in GROUPS])

@@ -144,8 +144,10 @@ class Trainer:
         self.schedule = BatchSchedule(len(self.data), train["micro_batch_size"], train["grad_accum"], self.dist.world,
                                       cfg["seed"])
 
-        # The weighting may put a second 7B model (reference scoring, reward model) on rank 0's GPU, and only
-        # there (the other ranks read its cached losses or rewards); the base is already sharded by then.
+        # The weighting may put a second 7B model on rank 0's GPU only for one scoring pass (the reference's cached
+        # losses, the reward model's rewards; the other ranks read the caches), or on every rank for the whole run
+        # (an online reference; the reward model as the critic's value trunk, bf16, unsharded: preflight counts
+        # it); the base is already sharded by then.
         self.weighting = build_weighting(cfg, self.model.n_future, self.model.config.hidden_size, self.tokenizer,
                                          self.samples, self.data, self.dist, self.run_dir, self.model_dir)
 
