@@ -47,7 +47,7 @@ python3 - "$out" <<'PY' || echo "config FAILED"
 import sys
 from wmtp_lib.config import resolve_config, write_config
 out = sys.argv[1]
-for name, recipe, extra in (("gpu-rho1", "rho1", {}), ("gpu-critic", "critic", {"critic.stage1_steps": 20}),
+for name, recipe, extra in (("gpu-rho1", "rho1", {}), ("gpu-critic", "critic", {"critic.stage1_max_steps": 20, "critic.stage1_eval_every": 5}),
                             ("gpu-fsdp", "rho1_tokenskip", {})):
     over = {"paths.models_dir": "/tmp/wmtp-models", "paths.runs_dir": out + "/runs", "train.steps": 60,
             "train.mixed_precision": "bf16", "train.log_every": 20, **extra}

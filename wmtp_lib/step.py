@@ -66,7 +66,7 @@ def sequential_mtp_step(
     ``extra_trunk_loss(trunk_hidden)`` adds a term that reads the (non-detached) trunk output, e.g. a value
     loss, scaled by ``extra_loss_scale`` (default ``loss_scale``); its value is added to ``loss``.
     ``weight_fn_factory(trunk_hidden_detached)`` builds ``weight_fn`` from this step's trunk output
-    (the critic's TD errors need it). ``position_ids`` ``(B, T)`` marks packed rows (positions restart
+    (the critic's advantages need it). ``position_ids`` ``(B, T)`` marks packed rows (positions restart
     at 0 per document): no document attends to another and no target crosses a document boundary.
     """
     H = model.n_future
