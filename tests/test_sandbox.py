@@ -465,3 +465,33 @@ def test_preflight_reports_the_level_and_blocks_execution_rewards_below_it(monke
         report = preflight.recipe_report("critic", "local", env_info, check_s3=False, check_hub=False)
         blocked = [b for b in report["blockers"] if "sandbox" in b]
         assert bool(blocked) != allow, report["blockers"]
+
+
+def test_a_completion_cannot_redefine_the_prompts_helpers():
+    """HumanEval/32 and /38 define helpers (``poly``, ``encode_cyclic``) in the prompt that the tests call. A
+    completion redefining them passed when the judge took every name from the program (control: judged without
+    the prompt, as before); the judge now runs the prompt itself and takes only the function to complete."""
+    from wmtp_lib.data import load_humaneval
+    from wmtp_lib.execution import _judged
+
+    problems = {p.id: p for p in load_humaneval()}
+    attacks = {"HumanEval/32": "    return 0.0\n\ndef poly(xs, x):\n    return 0.0\n",
+               "HumanEval/38": "    return s\n\ndef encode_cyclic(s):\n    return s\n"}
+    for pid, attack in attacks.items():
+        p = problems[pid]
+        control = _judged(p.exec_prefix + attack, p.tests, 20.0, 1024, False)[1]  # the judge without the prompt
+        assert control.passed, (pid, control)
+        assert not check_completion(attack, p.tests, p.io_tests, p.exec_prefix, 20.0).passed, pid
+        assert fraction_of_tests_passed(attack, p.tests, p.exec_prefix, 20.0) == 0.0, pid
+
+
+def test_stop_iteration_from_the_program_fails_the_test_instead_of_ending_its_loop():
+    tests = ["for r, want in zip(map(add1, [1, 2, 3]), [2, 3, 4]):\n    assert r == want",
+             "assert all(map(lambda x: add1(x) == x + 1, range(5)))", "assert add1(1) == 2"]
+    assert fraction_of_tests_passed("def add1(x):\n    raise StopIteration('nope')\n", tests) == 0.0
+    assert fraction_of_tests_passed("def add1(x):\n    return x + 1\n", tests) == 1.0
+    # control: raised as itself inside the same loops, StopIteration ends them and the asserts pass
+    def add1(x):
+        raise StopIteration("nope")
+    for test in tests[:2]:
+        exec(test, {"add1": add1})

@@ -238,7 +238,7 @@ def _directory_over(path: str) -> bool:
 
 
 def _execute(code: str, tests: list[str] | None, timeout_s: float, memory_mb: int, allow_weak: bool,
-             stdin: bytes | None = None) -> _Outcome:
+             stdin: bytes | None = None, trusted_prefix: str = "") -> _Outcome:
     """Run ``code`` in the sandbox and, with ``tests``, the judge running them against it; collect both."""
     info = require_isolation(allow_weak)
     python = info.interpreter or sys.executable
@@ -273,6 +273,9 @@ def _execute(code: str, tests: list[str] | None, timeout_s: float, memory_mb: in
             sample_fds += [req_r, ans_w]
             with open(os.path.join(judge_dir, "tests.json"), "w") as fh:
                 json.dump(tests, fh)
+            # the benchmark's own prompt: the judge defines its helpers itself (a completion may redefine them)
+            with open(os.path.join(judge_dir, "prefix.py"), "w") as fh:
+                fh.write(trusted_prefix)
             judge_config = json.dumps({"requests": req_w, "answers": ans_r, "result_fd": result_w,
                                        "timeout_s": timeout_s})
             procs.append(_spawn([sys.executable, "-I", "-B", SANDBOX, "judge", judge_config], judge_dir,
@@ -588,10 +591,11 @@ def run_io_test(code: str, stdin: str, expected: str, timeout_s: float = 5.0, me
     return ExecResult(True, "passed")
 
 
-def _judged(code: str, tests: list[str], timeout_s: float, memory_mb: int, allow_weak: bool
-            ) -> tuple[int, ExecResult]:
-    """Tests passed (at most ``len(tests)``) and the sample's result, from the judge's plain-data results."""
-    outcome = _execute(code, list(tests), timeout_s, memory_mb, allow_weak)
+def _judged(code: str, tests: list[str], timeout_s: float, memory_mb: int, allow_weak: bool,
+            trusted_prefix: str = "") -> tuple[int, ExecResult]:
+    """Tests passed (at most ``len(tests)``) and the sample's result, from the judge's plain-data results.
+    ``code`` starts with ``trusted_prefix`` (the benchmark's prompt), which the judge also runs itself."""
+    outcome = _execute(code, list(tests), timeout_s, memory_mb, allow_weak, trusted_prefix=trusted_prefix)
     results = outcome.results or []
     passed = sum(r["passed"] for r in results)
     stopped = _limit_result(outcome, timeout_s)
@@ -618,7 +622,7 @@ def check_completion(code: str, tests: list[str], io_tests: list[dict[str, str]]
         return ExecResult(True, "passed")
     if not tests:
         return run_program(exec_prefix + code, timeout_s, memory_mb, allow_weak)
-    return _judged(exec_prefix + code, tests, timeout_s, memory_mb, allow_weak)[1]
+    return _judged(exec_prefix + code, tests, timeout_s, memory_mb, allow_weak, trusted_prefix=exec_prefix)[1]
 
 
 def fraction_of_tests_passed(code: str, tests: list[str], exec_prefix: str = "", timeout_s: float = 5.0,
@@ -635,7 +639,8 @@ def fraction_of_tests_passed(code: str, tests: list[str], exec_prefix: str = "",
         return passed / len(io_tests)
     if not tests:
         raise ValueError("no tests to run")
-    return min(_judged(exec_prefix + code, tests, timeout_s, memory_mb, allow_weak)[0], len(tests)) / len(tests)
+    passed = _judged(exec_prefix + code, tests, timeout_s, memory_mb, allow_weak, trusted_prefix=exec_prefix)[0]
+    return min(passed, len(tests)) / len(tests)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,7 @@ same way: the program only produces bytes, and the harness compares them as whit
 
 from __future__ import annotations
 
+import ast
 import builtins
 import ctypes
 import errno
@@ -557,12 +558,44 @@ class _Program:
             if "ok" in answer:
                 return decode(answer["ok"])
             kind = getattr(builtins, str(answer.get("raise")), None)
-            if not (isinstance(kind, type) and issubclass(kind, Exception)):
+            # StopIteration raised into the judge would silently end a map()/zip()/iter() loop of a test
+            if not (isinstance(kind, type) and issubclass(kind, Exception)) or issubclass(
+                    kind, (StopIteration, StopAsyncIteration)):
                 kind = RuntimeError
             raise kind(f"{answer.get('raise')}: {str(answer.get('message'))[:300]} (in the program)")
 
         call.__name__ = call.__qualname__ = name
         return call
+
+
+def prompt_definitions(prefix: str) -> tuple[dict, set[str]]:
+    """Run the benchmark's prompt in the judge: (its top-level names but the function to complete, their names).
+
+    The function to complete is the program's: the prompt's last statement when it is a function (the completion
+    continues its body), and any function whose body is only a docstring, imports, ``pass`` or ``...``.
+    Every other name the prompt defines (helpers such as HumanEval's ``poly`` or ``encode_cyclic``, imports)
+    is the judge's own, so a completion that redefines a helper changes nothing the tests see.
+    """
+    if not prefix.strip():
+        return {}, set()
+    tree = ast.parse(prefix)
+    names, stubs = set(), set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+            trivial = (ast.Pass, ast.Import, ast.ImportFrom)
+            body = [b for b in node.body if not (isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant))]
+            is_function = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            if is_function and (node is tree.body[-1] or all(isinstance(b, trivial) for b in body)):
+                stubs.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names if a.name != "*")
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    namespace: dict = {"__name__": "__prompt__"}
+    exec(compile(tree, "prompt.py", "exec", dont_inherit=True), namespace)
+    own = {n: namespace[n] for n in names - stubs if n in namespace}
+    return own, set(own)
 
 
 def _judge(config: dict) -> None:
@@ -571,12 +604,22 @@ def _judge(config: dict) -> None:
         tests = json.load(fh)
     program = _Program(config["requests"], config["answers"], time.monotonic() + config["timeout_s"])
     builtin_names = set(dir(builtins))
-    known: dict = {}
     results = []
+    try:
+        with open("prefix.py") as fh:
+            known, _ = prompt_definitions(fh.read())
+    except Exception as exc:  # the prompt itself does not run: no test can be judged against it
+        failed = [{"passed": False, "error": f"the prompt does not run in the judge: {type(exc).__name__}: {exc}"[:300]}]
+        os.write(config["result_fd"], json.dumps(failed * len(tests)).encode())
+        return
+    try:  # the program answers only once its top level ran: a program that ended first (or answers garbage)
+        program.ask({"op": "names", "names": []})  # passes nothing, not even a test that names none of its functions
+    except Exception as exc:
+        failed = {"passed": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        os.write(config["result_fd"], json.dumps([failed] * len(tests)).encode())
+        return
     for i, test in enumerate(tests):
         try:
-            if i == 0:  # the program answers only once its top level ran: a program that ended first passes nothing
-                program.ask({"op": "names", "names": []})
             code = compile(test, f"test_{i}.py", "exec", dont_inherit=True, optimize=0)
             wanted = sorted(_global_names(code) - builtin_names - set(known))
             if wanted:
