@@ -66,7 +66,8 @@ def main() -> None:
                "label_mask": torch.ones(args.batch, args.length, dtype=torch.bool, device=device),
                "row_index": torch.arange(i * args.batch, (i + 1) * args.batch)} for i in range(args.accum)]
     ref_rows = torch.cat([reference_token_ce(ref, b["input_ids"]).cpu() for b in window])
-    weighting = Rho1Weighting({"weights": {"mode": "weighted", "temperature": 1.0, "keep_ratio": 0.7, "max_weight": 3.0},
+    weighting = Rho1Weighting({"weights": {"mode": "weighted", "temperature": 1.0, "keep_ratio": 0.7, "max_weight": 3.0,
+                                           "standardize": True},
                                "train": {"chunk_size": args.chunk}}, 4, ref_rows, None, device)
     dist = Dist(device)
 

@@ -46,7 +46,7 @@ def _weighting(kind: str):
     if kind == "uniform":
         return UniformWeighting()
     cfg = {"weights": {"mode": "tokenskip" if kind == "tokenskip" else "weighted", "temperature": 0.5,
-                       "keep_ratio": 0.7, "max_weight": 3.0}, "train": {"chunk_size": 8}}
+                       "keep_ratio": 0.7, "max_weight": 3.0, "standardize": True}, "train": {"chunk_size": 8}}
     ref_rows = torch.rand(ROWS, T, generator=torch.Generator().manual_seed(4)) * 3
     return Rho1Weighting(cfg, H, ref_rows, None, torch.device("cpu"))
 
