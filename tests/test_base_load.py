@@ -19,6 +19,13 @@ from wmtp_lib.run_models import load_base
 H = 4
 
 
+def _digest(tensor) -> str:
+    """sha256 of a tensor's bytes: equal weights, bit for bit (a float sum's order depends on the thread count)."""
+    import hashlib
+
+    return hashlib.sha256(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
 def small_base(path, vocab: int = 8192, hidden: int = 768, layers: int = 5, seed: int = 0):
     """A random MTP base of 45M parameters (180 MB in float32), written in shards of at most 30 MB."""
     torch.manual_seed(seed)
@@ -80,13 +87,13 @@ def _worker(rank: int, world: int, port: int, path: str, out: str) -> None:
         peak = host_memory()["VmHWM"] - before
         weights_opened = sorted({p for p in opened if p.endswith(".safetensors")})
         loss = first_step_loss(model)
-        sums = {name: float(t.full_tensor().double().sum()) for name, t in model.state_dict().items()}
+        sums = {name: _digest(t.full_tensor()) for name, t in model.state_dict().items()}
         # without FSDP every process trains a full replica: rank 0 still reads alone and broadcasts
         opened.clear()
         replica = load_base(Path(path), H, Dist(torch.device("cpu")))
         result = {"peak": peak, "opened": weights_opened, "loss": loss, "sums": sums,
                   "inv_freq": model.rotary_emb.inv_freq.tolist(), "inv_freq_dtype": str(model.rotary_emb.inv_freq.dtype),
-                  "replica_sums": {name: float(t.double().sum()) for name, t in replica.state_dict().items()},
+                  "replica_sums": {name: _digest(t) for name, t in replica.state_dict().items()},
                   "replica_opened": sorted({p for p in opened if p.endswith(".safetensors")})}
         with open(f"{out}.{rank}", "w") as fh:
             json.dump(result, fh)
@@ -111,7 +118,7 @@ def test_fsdp_load_reads_on_rank0_only_and_equals_the_single_process_load(tmp_pa
     ranks = [json.loads(open(f"{out}.{r}").read()) for r in range(2)]
 
     reference = MTPModel.from_pretrained(path, dtype=torch.float32)  # the whole model in one process
-    expected_sums = {name: float(t.double().sum()) for name, t in reference.state_dict().items()}
+    expected_sums = {name: _digest(t) for name, t in reference.state_dict().items()}
     expected_loss = first_step_loss(reference)
     for rank in ranks:
         assert rank["loss"] == expected_loss
