@@ -54,13 +54,11 @@ def machine_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     model = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass  # not Linux: platform.processor() is what there is
+    cpuinfo = Path("/proc/cpuinfo")  # Linux only; elsewhere platform.processor() is what there is
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
     return f"{model or 'cpu'} ({platform.machine()}, {os.cpu_count()} cores)"
 
 

@@ -388,8 +388,9 @@ def _stop(proc: subprocess.Popen) -> None:
     """Kill the process's whole group and reap it, waiting at most a few seconds."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass  # the group is already gone (a zombie leader's group cannot be signalled): reaped below
+    except (ProcessLookupError, PermissionError) as exc:
+        # the group is already gone (a zombie leader's group cannot be signalled): reaped below
+        logger.debug("process group %d already gone: %s", proc.pid, exc)
     for stream in (proc.stdin, proc.stdout, proc.stderr):
         if stream is not None and not stream.closed:
             stream.close()
