@@ -8,7 +8,12 @@ and the final token (``</s>``) of corrupted and of clean solutions, where the se
 All scores and weights are computed by training's own `CriticWeighting` (advantages → soft weights, value
 trunk, temperature, standardize and cap from the run's config), over the first ``--rows`` training rows.
 
-    python bench/critic_signal.py runs/experiment/runs/critic-noise0.4-seed0 [--sweep]
+``--oracle`` replaces V by the best value a prefix can have on synthetic data, whatever the trunk: the mean
+return of the states that have (or have not yet) seen a corrupted token, and reports its explained variance
+and the weights its advantages give for each ``score_lambda`` and ``temperature``: what an exact value
+function could localise (a corrupted span's first token carries the drop, GAE carries it back over the prefix).
+
+    python bench/critic_signal.py runs/experiment/runs/critic-noise0.4-seed0 [--sweep] [--oracle]
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout witho
 from bench_models import bench_header  # noqa: E402
 
 from wmtp_lib.config import load_resolved, project_path  # noqa: E402
-from wmtp_lib.critic import auc  # noqa: E402
+from wmtp_lib.critic import advantages, align_scores, auc, explained_variance, mc_returns  # noqa: E402
 from wmtp_lib.data import load_samples, tokenize_samples  # noqa: E402
 from wmtp_lib.distributed import Dist  # noqa: E402
 from wmtp_lib.heads import MTPModel  # noqa: E402
@@ -88,12 +93,52 @@ def sweep(model: MTPModel, critic: CriticWeighting, data, rows: int, lambdas: li
     critic.ccfg, critic.cfg = ccfg, wcfg
 
 
+def prefix_oracle_values(batch, returns: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """V*(s_t) ``(B, T)``: the mean Monte-Carlo return of the states whose prefix (tokens ``0..t``) holds a
+    corrupted token, or of those whose prefix holds none; the best value computable from that one fact."""
+    corrupted = batch["noise_marks"].bool() & batch["noisy"].bool()
+    seen = corrupted.long().cumsum(1) > 0
+    clean_so_far, after = returns[states & ~seen].mean(), returns[states & seen].mean()
+    return torch.where(seen, after, clean_so_far).float()
+
+
+@torch.no_grad()
+def oracle_sweep(critic: CriticWeighting, data, rows: int, H: int, lambdas: list[float],
+                 temperatures: list[float]) -> None:
+    """Weights (all heads) on corrupted / other noisy / clean-slot targets of `prefix_oracle_values`."""
+    b = data.rows(list(range(rows)))
+    tr = critic.transitions(b)
+    returns = mc_returns(tr.rewards, tr.states, critic.ccfg["gamma"], None, tr.bootstrap)
+    values = prefix_oracle_values(b, returns, tr.states)
+    corrupted = b["noise_marks"].bool() & b["noisy"].bool()
+    spans = corrupted.sum(1)[corrupted.any(1)].float()
+    ev = explained_variance(values[tr.states].double(), returns[tr.states].double())
+    print(f"\nprefix oracle V over {rows} rows: explained variance {ev:.3f}; corrupted tokens per corrupted "
+          f"solution {spans.mean():.2f}")
+    valid = target_valid(b["label_mask"], H)
+    noisy, mark = noisy_targets(b["noisy"], H), noisy_targets(b["noise_marks"], H)
+    groups = {"corrupted": noisy & mark & valid, "rest": noisy & ~mark & valid, "clean slot": ~noisy & mark & valid}
+    ccfg, wcfg = dict(critic.ccfg), dict(critic.cfg)
+    print("  score_lambda temperature | corrupted  rest  clean slot | corrupted/rest corrupted/clean")
+    for lam in lambdas:
+        for temperature in temperatures:
+            critic.cfg = {**wcfg, "temperature": temperature}
+            adv = advantages(values, tr.rewards, tr.states, ccfg["gamma"], lam, tr.bootstrap)
+            w = critic.weights_from_scores(align_scores(adv, H), valid)
+            m = {g: w[x].mean().item() for g, x in groups.items()}
+            print(f"  {lam:12.2f} {temperature:11.2f} | {m['corrupted']:9.2f} {m['rest']:5.2f} {m['clean slot']:11.2f} | "
+                  f"{m['corrupted'] / m['rest']:14.2f} {m['corrupted'] / m['clean slot']:15.2f}")
+    critic.cfg = wcfg
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run_dir", type=Path)
     p.add_argument("--rows", type=int, default=512)
     p.add_argument("--sweep", action="store_true",
                    help="also weights for other score_lambda / temperature values (stage-1 value head)")
+    p.add_argument("--oracle", action="store_true",
+                   help="also the weights of the prefix oracle value (see the docstring), synthetic data only")
     p.add_argument("--lambdas", default="0,0.5,0.8,0.9,0.95")
     p.add_argument("--temperatures", default="0.2,0.33,0.5")
     args = p.parse_args()
@@ -123,6 +168,9 @@ def main() -> None:
                                  torch.device("cpu"), value_trunk)
         critic.value_head.load_state_dict(load_file(str(value_file)))
         td_by, w_by, every = token_groups(model, critic, data, min(args.rows, len(samples)))
+        if args.oracle and value_file.name == "value_head_stage1.safetensors":
+            oracle_sweep(critic, data, min(args.rows, len(samples)), model.n_future,
+                         [float(x) for x in args.lambdas.split(",")], [float(x) for x in args.temperatures.split(",")])
         if args.sweep and value_file.name == "value_head_stage1.safetensors":
             sweep(model, critic, data, min(args.rows, len(samples), 256),
                   [float(x) for x in args.lambdas.split(",")], [float(x) for x in args.temperatures.split(",")])
