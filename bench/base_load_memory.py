@@ -1,14 +1,14 @@
 """Host memory of the base model's load under FSDP2, before and after the meta-device load (DESIGN §7).
 
 Builds (once, under ``--dir``) a random MTP base of about 300M parameters the way the tiny default is built
-(`wmtp_lib.tiny.build_base`: Meta's layout, then `convert_checkpoint`), at a larger size. Then, for each
+(`wmtp_lib.checkpoints.tiny.build_base`: Meta's layout, then `convert_checkpoint`), at a larger size. Then, for each
 load, starts 2 gloo processes under FSDP2 and reports each rank's host peak while loading (``VmHWM`` after the
 load minus ``VmRSS`` just before it, ``/proc/self/status``) against the full float32 model, and the loss of
 a first training step (the sequential MTP step on a fixed batch) to every digit:
 
 - ``before``: what the trainer did until this change (commit a40a7af): every rank reads the whole model in
   float32 (`MTPModel.from_pretrained`), moves it to its device and shards it (`shard_fsdp`);
-- ``after``: `wmtp_lib.run_models.load_base`: built on the meta device, sharded, rank 0 reads and scatters.
+- ``after``: `wmtp_lib.train.run_models.load_base`: built on the meta device, sharded, rank 0 reads and scatters.
 
     python bench/base_load_memory.py [--dir /tmp/wmtp-base-300m] [--loads before after]
 """
@@ -34,7 +34,7 @@ VOCAB = 32000
 
 
 def build(path: Path) -> None:
-    from wmtp_lib.tiny import build_base, build_tokenizer
+    from wmtp_lib.checkpoints.tiny import build_base, build_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_tokenizer(Path(tmp), seed=0)
@@ -51,7 +51,8 @@ def status() -> dict[str, int]:
 
 
 def first_step_loss(model) -> str:
-    from wmtp_lib.step import sequential_mtp_step
+    from wmtp_lib.data.rows import make_batch
+    from wmtp_lib.model.step import sequential_mtp_step
 
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(3, VOCAB, (2, 32), generator=g)
@@ -59,15 +60,15 @@ def first_step_loss(model) -> str:
     attention[1, 20:] = 0
     label = attention.bool().clone()
     label[:, :4] = False
-    return repr(float(sequential_mtp_step(model.train(), ids, attention, label, chunk_size=16).loss))
+    return repr(float(sequential_mtp_step(model.train(), make_batch(ids, attention, label), chunk_size=16).loss))
 
 
 def worker(rank: int, world: int, port: int, path: str, load: str, out: str) -> None:
     from torch.distributed import fsdp  # noqa: F401  (imported before the measurement: code, not weights)
 
-    from wmtp_lib.distributed import Dist, shard_fsdp
-    from wmtp_lib.heads import MTPModel
-    from wmtp_lib.run_models import load_base
+    from wmtp_lib.model.heads import MTPModel
+    from wmtp_lib.train.distributed import Dist, shard_fsdp
+    from wmtp_lib.train.run_models import load_base
 
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -99,7 +100,7 @@ def main() -> None:
     if not (path / "config.json").is_file():
         print(f"building the base under {path} ...", flush=True)
         build(path)
-    from wmtp_lib.heads import SafetensorsReader
+    from wmtp_lib.model.heads import SafetensorsReader
 
     reader = SafetensorsReader(path)
     n_params = sum(torch.Size(loc.shape).numel() for loc in reader.locations.values())

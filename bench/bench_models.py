@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from wmtp_lib.heads import MTPModel, mtp_config
+from wmtp_lib.model.heads import MTPModel, mtp_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

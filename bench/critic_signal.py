@@ -30,14 +30,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout witho
 
 from bench_models import bench_header  # noqa: E402
 
+from wmtp_lib.checkpoints.tokenization import load_tokenizer  # noqa: E402
 from wmtp_lib.config import load_resolved, project_path  # noqa: E402
-from wmtp_lib.critic import advantages, align_scores, auc, explained_variance, mc_returns  # noqa: E402
-from wmtp_lib.data import load_samples, tokenize_samples  # noqa: E402
-from wmtp_lib.distributed import Dist  # noqa: E402
-from wmtp_lib.heads import MTPModel  # noqa: E402
-from wmtp_lib.loaders import load_tokenizer  # noqa: E402
-from wmtp_lib.weight_stats import noisy_targets  # noqa: E402
-from wmtp_lib.weighting import CriticWeighting, reward_model_trunk, target_valid  # noqa: E402
+from wmtp_lib.data.rows import tokenize_samples
+from wmtp_lib.data.sources import load_samples  # noqa: E402
+from wmtp_lib.model.heads import MTPModel  # noqa: E402
+from wmtp_lib.model.losses import target_valid
+from wmtp_lib.train.critic import (  # noqa: E402
+    advantages,
+    align_scores,
+    auc,
+    explained_variance,
+    mc_returns,
+)
+from wmtp_lib.train.critic_weighting import CriticWeighting  # noqa: E402
+from wmtp_lib.train.distributed import Dist  # noqa: E402
+from wmtp_lib.train.rewards import reward_model_trunk
+from wmtp_lib.train.weight_stats import noisy_targets  # noqa: E402
 
 GROUPS = ("corrupted", "rest of noisy (not final)", "clean (not final)", "final token, noisy", "final token, clean")
 

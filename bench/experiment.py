@@ -43,10 +43,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench_models import bench_header  # noqa: E402
-from wmtp_lib.config import RECIPES, load_resolved, project_path, resolve_config, write_config  # noqa: E402
-from wmtp_lib.data import load_samples  # noqa: E402
-from wmtp_lib.evaluation import run_evaluation  # noqa: E402
-from wmtp_lib.tiny import stage_tiny  # noqa: E402
+
+from wmtp_lib.checkpoints.tiny import stage_tiny  # noqa: E402
+from wmtp_lib.config import (  # noqa: E402
+    RECIPES,
+    load_resolved,
+    project_path,
+    resolve_config,
+    write_config,
+)
+from wmtp_lib.data.sources import load_samples  # noqa: E402
+from wmtp_lib.eval.evaluation import run_evaluation  # noqa: E402
 
 GROUPS = ("corrupt", "corrupt_rest", "clean_slot")
 SMOKE = {"noise": [0.4], "recipes": ["mtp_baseline", "rho1"], "seeds": [0],

@@ -32,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout witho
 import torch  # noqa: E402
 from bench_models import bench_header, interleaved_rounds, paired_ratio, spread_line  # noqa: E402
 
-from wmtp_lib.heads import MTPModel, mtp_config  # noqa: E402
-from wmtp_lib.step import all_heads_step, sequential_mtp_step  # noqa: E402
+from wmtp_lib.model.heads import MTPModel, mtp_config  # noqa: E402
+from wmtp_lib.data.rows import make_batch  # noqa: E402
+from wmtp_lib.model.step import all_heads_step, sequential_mtp_step  # noqa: E402
 
 VARIANTS = ("all_at_once", "sequential")
 
@@ -58,14 +59,14 @@ def serve_variant(args: argparse.Namespace) -> None:
         model = MTPModel(cfg).train()
     for p in model.parameters():
         p.grad = torch.zeros_like(p)  # gradients exist before the first step: its peak is a steady step's
-    x = torch.randint(0, args.vocab, (args.batch, args.length), device=device)
+    batch = make_batch(torch.randint(0, args.vocab, (args.batch, args.length), device=device))
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):
             if args.worker == "sequential":
-                sequential_mtp_step(model, x, chunk_size=args.chunk)
+                sequential_mtp_step(model, batch, chunk_size=args.chunk)
             else:
-                all_heads_step(model, x)
+                all_heads_step(model, batch)
         if device.type == "cuda":
             torch.cuda.synchronize()  # kernels run asynchronously: the step ends when the device is done
 

@@ -24,10 +24,17 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without `pip install -e .`
 
-from wmtp_lib.heads import MTPModel, mtp_config  # noqa: E402
-from wmtp_lib.step import sequential_mtp_step  # noqa: E402
+from bench_models import (  # noqa: E402
+    bench_header,
+    interleaved_rounds,
+    paired_ratio,
+    spread_line,
+    timed,
+)
 
-from bench_models import bench_header, interleaved_rounds, paired_ratio, spread_line, timed  # noqa: E402
+from wmtp_lib.model.heads import MTPModel, mtp_config  # noqa: E402
+from wmtp_lib.data.rows import make_batch  # noqa: E402
+from wmtp_lib.model.step import sequential_mtp_step  # noqa: E402
 
 PRESETS = {
     # 7B: hidden 4096, 32 blocks, vocab 32000; here hidden 512, 8 blocks: vocab 32000·(512·8)/(4096·32) = 1000
@@ -65,7 +72,7 @@ def main() -> None:
     llama = LlamaForCausalLM(LlamaConfig(**dims(args))).train()
 
     def mtp_step():
-        sequential_mtp_step(mtp, x, chunk_size=args.chunk)
+        sequential_mtp_step(mtp, make_batch(x), chunk_size=args.chunk)
         mtp.zero_grad(set_to_none=True)
 
     def llama_step():

@@ -35,10 +35,18 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from bench_models import bench_header, bench_mtp_model, interleaved_rounds, paired_ratio, spread_line, timed
+    from bench_models import (
+        bench_header,
+        bench_mtp_model,
+        interleaved_rounds,
+        paired_ratio,
+        spread_line,
+        timed,
+    )
 
-    from wmtp_lib.packing import pack_documents
-    from wmtp_lib.step import sequential_mtp_step
+    from wmtp_lib.data.packing import pack_documents
+    from wmtp_lib.data.rows import make_batch
+    from wmtp_lib.model.step import sequential_mtp_step
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -75,7 +83,7 @@ def main() -> None:
         ids, attn, pos = batches[kind]
 
         def step():
-            sequential_mtp_step(model, ids, attn, attn.bool(), chunk_size=args.chunk, position_ids=pos)
+            sequential_mtp_step(model, make_batch(ids, attn, attn.bool(), pos), chunk_size=args.chunk)
             model.zero_grad(set_to_none=False)
             if device.type == "cuda":
                 torch.cuda.synchronize()

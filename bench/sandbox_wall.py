@@ -11,8 +11,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from wmtp_lib.data import load_humaneval
-from wmtp_lib.execution import check_completion, isolation
+from wmtp_lib.data.sources import load_humaneval
+from wmtp_lib.eval.execution import check_completion, isolation
 
 
 def one_round(problems) -> tuple[float, int]:

@@ -22,11 +22,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_models import bench_header, paired_ratio  # noqa: E402
 
-from wmtp_lib.data import BatchSchedule, synthetic_corpus, synthetic_tasks, tokenize_samples  # noqa: E402
-from wmtp_lib.generation import every_head_argmax, new_cache, speculative_benchmark  # noqa: E402
-from wmtp_lib.heads import MTPModel, mtp_config  # noqa: E402
-from wmtp_lib.step import sequential_mtp_step  # noqa: E402
-from wmtp_lib.tiny import TINY_DIMS, train_tokenizer  # noqa: E402
+from wmtp_lib.checkpoints.tiny import TINY_DIMS, train_tokenizer  # noqa: E402
+from wmtp_lib.data.rows import tokenize_samples
+from wmtp_lib.data.schedule import BatchSchedule  # noqa: E402
+from wmtp_lib.data.synthetic import synthetic_corpus, synthetic_tasks
+from wmtp_lib.model.generation import (  # noqa: E402
+    every_head_argmax,
+    new_cache,
+    speculative_benchmark,
+)
+from wmtp_lib.model.heads import MTPModel, mtp_config  # noqa: E402
+from wmtp_lib.model.step import sequential_mtp_step  # noqa: E402
 
 PRESETS = {
     # long enough for the heads to learn the templates they draft (30 steps x 4 left head losses near 3 and
@@ -115,7 +121,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for step in range(cfg["steps"]):
         b = {k: v.to(device) for k, v in data.rows(schedule.micro_batch(step, 0, 0)).items()}
-        out = sequential_mtp_step(model, b["input_ids"], b["attention_mask"], b["label_mask"], chunk_size=128)
+        out = sequential_mtp_step(model, b, chunk_size=128)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -1,6 +1,6 @@
 """Training throughput (tokens/s) and MFU of `mtp_baseline` steps, plainly and under FSDP2 in one process.
 
-A step is the trainer's (`wmtp_lib.train.Trainer.train_step` for `mtp_baseline`, minus logging): the
+A step is the trainer's (`wmtp_lib.train.loop.Trainer.train_step` for `mtp_baseline`, minus logging): the
 sequential MTP step over one micro-batch with uniform weights (`forward_backward`), gradient clipping,
 AdamW, zeroed gradients. ``plain`` runs it under bf16 autocast with float32 weights (the trainer on one
 GPU); ``fsdp`` shards the model with FSDP2 and bf16 parameters, float32 reduction, in a one-process group
@@ -42,13 +42,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout witho
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from bench_models import bench_header, interleaved_rounds, machine_name, paired_ratio, timed  # noqa: E402
+from bench_models import (  # noqa: E402
+    bench_header,
+    interleaved_rounds,
+    machine_name,
+    paired_ratio,
+    timed,
+)
 from transformers import LlamaConfig  # noqa: E402
 
-from wmtp_lib.distributed import Dist, clip_grad_norm, shard_fsdp  # noqa: E402
-from wmtp_lib.heads import MTPModel, mtp_config  # noqa: E402
-from wmtp_lib.train import forward_backward  # noqa: E402
-from wmtp_lib.weighting import UniformWeighting  # noqa: E402
+from wmtp_lib.model.heads import MTPModel, mtp_config  # noqa: E402
+from wmtp_lib.train.distributed import Dist, clip_grad_norm, shard_fsdp  # noqa: E402
+from wmtp_lib.train.loop import forward_backward  # noqa: E402
+from wmtp_lib.train.weighting import UniformWeighting  # noqa: E402
 
 PRESETS = {
     # 14 trunk + 4 head blocks of Llama's shape at hidden 2048 (MLP 8/3·D rounded up to 256): 1.06B parameters

@@ -35,15 +35,23 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from bench_models import bench_header, bench_mtp_model, interleaved_rounds, paired_ratio, spread_line, timed
+    from bench_models import (
+        bench_header,
+        bench_mtp_model,
+        interleaved_rounds,
+        paired_ratio,
+        spread_line,
+        timed,
+    )
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from wmtp_lib.losses import align_reference, rho1_weights
-    from wmtp_lib.reference import reference_token_ce
-    from wmtp_lib.distributed import Dist
-    from wmtp_lib.step import sequential_mtp_step, uniform_weights
-    from wmtp_lib.train import forward_backward
-    from wmtp_lib.weighting import Rho1Weighting
+    from wmtp_lib.model.losses import align_reference, rho1_weights
+    from wmtp_lib.data.rows import make_batch
+    from wmtp_lib.model.step import BatchWeights, sequential_mtp_step, uniform_weights
+    from wmtp_lib.train.distributed import Dist
+    from wmtp_lib.train.loop import forward_backward
+    from wmtp_lib.train.reference import reference_token_ce
+    from wmtp_lib.train.weighting import Rho1Weighting
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -85,7 +93,7 @@ def main() -> None:
                 fn = rho1_fn(cached)
             else:
                 fn = rho1_fn(reference_token_ce(ref, x))
-            sequential_mtp_step(model, x, weight_fn=fn, chunk_size=args.chunk)
+            sequential_mtp_step(model, make_batch(x), BatchWeights.fixed(fn), chunk_size=args.chunk)
             model.zero_grad(set_to_none=False)
             if device.type == "cuda":
                 torch.cuda.synchronize()

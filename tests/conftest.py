@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from wmtp_lib.heads import MTPModel
-
 from tiny_models import tiny_config  # noqa: F401  (re-exported for older imports)
+
+from wmtp_lib.model.heads import MTPModel
 
 
 @pytest.fixture
@@ -42,12 +41,17 @@ def s3_env(s3_endpoint, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
-    """The embedded default models, staged once per test session."""
-    from wmtp_lib.tiny import stage_tiny
+def tiny_models():
+    """The embedded default models in the project's model cache ``models/`` (git-ignored), built there once when
+    missing: the notebooks and the README's commands, which pytest also runs, read the same directory, so a
+    test session builds them (about 90 s on 2 cores) once, not twice. Tests only read them."""
+    from wmtp_lib.checkpoints.tiny import TINY_IDS, stage_tiny
+    from wmtp_lib.registry import PROJECT_ROOT
 
-    root = tmp_path_factory.mktemp("models")
-    stage_tiny(root, log=lambda m: None)
+    root = PROJECT_ROOT / "models"
+    missing = tuple(m for m in TINY_IDS if not (root / m / "manifest.json").is_file())
+    if missing:
+        stage_tiny(root, ids=missing, log=lambda m: None)
     return root
 
 
@@ -71,7 +75,7 @@ def python_corpus(max_chars: int = 1_500_000) -> list[str]:
 @pytest.fixture(scope="session")
 def llama_spm(tmp_path_factory):
     """A SentencePiece ``tokenizer.model`` trained with Llama-2's settings on Python code (trained once)."""
-    from wmtp_lib.tokenization import train_llama_sentencepiece
+    from wmtp_lib.checkpoints.tokenization import train_llama_sentencepiece
 
     path = tmp_path_factory.mktemp("spm") / "tokenizer.model"
     return train_llama_sentencepiece(python_corpus(), path, vocab_size=2000)

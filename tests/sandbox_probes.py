@@ -15,7 +15,12 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from wmtp_lib.execution import check_completion, fraction_of_tests_passed, isolation_info, run_io_test
+from wmtp_lib.eval.execution import (
+    check_completion,
+    fraction_of_tests_passed,
+    isolation_info,
+    run_io_test,
+)
 
 SECRET = "sekret-aws-value-123"
 # HumanEval with its canonical solutions, as installed (the unprivileged run is told where by the environment)

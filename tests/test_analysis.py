@@ -7,9 +7,16 @@ import json
 import pandas as pd
 import pytest
 
-from wmtp_lib import analysis
-from wmtp_lib.config import ConfigError, as_list, ci_sizing, default_runs_dir, project_path, resolve_config
-from wmtp_lib.evaluation import pass_at_k
+from wmtp_lib.eval import analysis
+from wmtp_lib.config import (
+    ConfigError,
+    as_list,
+    ci_sizing,
+    default_runs_dir,
+    project_path,
+    resolve_config,
+)
+from wmtp_lib.eval.evaluation import pass_at_k
 from wmtp_lib.runs import find_or_train_run
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from wmtp_lib.distributed import Dist, shard_fsdp
-from wmtp_lib.heads import MTPModel, mtp_config
+from wmtp_lib.model.heads import MTPModel, mtp_config
 from wmtp_lib.preflight import base_load_peak_bytes
-from wmtp_lib.run_models import load_base
+from wmtp_lib.train.distributed import Dist, shard_fsdp
+from wmtp_lib.train.run_models import load_base
 
 H = 4
 
@@ -47,7 +47,7 @@ def first_step_batch():
 
 def first_step_loss(model) -> float:
     """The loss of a first training step (the sequential MTP step's forward and backward) on a fixed batch."""
-    from wmtp_lib.step import sequential_mtp_step
+    from wmtp_lib.model.step import sequential_mtp_step
 
     ids, attention, label = first_step_batch()
     return float(sequential_mtp_step(model.train(), ids, attention, label, chunk_size=16).loss)

@@ -6,9 +6,9 @@ import importlib
 
 import pytest
 import torch
-
 from train_helpers import ROOT
-from wmtp_lib.heads import MTPModel, mtp_config
+
+from wmtp_lib.model.heads import MTPModel, mtp_config
 
 # D 16, 4 attention heads of width 4, 2 key/value heads (grouped: k and v are narrower than q), MLP 24,
 # 2 trunk + 4 head blocks, vocab 50, sequence 8

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wmtp_lib.critic import (
+from wmtp_lib.model.packing import document_ids
+from wmtp_lib.train.critic import (
     advantages,
     align_scores,
     auc,
@@ -18,7 +19,6 @@ from wmtp_lib.critic import (
     state_mask_from_labels,
     td_errors,
 )
-from wmtp_lib.packing import document_ids
 
 
 def _mask():
@@ -149,7 +149,7 @@ def test_value_features_are_rms_normalised():
 
 
 def test_value_head_init_ignores_global_rng_draws_made_on_one_rank_only():
-    from wmtp_lib.critic import seeded_value_head
+    from wmtp_lib.train.critic import seeded_value_head
 
     torch.manual_seed(0)
     a = seeded_value_head(16, seed=7)
@@ -166,9 +166,9 @@ def test_value_head_init_ignores_global_rng_draws_made_on_one_rank_only():
 def test_reward_cache_of_other_samples_or_reward_model_is_refused(tmp_path):
     from safetensors.torch import save_file
 
-    from wmtp_lib.data import Sample
-    from wmtp_lib.distributed import Dist
-    from wmtp_lib.weighting import reward_cache_key, sequence_rewards
+    from wmtp_lib.data.sample import Sample
+    from wmtp_lib.train.distributed import Dist
+    from wmtp_lib.train.rewards import reward_cache_key, sequence_rewards
 
     cfg = {"critic": {"reward_source": "model"}, "models": {"reward": "tiny-rm"}}
     samples = [Sample("a", "def f():", " return 1"), Sample("b", "def g():", " pass")]
@@ -184,9 +184,9 @@ def test_reward_cache_of_other_samples_or_reward_model_is_refused(tmp_path):
 def test_rollout_cache_of_other_samples_is_refused(tmp_path):
     import json
 
-    from wmtp_lib.data import Sample
-    from wmtp_lib.distributed import Dist
-    from wmtp_lib.rollouts import build_rollout_data, rollout_cache_key
+    from wmtp_lib.data.sample import Sample
+    from wmtp_lib.train.distributed import Dist
+    from wmtp_lib.train.rollouts import build_rollout_data, rollout_cache_key
 
     cfg = {"seed": 1, "train": {}, "critic": {"rollouts": 2, "rollout_max_new_tokens": 8, "rollout_temperature": 1.0}}
     samples = [Sample("a", "def f():", " return 1")]
@@ -199,8 +199,8 @@ def test_rollout_cache_of_other_samples_is_refused(tmp_path):
 
 
 def test_stage1_keeps_the_best_head_and_counts_evaluations_without_improvement():
-    from wmtp_lib.critic import ValueHead
-    from wmtp_lib.weighting import Stage1Fit
+    from wmtp_lib.train.critic import ValueHead
+    from wmtp_lib.train.critic_weighting import Stage1Fit
 
     head = ValueHead(8)
     fit = Stage1Fit()
@@ -220,7 +220,7 @@ def test_stage1_keeps_the_best_head_and_counts_evaluations_without_improvement()
 
 
 def test_heldout_rows_keep_prompts_together_are_seeded_and_bounded():
-    from wmtp_lib.weighting import heldout_split
+    from wmtp_lib.train.critic_weighting import heldout_split
 
     groups = [f"prompt {i // 4}" for i in range(100)]  # 4 rollouts of each of 25 prompts
     fit, held = heldout_split(groups, 128, seed=3)
@@ -235,7 +235,7 @@ def test_heldout_rows_keep_prompts_together_are_seeded_and_bounded():
 
 
 def test_cut_documents_are_those_without_their_eos():
-    from wmtp_lib.data import TokenizedData
+    from wmtp_lib.data.rows import TokenizedData
 
     eos = 2
     ids = torch.tensor([[1, 5, 6, 2, 1, 7, 2, 0], [1, 5, 6, 7, 8, 9, 9, 9]])
@@ -249,12 +249,12 @@ def test_reward_model_value_trunk_needs_the_base_tokenizer(tmp_path, tiny_models
     whose tokenizer differs (FsfairX's Llama-3 against a Llama-2 base) is refused, naming both models."""
     import shutil
 
+    from wmtp_lib.checkpoints.tiny import train_tokenizer
+    from wmtp_lib.checkpoints.tokenization import load_tokenizer
     from wmtp_lib.config import resolve_config
-    from wmtp_lib.data import load_samples
-    from wmtp_lib.distributed import Dist
-    from wmtp_lib.loaders import load_tokenizer
-    from wmtp_lib.tiny import train_tokenizer
-    from wmtp_lib.weighting import reward_model_trunk
+    from wmtp_lib.data.sources import load_samples
+    from wmtp_lib.train.distributed import Dist
+    from wmtp_lib.train.rewards import reward_model_trunk
 
     cfg = resolve_config("critic", "local", {"critic.value_trunk": "reward_model", "data.n_train": 40,
                                              "paths.models_dir": str(tiny_models)})

@@ -8,25 +8,26 @@ import re
 import pytest
 import torch
 
-from wmtp_lib.data import (
-    BatchSchedule,
-    Sample,
+from wmtp_lib.checkpoints.tiny import train_tokenizer
+from wmtp_lib.data.rows import (
     char_spans_to_token_positions,
     encode_with_offsets,
-    is_test_constant,
+    tokenize_samples,
+)
+from wmtp_lib.data.sample import Sample
+from wmtp_lib.data.schedule import BatchSchedule
+from wmtp_lib.data.sources import (
     load_humaneval,
     load_mbpp,
     load_prompt_completion_jsonl,
-    synthetic_tasks,
-    tokenize_samples,
 )
-from wmtp_lib.execution import program_for, run_program
-from wmtp_lib.tiny import train_tokenizer
+from wmtp_lib.data.synthetic import is_test_constant, synthetic_tasks
+from wmtp_lib.eval.execution import program_for, run_program
 
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
-    from wmtp_lib.data import synthetic_corpus
+    from wmtp_lib.data.synthetic import synthetic_corpus
 
     out = tmp_path_factory.mktemp("tok")
     train_tokenizer(synthetic_corpus(n=200), vocab_size=400, workdir=out)
@@ -35,7 +36,7 @@ def tok_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok(tok_dir):
-    from wmtp_lib.loaders import load_tokenizer
+    from wmtp_lib.checkpoints.tokenization import load_tokenizer
 
     return load_tokenizer(tok_dir)
 
@@ -181,7 +182,7 @@ def test_prompt_completion_jsonl(tmp_path):
 
 
 def test_codecontests_takes_first_python3_solution_and_public_tests(tmp_path):
-    from wmtp_lib.data import load_codecontests
+    from wmtp_lib.data.sources import load_codecontests
 
     rows = [
         {"name": "a", "description": "Add two numbers.", "solutions": {"language": [2, 3, 3],

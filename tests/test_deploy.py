@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import yaml
-
 from train_helpers import ROOT
 
 

@@ -7,13 +7,17 @@ import os
 
 import pytest
 import torch
-
-from wmtp_lib.evaluation import bootstrap_ci, extract_completion, head_metric_sums, pass_at_k
-from wmtp_lib.execution import run_program
-from wmtp_lib.generation import greedy, speculative_greedy
-from wmtp_lib.heads import MTPModel
-
 from tiny_models import tiny_config
+
+from wmtp_lib.eval.evaluation import (
+    bootstrap_ci,
+    extract_completion,
+    head_metric_sums,
+    pass_at_k,
+)
+from wmtp_lib.eval.execution import run_program
+from wmtp_lib.model.generation import greedy, speculative_greedy
+from wmtp_lib.model.heads import MTPModel
 
 
 def test_pass_at_k_hand_values():
@@ -53,7 +57,7 @@ def test_sandbox_cannot_kill_the_evaluator():
     code = "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n"
     assert not run_program(code).passed
     # Past the Python-level guard (ctypes): seccomp lets a sample signal only its own process.
-    from wmtp_lib.execution import isolation_info
+    from wmtp_lib.eval.execution import isolation_info
 
     if "seccomp" not in isolation_info().layers:
         pytest.skip(f"no seccomp layer on this machine ({isolation_info().notes})")
@@ -95,8 +99,8 @@ class PerfectHead(torch.nn.Module):
 
 
 def test_head_metrics_of_perfect_head_is_one():
-    from wmtp_lib.data import TokenizedData
-    from wmtp_lib.evaluation import head_metrics
+    from wmtp_lib.data.rows import TokenizedData
+    from wmtp_lib.eval.evaluation import head_metrics
 
     torch.manual_seed(0)
     ids = torch.randint(0, 50, (6, 20))
@@ -149,7 +153,7 @@ def test_bootstrap_ci_brackets_mean():
 
 
 def test_fraction_of_tests_passed_counts_each_test():
-    from wmtp_lib.execution import fraction_of_tests_passed
+    from wmtp_lib.eval.execution import fraction_of_tests_passed
 
     code = "def f(x):\n    return x + 1\n"
     tests = ["assert f(1) == 2", "assert f(2) == 4", "assert f(0) == 1", "assert g(1) == 1"]

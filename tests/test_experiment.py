@@ -7,7 +7,6 @@ import importlib
 import json
 
 import pytest
-
 from train_helpers import ROOT
 
 pytestmark = pytest.mark.slow

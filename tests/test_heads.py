@@ -7,11 +7,10 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import tiny_config
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from wmtp_lib.heads import MTPModel
-
-from tiny_models import tiny_config
+from wmtp_lib.model.heads import MTPModel
 
 
 def test_forward_shape_and_dtype(tiny_mtp):
@@ -68,7 +67,7 @@ def test_non_strict_load_is_refused(tiny_mtp):
 
 
 def test_missing_directory_says_how_to_convert(tmp_path):
-    with pytest.raises(FileNotFoundError, match="wmtp_lib.loaders convert"):
+    with pytest.raises(FileNotFoundError, match="wmtp_lib.checkpoints convert"):
         MTPModel.from_pretrained(tmp_path / "nothing")
 
 
@@ -167,7 +166,7 @@ def test_bf16_rope_stays_float32_and_head0_equals_llama_at_long_positions(tmp_pa
 def test_mtp_directory_has_its_own_model_type_and_shards_with_an_index(tmp_path, tiny_mtp):
     from transformers import AutoModelForCausalLM
 
-    from wmtp_lib.heads import load_safetensors_dir
+    from wmtp_lib.model.heads import load_safetensors_dir
 
     path = tiny_mtp.save_pretrained(tmp_path / "final", max_shard_size=20_000)
     assert json.loads((path / "config.json").read_text())["model_type"] == "wmtp_mtp"

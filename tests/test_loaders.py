@@ -8,20 +8,20 @@ import sys
 
 import pytest
 import torch
+from meta_reference import meta_forward, random_meta_checkpoint
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from wmtp_lib.heads import MTPModel
-from wmtp_lib.loaders import (
-    ManifestError,
-    TokenizerMismatchError,
-    check_tokenizer_compat,
+from wmtp_lib.checkpoints.convert import (
     convert_checkpoint,
     load_causal_lm,
     save_meta_checkpoint,
-    verify_manifest,
 )
-
-from meta_reference import meta_forward, random_meta_checkpoint
+from wmtp_lib.checkpoints.manifest import ManifestError, verify_manifest
+from wmtp_lib.checkpoints.tokenization import (
+    TokenizerMismatchError,
+    check_tokenizer_compat,
+)
+from wmtp_lib.model.heads import MTPModel
 
 
 def _write_meta(tmp_path, state, params, shards=1):
@@ -47,7 +47,7 @@ def test_meta_reference_forward_matches_llama_for_one_head():
     """Validate the test's independent Meta forward against transformers' Llama (n_future_tokens=1)."""
     state, params = random_meta_checkpoint(n_layers=3, n_future=1, n_kv_heads=2, seed=4)
     mtp_state = {}
-    from wmtp_lib.loaders import meta_params_to_config, meta_to_mtp_state
+    from wmtp_lib.checkpoints.convert import meta_params_to_config, meta_to_mtp_state
 
     cfg = meta_params_to_config(params, params["vocab_size"], torch.float32)
     mtp_state = meta_to_mtp_state(state, cfg)
@@ -177,13 +177,13 @@ def test_manifest_detects_corruption(tmp_path, tiny_mtp):
 
 def test_cli_convert_and_errors(tmp_path, tiny_mtp):
     save_meta_checkpoint(tiny_mtp, tmp_path / "meta")
-    ok = subprocess.run([sys.executable, "-m", "wmtp_lib.loaders", "convert", str(tmp_path / "meta"),
+    ok = subprocess.run([sys.executable, "-m", "wmtp_lib.checkpoints", "convert", str(tmp_path / "meta"),
                          str(tmp_path / "out")], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    again = subprocess.run([sys.executable, "-m", "wmtp_lib.loaders", "convert", str(tmp_path / "meta"),
+    again = subprocess.run([sys.executable, "-m", "wmtp_lib.checkpoints", "convert", str(tmp_path / "meta"),
                             str(tmp_path / "out")], capture_output=True, text=True)
     assert again.returncode == 1 and "already exists" in again.stderr
-    missing = subprocess.run([sys.executable, "-m", "wmtp_lib.loaders", "convert", str(tmp_path / "nope"),
+    missing = subprocess.run([sys.executable, "-m", "wmtp_lib.checkpoints", "convert", str(tmp_path / "nope"),
                               str(tmp_path / "o2")], capture_output=True, text=True)
     assert missing.returncode == 1 and "not a directory" in missing.stderr
 
@@ -198,7 +198,7 @@ def test_sentencepiece_tokenizer_converted_beside_weights(tmp_path, tiny_mtp, ll
     shutil.copy(llama_spm, tmp_path / "repo" / "tokenizer.model")
     dst = convert_checkpoint(meta, tmp_path / "out")
     assert (dst / "tokenizer.json").is_file() and (dst / "tokenizer.model").is_file()
-    from wmtp_lib.loaders import load_tokenizer
+    from wmtp_lib.checkpoints.tokenization import load_tokenizer
 
     tok = load_tokenizer(dst)
     sp = spm.SentencePieceProcessor(model_file=str(llama_spm))
@@ -209,7 +209,7 @@ def test_sentencepiece_tokenizer_converted_beside_weights(tmp_path, tiny_mtp, ll
 def test_non_llama_sentencepiece_model_refused(tmp_path, tiny_mtp):
     import sentencepiece as spm
 
-    from wmtp_lib.tokenization import TokenizerConversionError
+    from wmtp_lib.checkpoints.tokenization import TokenizerConversionError
 
     text = ["def add(a, b):\n    return a + b\n", "print('hello world')"] * 40
     meta = save_meta_checkpoint(tiny_mtp, tmp_path / "repo" / "7B_1T_4")
@@ -226,7 +226,7 @@ def test_tokenizer_compat_from_files(tmp_path, llama_spm):
     from sentencepiece import sentencepiece_model_pb2 as model_pb2
     from tokenizers import AddedToken
 
-    from wmtp_lib.tokenization import load_tokenizer_files, spm_to_fast
+    from wmtp_lib.checkpoints.tokenization import load_tokenizer, spm_to_fast
 
     base = spm_to_fast(llama_spm)
     ref = spm_to_fast(llama_spm)
@@ -241,14 +241,14 @@ def test_tokenizer_compat_from_files(tmp_path, llama_spm):
     (tmp_path / "ref").mkdir()
     (tmp_path / "ref" / "tokenizer.model").write_bytes(proto.SerializeToString())
     with pytest.raises(TokenizerMismatchError, match="return x"):
-        check_tokenizer_compat(base, load_tokenizer_files(tmp_path / "ref"), texts, "mtp-7b", "ref")
+        check_tokenizer_compat(base, load_tokenizer(tmp_path / "ref"), texts, "mtp-7b", "ref")
     # a changed piece the texts never use: named by its id
     proto.ParseFromString(llama_spm.read_bytes())
     last = len(proto.pieces) - 1
     proto.pieces[last].piece = "\u2581zzzz"
     (tmp_path / "ref" / "tokenizer.model").write_bytes(proto.SerializeToString())
     with pytest.raises(TokenizerMismatchError, match=f"id {last}"):
-        check_tokenizer_compat(base, load_tokenizer_files(tmp_path / "ref"), texts)
+        check_tokenizer_compat(base, load_tokenizer(tmp_path / "ref"), texts)
     with pytest.raises(TokenizerMismatchError, match="bos id 1 vs 2"):
         other = spm_to_fast(llama_spm)
         other.bos_token = "</s>"
@@ -277,10 +277,10 @@ def test_codellama_tokenizer_files_are_read_through_their_tokenizer_model(tmp_pa
     which transformers rebuilds with a Metaspace pre-tokenizer and control-token matching. Training start
     (`load_tokenizer`) and every other path read the tokenizer.model, converted exactly."""
     import sentencepiece as spm
+    from tiny_models import write_codellama_python_tokenizer
     from transformers import AutoTokenizer
 
-    from tiny_models import write_codellama_python_tokenizer
-    from wmtp_lib.loaders import load_tokenizer
+    from wmtp_lib.checkpoints.tokenization import load_tokenizer
 
     files = write_codellama_python_tokenizer(llama_spm, tmp_path / "codellama")
     sp = spm.SentencePieceProcessor(model_file=str(llama_spm))

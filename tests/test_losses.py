@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from wmtp_lib.losses import (
+from wmtp_lib.model.losses import (
     align_reference,
     chunked_linear_ce,
     critic_weights,
@@ -392,7 +392,7 @@ def test_chunked_linear_ce_nan_at_invalid_positions_keeps_gradients_finite(dtype
 
 
 def test_cap_keeps_mean_one_for_huge_exponents_ties_equal_scores_and_bf16():
-    from wmtp_lib.losses import mean_preserving_cap
+    from wmtp_lib.model.losses import mean_preserving_cap
 
     # |log w| ~ 1e5 (a z of 10 at temperature 1e-4): roundoff at the boundary must not drop the mean to 0.25
     x = torch.tensor([-280598.754, -80789.286, -50072.747, 91709.728, 89038.856, 167762.043, 205828.58,

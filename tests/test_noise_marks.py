@@ -6,18 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wmtp_lib.data import (
+from wmtp_lib.checkpoints.tiny import train_tokenizer
+from wmtp_lib.data.rows import spans_to_token_mask, tokenize_samples
+from wmtp_lib.data.synthetic import (
     _FAMILIES,
     corruption_spans,
     family_of,
-    spans_to_token_mask,
     synthetic_tasks,
-    tokenize_samples,
     uses_corrupted_operation,
 )
-from wmtp_lib.evaluation import noise_imitation
-from wmtp_lib.tiny import train_tokenizer
-from wmtp_lib.weight_stats import (
+from wmtp_lib.eval.evaluation import noise_imitation
+from wmtp_lib.train.weight_stats import (
     NOISE_KEYS,
     add_sums,
     noise_token_sums,
@@ -82,7 +81,7 @@ def test_spans_to_token_mask_overlap_rule():
 
 @pytest.fixture(scope="module")
 def tok():
-    from wmtp_lib.data import synthetic_corpus
+    from wmtp_lib.data.synthetic import synthetic_corpus
 
     return train_tokenizer(synthetic_corpus(n=200), vocab_size=400)
 
@@ -166,7 +165,7 @@ def test_unpack_rejects_wrong_head_count():
 @pytest.mark.parametrize("name", list(HAND))
 def test_noise_imitation_reads_the_corrupted_operation(name):
     _, _, template, clean, corrupted, _, _ = _FAMILIES[family_of(name)]
-    from wmtp_lib.data import render_solution
+    from wmtp_lib.data.synthetic import render_solution
 
     good = render_solution(template, {**clean, "c": "21"})[0]
     bad = render_solution(template, {**corrupted, "c": "35"})[0]

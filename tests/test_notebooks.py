@@ -1,7 +1,7 @@
 """The notebooks as a researcher uses them: committed clean, run in workflow order, run alone, and in JupyterLab.
 
 - The committed notebooks carry no outputs and exactly the metadata JupyterLab writes, so opening one changes
-  nothing (and a notebook never makes a run "dirty": wmtp_lib/metrics.py `CODE_PATHS`).
+  nothing (and a notebook never makes a run "dirty": wmtp_lib/train/metrics.py `CODE_PATHS`).
 - `test_notebooks_in_workflow_order`: preflight → stage_models → train → evaluate → analysis with their default
   parameters on one shared CI-sized runs folder (``runs/ci``, params/ci.yaml), as a researcher runs them.
 - `test_evaluate_and_analysis_each_alone`: the two that read earlier work, each in an empty runs folder (they
@@ -34,9 +34,10 @@ import papermill as pm
 import pytest
 from ipykernel.ipkernel import IPythonKernel
 from jupyter_client.kernelspec import KernelSpecManager
-
 from train_helpers import ROOT
-from wmtp_lib import launch, metrics
+
+from wmtp_lib import launch
+from wmtp_lib.train import metrics
 from wmtp_lib.notebook_files import pre_save_hook
 
 WORKFLOW = ("preflight", "stage_models", "train", "evaluate", "analysis")
@@ -400,7 +401,10 @@ def test_train_notebook_in_jupyterlab(jupyterlab, tmp_path):
     """Open train.ipynb from the file browser, set a CI-sized parameter, Run All: a live progress widget and
     the inline figure, no error output; saving writes no outputs and changes no metadata."""
     from selenium import webdriver
-    from selenium.common.exceptions import ElementNotInteractableException, StaleElementReferenceException
+    from selenium.common.exceptions import (
+        ElementNotInteractableException,
+        StaleElementReferenceException,
+    )
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By

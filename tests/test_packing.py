@@ -11,14 +11,23 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from wmtp_lib.critic import ValueHead, advantages, mc_returns, sparse_rewards, state_mask_from_labels, td_errors
-from wmtp_lib.data import synthetic_tasks, tokenize_samples
-from wmtp_lib.heads import MTPModel, mtp_config
-from wmtp_lib.losses import mtp_token_ce
-from wmtp_lib.packing import document_ids, pack_documents
-from wmtp_lib.reference import reference_token_ce
-from wmtp_lib.step import all_heads_step, sequential_mtp_step
-from wmtp_lib.tiny import train_tokenizer
+from wmtp_lib.checkpoints.tiny import train_tokenizer
+from wmtp_lib.data.packing import pack_documents
+from wmtp_lib.data.rows import tokenize_samples
+from wmtp_lib.data.synthetic import synthetic_tasks
+from wmtp_lib.model.heads import MTPModel, mtp_config
+from wmtp_lib.model.losses import mtp_token_ce
+from wmtp_lib.model.packing import document_ids
+from wmtp_lib.model.step import all_heads_step, sequential_mtp_step
+from wmtp_lib.train.critic import (
+    ValueHead,
+    advantages,
+    mc_returns,
+    sparse_rewards,
+    state_mask_from_labels,
+    td_errors,
+)
+from wmtp_lib.train.reference import reference_token_ce
 
 H = 4
 T = 320
@@ -26,7 +35,7 @@ T = 320
 
 @pytest.fixture(scope="module")
 def tok():
-    from wmtp_lib.data import synthetic_corpus
+    from wmtp_lib.data.synthetic import synthetic_corpus
 
     return train_tokenizer(synthetic_corpus(n=200), vocab_size=400)
 
@@ -184,8 +193,7 @@ def test_packed_step_gradient_equals_padded_step_on_same_documents(tok, samples)
 
     def grads(batch, step):
         model.zero_grad(set_to_none=True)
-        out = step(model, batch["input_ids"], batch["attention_mask"], batch["label_mask"],
-                   position_ids=batch.get("position_ids"))
+        out = step(model, batch)
         return out, {n: p.grad.clone() for n, p in model.named_parameters()}
 
     out_p, g_p = grads(packed.rows(list(range(len(packed)))), sequential_mtp_step)

@@ -17,7 +17,6 @@ import sys
 
 import nbformat
 import pytest
-
 from train_helpers import ROOT
 
 SKIP = re.compile(r"<!--\s*readme-test:\s*skip\b")

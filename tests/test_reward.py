@@ -6,13 +6,13 @@ import shutil
 
 import pytest
 import torch
+from tiny_models import llama2_hf_tokenizer
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from tiny_models import llama2_hf_tokenizer
-from wmtp_lib.loaders import convert_checkpoint
+from wmtp_lib.checkpoints.convert import convert_checkpoint
+from wmtp_lib.checkpoints.reward_models import RewardModel, encode_reward_input
 from wmtp_lib.registry import RegistryError, load_registry
-from wmtp_lib.reward import RewardModel, encode_reward_input
 
 STARLING_TEMPLATE = "<s>[INST] {prompt} </s> [/INST] {response}</s>"
 PAIRS = [("Write add(a, b).", "def add(a, b):\n    return a + b\n"),
@@ -50,7 +50,14 @@ LLAMA3_CHAT_TEMPLATE = (
 def _llama3_style_tokenizer():
     """A byte-level BPE with Llama-3's special tokens, BOS post-processor and chat template (FsfairX's
     tokenizer kind)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]

@@ -7,22 +7,41 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import signal
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from sandbox_probes import (
+    FORGE_COMPLETIONS,
+    FORGE_TESTS,
+    HUMAN_EVAL_DATA,
+    LIMITS,
+    SECRET,
+    VICTIMS,
+    outside_state,
+    prepare_outside,
+    probe_programs,
+    run_probes,
+    victim_state,
+)
 
-from sandbox_probes import (LIMITS, FORGE_COMPLETIONS, FORGE_TESTS, HUMAN_EVAL_DATA, SECRET, VICTIMS, outside_state,
-                            prepare_outside, probe_programs, run_probes, victim_state)
-from wmtp_lib import execution
-from wmtp_lib.execution import (Isolation, WeakSandboxError, check_completion, fraction_of_tests_passed,
-                                isolation_info, run_io_test, run_program, sandbox_record)
+from wmtp_lib.eval import execution
+from wmtp_lib.eval.execution import (
+    Isolation,
+    WeakSandboxError,
+    check_completion,
+    fraction_of_tests_passed,
+    isolation_info,
+    run_io_test,
+    run_program,
+    sandbox_record,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TMP_WRITE = Path("/tmp/wmtp-probe-written.txt")
@@ -280,7 +299,7 @@ def test_cleanup_survives_deep_trees_odd_permissions_and_immutable_files(tmp_pat
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs a private mount namespace")
 def test_cleanup_reports_what_it_cannot_remove(tmp_path):
     (tmp_path / "tree" / "busy").mkdir(parents=True)
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from wmtp_lib.execution import remove_tree; "
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from wmtp_lib.eval.execution import remove_tree; "
             f"print(remove_tree({str(tmp_path / 'tree')!r}))")
     proc = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs none {tmp_path}/tree/busy && "
                            f"{sys.executable} -c \"{code}\""], capture_output=True, text=True, timeout=60)
@@ -360,9 +379,9 @@ def test_weak_level_needs_the_opt_in(monkeypatch):
 
 
 def test_evaluation_refuses_weak_level_before_sampling(monkeypatch):
-    from wmtp_lib.evaluation import evaluate_pass_at_k
-    from wmtp_lib.rollouts import execution_rewards
-    from wmtp_lib.data import Sample
+    from wmtp_lib.data.sample import Sample
+    from wmtp_lib.eval.evaluation import evaluate_pass_at_k
+    from wmtp_lib.train.rollouts import execution_rewards
 
     monkeypatch.setattr(execution, "_ISOLATION", WEAK)
     with pytest.raises(WeakSandboxError):
@@ -383,7 +402,7 @@ def test_allow_weak_sandbox_is_a_validated_config_key():
 
 
 def test_check_command_names_the_level():
-    proc = subprocess.run([sys.executable, "-m", "wmtp_lib.execution", "--check"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "wmtp_lib.eval.execution", "--check"], capture_output=True, text=True,
                           cwd=ROOT)
     info = isolation_info()
     assert f"sandbox level: {info.level}" in proc.stdout
@@ -408,8 +427,8 @@ def test_stdio_program_passes_when_right_and_fails_when_wrong():
 
 
 def test_codecontests_samples_execute_for_evaluation_and_rewards(tmp_path):
-    from wmtp_lib.data import load_codecontests
-    from wmtp_lib.rollouts import execution_rewards
+    from wmtp_lib.data.sources import load_codecontests
+    from wmtp_lib.train.rollouts import execution_rewards
 
     rows = [{"name": "add", "description": "Add two numbers.", "solutions": {"language": [3], "solution": [ADD]},
              "public_tests": {"input": ["1 2\n"], "output": ["3\n"]},
@@ -428,7 +447,7 @@ def test_codecontests_samples_execute_for_evaluation_and_rewards(tmp_path):
 
 
 def test_codecontests_unequal_test_lists_are_refused(tmp_path):
-    from wmtp_lib.data import load_codecontests
+    from wmtp_lib.data.sources import load_codecontests
 
     row = {"name": "bad", "description": "d", "solutions": {"language": [3], "solution": [ADD]},
            "public_tests": {"input": ["1 2\n", "3 4\n"], "output": ["3\n"]}}
@@ -442,7 +461,7 @@ def test_humaneval_canonical_solutions_all_pass():
     """Through the evaluation's own path: the judge runs each problem's tests against the canonical solution."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from wmtp_lib.data import load_humaneval
+    from wmtp_lib.data.sources import load_humaneval
 
     problems = load_humaneval()
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -471,8 +490,8 @@ def test_a_completion_cannot_redefine_the_prompts_helpers():
     """HumanEval/32 and /38 define helpers (``poly``, ``encode_cyclic``) in the prompt that the tests call. A
     completion redefining them passed when the judge took every name from the program (control: judged without
     the prompt, as before); the judge now runs the prompt itself and takes only the function to complete."""
-    from wmtp_lib.data import load_humaneval
-    from wmtp_lib.execution import _judged
+    from wmtp_lib.data.sources import load_humaneval
+    from wmtp_lib.eval.execution import _judged
 
     problems = {p.id: p for p in load_humaneval()}
     attacks = {"HumanEval/32": "    return 0.0\n\ndef poly(xs, x):\n    return 0.0\n",

@@ -13,12 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from wmtp_lib.config import ConfigError, check_same_run, config_hash, read_yaml, resolve_config
-from wmtp_lib.distributed import Dist
-from wmtp_lib.heads import MTPModel
-
 from tiny_models import tiny_config
+
+from wmtp_lib.config import (
+    ConfigError,
+    check_same_run,
+    config_hash,
+    read_yaml,
+    resolve_config,
+)
+from wmtp_lib.model.heads import MTPModel
+from wmtp_lib.train.distributed import Dist
 
 H, T, ROWS = 4, 24, 8
 
@@ -41,7 +46,7 @@ def _rows(batch, rows):
 
 
 def _weighting(kind: str):
-    from wmtp_lib.weighting import Rho1Weighting, UniformWeighting
+    from wmtp_lib.train.weighting import Rho1Weighting, UniformWeighting
 
     if kind == "uniform":
         return UniformWeighting()
@@ -54,8 +59,8 @@ def _weighting(kind: str):
 def _split_gradients(kind: str, group: str, micro: int, accum: int, rank: int = 0, world: int = 1):
     """Gradients of one optimizer step on the 8 rows, split as ``world`` processes × ``accum`` × ``micro``
     (slots numbered as `BatchSchedule` does), and this rank's global-group weights."""
-    from wmtp_lib.train import forward_backward
-    from wmtp_lib.weighting import group_weights
+    from wmtp_lib.train.loop import forward_backward
+    from wmtp_lib.train.weighting import group_weights
 
     torch.manual_seed(0)
     model = MTPModel(tiny_config(n_future=H, layers=6)).train()
@@ -122,8 +127,7 @@ def test_gradients_and_global_weights_do_not_depend_on_the_split(tmp_path):
 
 def test_global_count_changes_the_gradient_of_unequal_rows():
     """The step's N_k is what makes the split invariant: per-micro-batch counts give other gradients."""
-    from wmtp_lib.step import sequential_mtp_step
-    from wmtp_lib.weighting import valid_counts
+    from wmtp_lib.model.step import StepCounts, sequential_mtp_step, valid_counts
 
     torch.manual_seed(0)
     model = MTPModel(tiny_config(n_future=H, layers=6)).train()
@@ -131,11 +135,11 @@ def test_global_count_changes_the_gradient_of_unequal_rows():
     halves = [_rows(batch, list(range(0, 4))), _rows(batch, list(range(4, 8)))]
     n_valid = valid_counts(halves, H).float()
     for b in halves:
-        sequential_mtp_step(model, b["input_ids"], b["attention_mask"], b["label_mask"], chunk_size=8, n_valid=n_valid)
+        sequential_mtp_step(model, b, counts=StepCounts(n_valid=n_valid), chunk_size=8)
     global_grad = model.lm_head.weight.grad.clone()
     model.zero_grad()
     for b in halves:
-        sequential_mtp_step(model, b["input_ids"], b["attention_mask"], b["label_mask"], chunk_size=8, loss_scale=0.5)
+        sequential_mtp_step(model, b, counts=StepCounts(loss_scale=0.5), chunk_size=8)
     local_grad = model.lm_head.weight.grad.clone()
     assert (global_grad - local_grad).norm() / global_grad.norm() > 0.05
 
@@ -180,7 +184,7 @@ def test_rerun_with_other_overrides_is_refused_before_config_is_written(tmp_path
 
 
 def test_reference_cache_key_includes_dtype(tmp_path, monkeypatch):
-    import wmtp_lib.reference as reference
+    import wmtp_lib.train.reference as reference
 
     monkeypatch.setattr(reference, "tokenizer_fingerprint", lambda tokenizer: "llama-2 pieces")
     data = {"dataset": "synthetic"}
@@ -209,7 +213,7 @@ def test_schedule_is_transformers_cosine_with_min_lr():
 
 
 def test_pruning_keeps_the_newest_finite_checkpoint(tmp_path):
-    from wmtp_lib.checkpoint import COMPLETE_MARKER, TRAINER_FILE, Checkpointer
+    from wmtp_lib.train.checkpointing import COMPLETE_MARKER, TRAINER_FILE, Checkpointer
 
     cfg = resolve_config("mtp_baseline", "local", {"train.save_every": 2})
     ckpt = Checkpointer(tmp_path, cfg, Dist(torch.device("cpu")), None, None, {}, keep=2)
@@ -281,7 +285,7 @@ def _alive(pid: int) -> bool:
 
 def test_metrics_records_are_strict_json(tmp_path):
     """A window whose steps were all skipped logs null losses (never 0, never NaN)."""
-    from wmtp_lib.metrics import TrainMetrics
+    from wmtp_lib.train.metrics import TrainMetrics
 
     metrics = TrainMetrics(tmp_path, Dist(torch.device("cpu")), 2, log_every=2, total_steps=4)
     batch = {"attention_mask": torch.ones(2, 5)}
@@ -295,7 +299,8 @@ def test_metrics_records_are_strict_json(tmp_path):
 
 
 def test_first_run_builds_only_the_tiny_models_its_recipe_needs(tmp_path, monkeypatch):
-    from wmtp_lib import launch, tiny
+    from wmtp_lib import launch
+    from wmtp_lib.checkpoints import tiny
 
     built: list[tuple[str, ...]] = []
     monkeypatch.setattr(tiny, "stage_tiny", lambda models_dir, ids, log: built.append(tuple(ids)))
@@ -309,7 +314,7 @@ def test_first_run_builds_only_the_tiny_models_its_recipe_needs(tmp_path, monkey
 
 
 def test_a_tiny_model_built_later_reuses_the_staged_tokenizer(tmp_path, monkeypatch):
-    from wmtp_lib import tiny
+    from wmtp_lib.checkpoints import tiny
 
     tiny.stage_tiny(tmp_path, ids=("tiny-mtp",), log=lambda m: None, base_steps=2)
 

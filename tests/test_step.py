@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from wmtp_lib.heads import MTPModel
-from wmtp_lib.losses import align_reference, critic_weights, rho1_weights
-from wmtp_lib.step import all_heads_step, sequential_mtp_step, uniform_weights
-
 from tiny_models import tiny_config
+
+from wmtp_lib.model.heads import MTPModel
+from wmtp_lib.model.losses import align_reference, critic_weights, rho1_weights
+from wmtp_lib.data.rows import make_batch
+from wmtp_lib.model.step import BatchWeights, StepCounts, all_heads_step, sequential_mtp_step, uniform_weights
 
 
 def _weight_fns(H, B, T):
@@ -45,8 +45,10 @@ def test_sequential_gradients_equal_all_at_once(kind, chunk):
     label_mask[0, 9:] = False
     fn = _weight_fns(4, B, T)[kind]
     hw = [1.0, 0.3, 0.3, 0.3]
-    ref = all_heads_step(model, x, attn, label_mask, fn, hw, loss_scale=0.5)
-    out = sequential_mtp_step(twin, x, attn, label_mask, fn, hw, chunk_size=chunk, loss_scale=0.5)
+    batch = make_batch(x, attn, label_mask)
+    ref = all_heads_step(model, batch, BatchWeights.fixed(fn), StepCounts(loss_scale=0.5), head_weights=hw)
+    out = sequential_mtp_step(twin, batch, BatchWeights.fixed(fn), StepCounts(loss_scale=0.5), head_weights=hw,
+                              chunk_size=chunk)
     torch.testing.assert_close(out.loss, ref.loss, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(out.weights, ref.weights)
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
@@ -64,9 +66,9 @@ def test_sequential_step_extra_trunk_loss_reaches_trunk():
     def extra(h):
         return (h @ probe).pow(2).mean()
 
-    out = sequential_mtp_step(model, x, extra_trunk_loss=extra)
+    out = sequential_mtp_step(model, make_batch(x), BatchWeights(trunk_loss=extra))
     logits = twin(x)
-    from wmtp_lib.losses import mtp_token_ce, weighted_mtp_loss
+    from wmtp_lib.model.losses import mtp_token_ce, weighted_mtp_loss
 
     ce, valid = mtp_token_ce(logits, x)
     state = twin(x, return_trunk=True)
@@ -92,9 +94,9 @@ def test_bf16_trunk_gradient_sums_the_heads_in_float32():
         return state
 
     model.forward = capture
-    sequential_mtp_step(model, ids, chunk_size=8)
+    sequential_mtp_step(model, make_batch(ids), chunk_size=8)
     for k in range(4):  # each head's gradient alone (exact in bf16: one head, no sum)
-        sequential_mtp_step(model, ids, chunk_size=8, head_weights=[float(j == k) for j in range(4)])
+        sequential_mtp_step(model, make_batch(ids), chunk_size=8, head_weights=[float(j == k) for j in range(4)])
     total, per_head = grads[0], grads[1:]
     expected = torch.stack([g.float() for g in per_head]).sum(0).to(torch.bfloat16)
     assert total.dtype == torch.bfloat16

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from wmtp_lib import storage
-from wmtp_lib.loaders import ManifestError, verify_manifest, write_manifest
+from wmtp_lib.checkpoints import storage
+from wmtp_lib.checkpoints.manifest import ManifestError, verify_manifest, write_manifest
 
 
 def _staged_dir(tmp_path, big: int = 300_000):
@@ -90,8 +90,8 @@ def test_launch_checks_sizes_and_rehashes_only_on_demand_or_mismatch(tmp_path, s
     hashed = []
     real_sha = storage.sha256_file
     monkeypatch.setattr(storage, "sha256_file", lambda p: hashed.append(p) or real_sha(p))
-    import wmtp_lib.loaders as loaders
-    monkeypatch.setattr(loaders, "sha256_file", lambda p: hashed.append(p) or real_sha(p))
+    import wmtp_lib.checkpoints.manifest as manifest
+    monkeypatch.setattr(manifest, "sha256_file", lambda p: hashed.append(p) or real_sha(p))
     # a same-size corruption passes the launch check (sizes only, no hashing) ...
     data = bytearray((cache / "model.safetensors").read_bytes())
     data[5] ^= 1

@@ -8,8 +8,13 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from wmtp_lib import tiny
-from wmtp_lib.data import _FAMILIES, CONST_RANGE, is_test_constant, synthetic_tasks
+from wmtp_lib.checkpoints import tiny
+from wmtp_lib.data.synthetic import (
+    _FAMILIES,
+    CONST_RANGE,
+    is_test_constant,
+    synthetic_tasks,
+)
 
 
 def test_pretraining_corpus_is_clean_train_split_text_of_its_own_seed():

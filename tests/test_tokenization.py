@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from wmtp_lib.tokenization import spm_to_fast, verify_against_sentencepiece
+from wmtp_lib.checkpoints.tokenization import spm_to_fast, verify_against_sentencepiece
 
 
 def humaneval_texts() -> list[str]:
@@ -54,7 +54,7 @@ def test_literal_special_token_strings_are_text(llama_spm):
 
 
 def test_inexact_tokenizer_is_refused_naming_the_text(llama_spm):
-    from wmtp_lib.tokenization import TokenizerConversionError
+    from wmtp_lib.checkpoints.tokenization import TokenizerConversionError
 
     tok = spm_to_fast(llama_spm)
     tok.backend_tokenizer.normalizer = None  # drops the dummy prefix: ids differ from SentencePiece
@@ -64,7 +64,7 @@ def test_inexact_tokenizer_is_refused_naming_the_text(llama_spm):
 
 def test_generated_continuation_keeps_its_indentation(llama_spm):
     """Decoding generated tokens alone drops the first space (SentencePiece strips it); evaluation must not."""
-    from wmtp_lib.tokenization import decode_continuation
+    from wmtp_lib.checkpoints.tokenization import decode_continuation
 
     tok = spm_to_fast(llama_spm)
     for prompt, completion in [(p, s) for p, s in zip(humaneval_texts()[:164], humaneval_texts()[164:])][:40]:
@@ -79,7 +79,7 @@ def test_continuation_starting_with_stray_bytes_after_a_newline_decodes(llama_sp
     """A prompt ends in ``<0x0A>``; a sampled continuation that starts with bytes that are no valid UTF-8 after
     it makes the decoder fuse both into replacement characters. The continuation is still decoded, and its
     valid text is kept (the prompt's text is not eaten)."""
-    from wmtp_lib.tokenization import decode_continuation
+    from wmtp_lib.checkpoints.tokenization import decode_continuation
 
     tok = spm_to_fast(llama_spm)
     prompt_ids = [tok.bos_token_id] + tok('"""\ndoc\n"""\n', add_special_tokens=False)["input_ids"]
@@ -95,7 +95,10 @@ def test_continuation_starting_with_stray_bytes_after_a_newline_decodes(llama_sp
 def test_training_texts_are_checked_against_the_staged_tokenizer_model(llama_spm, tmp_path):
     import shutil
 
-    from wmtp_lib.tokenization import TokenizerConversionError, verify_on_training_texts
+    from wmtp_lib.checkpoints.tokenization import (
+        TokenizerConversionError,
+        verify_on_training_texts,
+    )
 
     texts = ["def add(x):\n    return x + 14\n", "for i in range(3):\n\tprint(i)\r\n"]
     tok = spm_to_fast(llama_spm)
@@ -114,8 +117,8 @@ def test_tokenizer_files_of_our_model_type_load_without_a_config_warning(tiny_mo
     from train_helpers import ROOT
 
     # a fresh interpreter: nothing has registered the model type yet, as in the preflight notebook
-    code = ("from wmtp_lib.tokenization import load_tokenizer_files; "
-            f"print(len(load_tokenizer_files({str(tiny_models / 'tiny-mtp')!r})))")
+    code = ("from wmtp_lib.checkpoints.tokenization import load_tokenizer; "
+            f"print(len(load_tokenizer({str(tiny_models / 'tiny-mtp')!r})))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert int(proc.stdout.split()[-1]) > 100
     assert "to instantiate a model of type" not in proc.stderr, proc.stderr

@@ -7,10 +7,9 @@ import socket
 
 import pytest
 import torch
+from train_helpers import ROOT, final_weights, make_config, metrics, run_training
 
 from wmtp_lib.config import ConfigError, resolve_config
-
-from train_helpers import ROOT, final_weights, make_config, metrics, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -169,7 +168,7 @@ def test_critic_with_execution_rewards_fits_on_rollouts_and_fsdp_equals_one_proc
 
     rewards = load_file(str(run / "rewards.safetensors"))["rewards"]
     # gold completions: clean ones pass all their tests, corrupted ones fail at least one
-    from wmtp_lib.data import synthetic_tasks
+    from wmtp_lib.data.synthetic import synthetic_tasks
 
     samples = synthetic_tasks(40, "train", 1234, 0.5)
     for s, r in zip(samples, rewards.tolist()):
@@ -243,8 +242,8 @@ def test_critic_resume_mid_stage1_keeps_early_stopping_state_and_equals_uninterr
     and summary as an uninterrupted run."""
     from safetensors.torch import load_file
 
-    from wmtp_lib import train as train_mod
-    from wmtp_lib.weighting import CriticWeighting
+    from wmtp_lib.train import loop as train_mod
+    from wmtp_lib.train.critic_weighting import CriticWeighting
 
     over = {"train.steps": 2, "critic.stage1_max_steps": 6, "critic.stage1_eval_every": 1, "critic.stage1_patience": 2,
             "critic.stage1_heldout_rows": 8, "train.micro_batch_size": 4, "train.save_every": 2,
@@ -266,7 +265,7 @@ def test_critic_resume_mid_stage1_keeps_early_stopping_state_and_equals_uninterr
     ckpts = sorted(p.name for p in (tmp_path / "runs" / "s1-split" / "checkpoints").iterdir())
     assert ckpts[-1].startswith("value-"), ckpts
     proc = run_training(path)
-    assert f"resumed from" in proc.stdout and "stage value" in proc.stdout
+    assert "resumed from" in proc.stdout and "stage value" in proc.stdout
     a, b = tmp_path / "runs" / "s1-straight", tmp_path / "runs" / "s1-split"
     for f in ("final/model.safetensors", "final/value_head.safetensors", "value_head_stage1.safetensors"):
         wa, wb = load_file(str(a / f)), load_file(str(b / f))
@@ -283,18 +282,20 @@ def test_critic_resume_mid_stage1_keeps_early_stopping_state_and_equals_uninterr
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_models, monkeypatch):
     """NaN weights on chosen steps (what an overflowing exp did): the step is skipped and counted, weights
     and checkpoints stay finite; three in a row stop the run with the step named, checkpoints kept."""
-    from wmtp_lib import train as train_mod
+    from wmtp_lib.model.step import BatchWeights
+    from wmtp_lib.train import loop as train_mod
 
     calls = {"n": 0}
     real_step = train_mod.sequential_mtp_step
     bad_steps: set[int] = set()
 
-    def nan_on_bad_steps(*args, **kwargs):
+    def nan_on_bad_steps(model, batch, weights, *args, **kwargs):
         calls["n"] += 1  # grad_accum 1: one call per optimizer step
         if calls["n"] in bad_steps:
-            factory = kwargs["weight_fn_factory"]
-            kwargs["weight_fn_factory"] = lambda trunk: (lambda k, ce, valid: factory(trunk)(k, ce, valid) * float("nan"))
-        return real_step(*args, **kwargs)
+            good = weights.weight_fn
+            weights = BatchWeights(weight_fn=lambda trunk: (lambda k, ce, valid: good(trunk)(k, ce, valid) * float("nan")),
+                                   trunk_loss=weights.trunk_loss)
+        return real_step(model, batch, weights, *args, **kwargs)
 
     monkeypatch.setattr(train_mod, "sequential_mtp_step", nan_on_bad_steps)
     over = {"train.steps": 8, "train.save_every": 2, "train.log_every": 2, "train.micro_batch_size": 4,
@@ -315,7 +316,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_mo
         train_mod.run(cfg)
     ckpts = sorted(p.name for p in (tmp_path / "runs" / "stop" / "checkpoints").iterdir())
     assert ckpts == ["mtp-0000004", "mtp-0000006"]
-    from wmtp_lib.checkpoint import read_trainer_state
+    from wmtp_lib.train.checkpointing import read_trainer_state
 
     assert all(read_trainer_state(tmp_path / "runs" / "stop" / "checkpoints" / c)["finite"] for c in ckpts)
 
@@ -337,7 +338,7 @@ def test_notebook_list_and_dict_parameters_from_text():
 def test_process_group_timeout_comes_from_config_and_is_validated():
     from datetime import timedelta
 
-    from wmtp_lib.train import accelerator_kwargs
+    from wmtp_lib.train.loop import accelerator_kwargs
 
     cfg = resolve_config("critic", "vessl")
     (handler,) = accelerator_kwargs(cfg["train"])
@@ -354,8 +355,8 @@ def test_critic_stage1_skips_non_finite_value_steps_and_checkpoints_check_the_va
     head is non-finite is marked non-finite even when every model weight is finite."""
     from safetensors.torch import load_file
 
-    from wmtp_lib import train as train_mod
-    from wmtp_lib.weighting import CriticWeighting
+    from wmtp_lib.train import loop as train_mod
+    from wmtp_lib.train.critic_weighting import CriticWeighting
 
     calls = {"n": 0}
     real_loss = CriticWeighting.value_loss
@@ -380,7 +381,7 @@ def test_critic_stage1_skips_non_finite_value_steps_and_checkpoints_check_the_va
     stage1_head = load_file(str(tmp_path / "runs" / "vnan" / "value_head_stage1.safetensors"))
     assert all(torch.isfinite(t).all() for t in stage1_head.values())
 
-    from wmtp_lib.checkpoint import read_trainer_state
+    from wmtp_lib.train.checkpointing import read_trainer_state
 
     assert read_trainer_state(trainer.checkpointer.save(2, "mtp"))["finite"]
     with torch.no_grad():
@@ -389,8 +390,8 @@ def test_critic_stage1_skips_non_finite_value_steps_and_checkpoints_check_the_va
 
 
 def test_prune_keeps_a_finite_value_checkpoint_when_no_training_checkpoint_is_finite(tmp_path):
-    from wmtp_lib.checkpoint import COMPLETE_MARKER, TRAINER_FILE, Checkpointer
-    from wmtp_lib.distributed import Dist
+    from wmtp_lib.train.checkpointing import COMPLETE_MARKER, TRAINER_FILE, Checkpointer
+    from wmtp_lib.train.distributed import Dist
 
     ckpts = tmp_path / "checkpoints"
     for name, finite in [("value-0000002", True), ("value-0000004", False), ("mtp-0000000", False),
@@ -407,7 +408,7 @@ def test_prune_keeps_a_finite_value_checkpoint_when_no_training_checkpoint_is_fi
 def test_non_finite_stop_message_points_to_a_new_run_not_a_resume():
     from types import SimpleNamespace
 
-    from wmtp_lib import train as train_mod
+    from wmtp_lib.train import loop as train_mod
 
     fake = SimpleNamespace(cfg={"train": {"max_nonfinite_steps": 1}}, nonfinite_in_row=0,
                            checkpointer=SimpleNamespace(latest=lambda: None), dist=SimpleNamespace(print=print))
@@ -419,8 +420,8 @@ def test_non_finite_stop_message_points_to_a_new_run_not_a_resume():
 def test_saving_before_the_first_step_leaves_the_optimizer_fresh(tmp_path):
     """A save before any optimizer step (the critic's after stage 1) neither initialises AdamW's state nor
     restores an initialised one: the first update equals a fresh optimizer's; a stepped state round-trips."""
-    from wmtp_lib.checkpoint import Checkpointer
-    from wmtp_lib.distributed import Dist
+    from wmtp_lib.train.checkpointing import Checkpointer
+    from wmtp_lib.train.distributed import Dist
 
     def parts():
         torch.manual_seed(0)

@@ -3,7 +3,7 @@ import it by name: the project root also has a ``conftest.py``)."""
 
 from __future__ import annotations
 
-from wmtp_lib.heads import mtp_config
+from wmtp_lib.model.heads import mtp_config
 
 
 def tiny_config(n_future: int = 3, vocab: int = 61, gqa: bool = True, layers: int = 5):
@@ -31,7 +31,7 @@ def llama2_hf_tokenizer(spm_file):
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    from wmtp_lib.tokenization import spm_to_fast
+    from wmtp_lib.checkpoints.tokenization import spm_to_fast
 
     backend = spm_to_fast(spm_file).backend_tokenizer
     backend.post_processor = processors.TemplateProcessing(single="<s>:0 $A:0", pair="<s>:0 $A:0 <s>:1 $B:1",

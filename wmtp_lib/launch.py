@@ -112,8 +112,8 @@ def ensure_tiny_models(cfg: dict[str, Any], log=print) -> None:
     """
     if cfg["storage"]["kind"] != "local" or not cfg["storage"]["stage_tiny_if_missing"]:
         return
+    from wmtp_lib.checkpoints.tiny import stage_tiny
     from wmtp_lib.registry import load_registry
-    from wmtp_lib.tiny import stage_tiny
 
     reg = load_registry()
     needed = [m for m in required_models(cfg) if reg.model(m).format == "tiny"]
@@ -266,7 +266,7 @@ def launch_training(cfg: dict[str, Any], config_path: Path, num_processes: int |
 def stopped_message(run_dir: Path, step: int) -> str:
     """``stopped at step N — run the cell again to resume``, naming the checkpoint a resume starts from when
     it is an earlier step (checkpoints are written every ``save_every`` steps)."""
-    from wmtp_lib.checkpoint import COMPLETE_MARKER
+    from wmtp_lib.train.checkpointing import COMPLETE_MARKER
 
     # training checkpoints are checkpoints/mtp-<step, 7 digits>, complete once their marker is written
     saved = [int(p.parent.name.split("-")[1]) for p in (run_dir / "checkpoints").glob(f"mtp-*/{COMPLETE_MARKER}")]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from wmtp_lib.config import RECIPES, project_path, resolve_config
-from wmtp_lib.execution import sandbox_record
+from wmtp_lib.eval.execution import sandbox_record
 from wmtp_lib.launch import required_models
 from wmtp_lib.registry import load_registry
 
@@ -61,7 +61,7 @@ def model_params(model_id: str, models_dir: Path) -> tuple[float | None, dict[st
     if cfg_path.is_file():
         cfg = json.loads(cfg_path.read_text())
     elif entry.format == "tiny":
-        from wmtp_lib.tiny import tiny_config_dict
+        from wmtp_lib.checkpoints.tiny import tiny_config_dict
 
         cfg = tiny_config_dict(model_id)
     if cfg is not None:
@@ -89,7 +89,7 @@ def locate_model(model_id: str, models_dir: Path, storage: str, check_s3: bool, 
         return out
     if check_s3 and entry.s3:
         try:
-            from wmtp_lib.storage import remote_manifest
+            from wmtp_lib.checkpoints.storage import remote_manifest
 
             if remote_manifest(entry.s3) is not None:
                 out["found"] = "s3"
@@ -113,7 +113,7 @@ def _hub_reachable(repo: str) -> bool | str:
 
 
 def base_load_peak_bytes(n_params: float, largest_tensor: float, n_devices: int) -> float:
-    """Bytes rank 0 holds while the base loads (`wmtp_lib.run_models.load_base`, float32): its shards, the one
+    """Bytes rank 0 holds while the base loads (`wmtp_lib.train.run_models.load_base`, float32): its shards, the one
     tensor being read (``largest_tensor`` elements at most) and the copy the scatter stages from it (measured
     with gloo: about one tensor more); the other ranks receive each chunk straight into their shard."""
     return 4 * n_params / max(1, n_devices) + 2 * 4 * largest_tensor
@@ -127,7 +127,7 @@ def memory_estimate(cfg: dict[str, Any], models_dir: Path, n_gpus: int) -> dict[
     frozen model that is resident at the same time (online reference, or the reward/reference model
     during its one scoring pass, bf16, unsharded).
 
-    Loading the base (`wmtp_lib.run_models.load_base`) peaks at the rank's float32 shards 4P/N plus, on
+    Loading the base (`wmtp_lib.train.run_models.load_base`) peaks at the rank's float32 shards 4P/N plus, on
     rank 0, the one tensor it reads and scatters and the scatter's copy of it (the largest is the embedding
     or unembedding, 4VD): on the device ``load_gib``; on the host rank 0 holds that tensor as stored (at most float32) and the other
     ranks no weights (``host_load_gib``; before the meta-device load every rank held 4P on its host).
@@ -186,7 +186,7 @@ _TOKENIZER_NAMES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 def fetch_tokenizer_files(model_id: str, models_dir: Path, dst: Path, check_s3: bool, check_hub: bool) -> Path | None:
     """A directory holding ``model_id``'s tokenizer files only (no weights move): the local cache, else the
     tokenizer files of its staged S3 prefix, else of its Hub repo; ``None`` when none is reachable."""
-    from wmtp_lib.tokenization import tokenizer_files_present
+    from wmtp_lib.checkpoints.tokenization import tokenizer_files_present
 
     local = models_dir / model_id
     if tokenizer_files_present(local):
@@ -194,7 +194,11 @@ def fetch_tokenizer_files(model_id: str, models_dir: Path, dst: Path, check_s3: 
     entry = load_registry().model(model_id)
     dst.mkdir(parents=True, exist_ok=True)
     if check_s3 and entry.s3:
-        from wmtp_lib.storage import parse_s3_uri, remote_manifest, s3_client
+        from wmtp_lib.checkpoints.storage import (
+            parse_s3_uri,
+            remote_manifest,
+            s3_client,
+        )
 
         client = s3_client()
         manifest = remote_manifest(entry.s3, client)
@@ -207,7 +211,7 @@ def fetch_tokenizer_files(model_id: str, models_dir: Path, dst: Path, check_s3: 
     if check_hub and entry.hf_repo:
         from huggingface_hub import HfApi, hf_hub_download
 
-        from wmtp_lib.staging import select_repo_files, tokenizer_repo_files
+        from wmtp_lib.checkpoints.staging import select_repo_files, tokenizer_repo_files
 
         token = os.environ.get("HF_TOKEN") or None
         source = tokenizer_repo_files(entry, load_registry())
@@ -229,8 +233,12 @@ def tokenizer_check(cfg: dict[str, Any], models_dir: Path, check_s3: bool, check
     piece of every base id, identical ids on 256 of the recipe's training texts."""
     import tempfile
 
-    from wmtp_lib.data import load_samples
-    from wmtp_lib.tokenization import check_tokenizer_compat, compat_texts, load_tokenizer_files
+    from wmtp_lib.checkpoints.tokenization import (
+        check_tokenizer_compat,
+        compat_texts,
+        load_tokenizer,
+    )
+    from wmtp_lib.data.sources import load_samples
 
     base_id, ref_id = cfg["models"]["base"], cfg["models"][other]
     with tempfile.TemporaryDirectory() as tmp:
@@ -249,7 +257,7 @@ def tokenizer_check(cfg: dict[str, Any], models_dir: Path, check_s3: bool, check
             return {"status": "not run", "reason": str(exc)}
         texts = compat_texts(samples)
         try:
-            base, ref = load_tokenizer_files(dirs[base_id]), load_tokenizer_files(dirs[ref_id])
+            base, ref = load_tokenizer(dirs[base_id]), load_tokenizer(dirs[ref_id])
             n = check_tokenizer_compat(base, ref, texts, base_id, ref_id)
         except ValueError as exc:  # TokenizerMismatchError, or a tokenizer that does not convert exactly
             return {"status": "mismatch", "reason": str(exc)}

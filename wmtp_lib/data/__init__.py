@@ -1,0 +1,1 @@
+"""Samples, the synthetic tasks, tokenised rows and the `Batch` type, packing, the batch schedule (layer 1)."""

@@ -1,0 +1,1 @@
+"""Evaluation on held-out tasks, sandboxed execution of generated code, analysis tables (layer 4)."""

@@ -1,0 +1,8 @@
+"""``python -m wmtp_lib.train --config runs/<run>/config.yaml``: the training entry (`wmtp_lib.train.loop`),
+what ``accelerate launch`` runs on every process."""
+
+import sys
+
+from wmtp_lib.train.loop import main
+
+sys.exit(main())
