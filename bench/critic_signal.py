@@ -120,10 +120,19 @@ def oracle_sweep(critic: CriticWeighting, data, rows: int, H: int, lambdas: list
     returns = mc_returns(tr.rewards, tr.states, critic.ccfg["gamma"], None, tr.bootstrap)
     values = prefix_oracle_values(b, returns, tr.states)
     corrupted = b["noise_marks"].bool() & b["noisy"].bool()
-    spans = corrupted.sum(1)[corrupted.any(1)].float()
+    seen = corrupted.long().cumsum(1) > 0
+    clean_mean, after_mean = values[tr.states & ~seen].mean(), values[tr.states & seen].mean()
+    hit = corrupted.any(1)
+    spans = corrupted.sum(1)[hit].float()
+    pos = torch.arange(corrupted.shape[1]).expand_as(corrupted)
+    completion = b["label_mask"].bool()
+    start = torch.where(completion, pos, corrupted.shape[1]).amin(1)
+    length = completion.sum(1)
+    first = torch.where(corrupted, pos, corrupted.shape[1]).amin(1)
     ev = explained_variance(values[tr.states].double(), returns[tr.states].double())
-    print(f"\nprefix oracle V over {rows} rows: explained variance {ev:.3f}; corrupted tokens per corrupted "
-          f"solution {spans.mean():.2f}")
+    print(f"\nprefix oracle V over {rows} rows: explained variance {ev:.3f} (V = {clean_mean:.3f} before the first "
+          f"corrupted token, {after_mean:.3f} from it on); a corrupted solution has {spans.mean():.2f} corrupted tokens, "
+          f"the first at token {(first - start)[hit].float().mean():.1f} of its {length[hit].float().mean():.1f}")
     valid = target_valid(b["label_mask"], H)
     noisy, mark = noisy_targets(b["noisy"], H), noisy_targets(b["noise_marks"], H)
     groups = {"corrupted": noisy & mark & valid, "rest": noisy & ~mark & valid, "clean slot": ~noisy & mark & valid}
