@@ -43,15 +43,13 @@ def s3_env(s3_endpoint, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_models():
     """The embedded default models in the project's model cache ``models/`` (git-ignored), built there once when
-    missing: the notebooks and the README's commands, which pytest also runs, read the same directory, so a
-    test session builds them (about 90 s on 2 cores) once, not twice. Tests only read them."""
-    from wmtp_lib.checkpoints.tiny import TINY_IDS, stage_tiny
+    missing or stale: the notebooks and the README's commands, which pytest also runs, read the same directory,
+    so a test session builds them (about 90 s on 2 cores) once, not twice. Tests only read them."""
+    from wmtp_lib.checkpoints.tiny import stage_tiny
     from wmtp_lib.registry import PROJECT_ROOT
 
     root = PROJECT_ROOT / "models"
-    missing = tuple(m for m in TINY_IDS if not (root / m / "manifest.json").is_file())
-    if missing:
-        stage_tiny(root, ids=missing, log=lambda m: None)
+    stage_tiny(root, log=lambda m: None)  # builds only what is missing or stale (`tiny_build_id`)
     return root
 
 

@@ -47,10 +47,10 @@ def first_step_batch():
 
 def first_step_loss(model) -> float:
     """The loss of a first training step (the sequential MTP step's forward and backward) on a fixed batch."""
+    from wmtp_lib.data.rows import make_batch
     from wmtp_lib.model.step import sequential_mtp_step
 
-    ids, attention, label = first_step_batch()
-    return float(sequential_mtp_step(model.train(), ids, attention, label, chunk_size=16).loss)
+    return float(sequential_mtp_step(model.train(), make_batch(*first_step_batch()), chunk_size=16).loss)
 
 
 def host_memory() -> dict[str, int]:

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import tiny_config
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from wmtp_lib.checkpoints.convert import load_causal_lm
 from wmtp_lib.model.heads import MTPModel
 
 
@@ -96,7 +97,7 @@ def test_from_causal_lm_head0_equals_source(tie):
 def test_from_causal_lm_directory(tmp_path):
     llama = _tiny_llama()
     llama.save_pretrained(tmp_path / "llama")
-    mtp = MTPModel.from_causal_lm(tmp_path / "llama", n_future=2).eval()
+    mtp = MTPModel.from_causal_lm(load_causal_lm(tmp_path / "llama"), n_future=2).eval()
     x = torch.randint(0, 53, (1, 7))
     torch.testing.assert_close(mtp(x)[:, :, 0], llama(x).logits.float(), atol=1e-5, rtol=1e-5)
 
@@ -146,7 +147,7 @@ def test_bf16_rope_stays_float32_and_head0_equals_llama_at_long_positions(tmp_pa
     ids = torch.randint(0, 64, (1, 4096), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = llama(input_ids=ids).logits.float()
-        mtp = MTPModel.from_causal_lm(tmp_path / "llama", n_future=2).eval()
+        mtp = MTPModel.from_causal_lm(load_causal_lm(tmp_path / "llama"), n_future=2).eval()
         mtp.save_pretrained(tmp_path / "mtp")
         loaded = MTPModel.from_pretrained(tmp_path / "mtp").eval()
         mtp.export_head0(tmp_path / "head0")

@@ -32,15 +32,20 @@ def package_imports(package: Path = PACKAGE) -> dict[str, set[str]]:
     for name, path in modules.items():
         found: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                raise AssertionError(f"{path}:{node.lineno}: relative import (the layer checks read absolute ones)")
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            elif isinstance(node, ast.ImportFrom) and node.module:
                 # `from wmtp_lib.train import loop` imports the submodule wmtp_lib.train.loop
                 targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
                            for a in node.names]
+            elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+                  and isinstance(node.args[0].value, str) and node.args[0].value.startswith("wmtp_lib.")):
+                targets = [node.args[0].value]  # importlib.import_module("wmtp_lib....") and the like
             else:
                 continue
-            found |= {t for t in targets if t in modules and t != name}
+            found |= {t for t in targets if t in modules and t not in (name, package.name)}
         graph[name] = found
     return graph
 
@@ -116,7 +121,7 @@ def test_the_checks_catch_an_upward_import_and_a_cycle(tmp_path):
     (pkg / "__init__.py").write_text("")
     (pkg / "model" / "heads.py").write_text("def f():\n    from wmtp_lib.train import loop\n")
     (pkg / "train" / "loop.py").write_text("from wmtp_lib.model.heads import f\n")
-    (pkg / "checkpoints" / "a.py").write_text("import wmtp_lib.checkpoints.b\n")
+    (pkg / "checkpoints" / "a.py").write_text("import importlib\nimportlib.import_module('wmtp_lib.checkpoints.b')\n")
     (pkg / "checkpoints" / "b.py").write_text("from wmtp_lib.checkpoints.a import x\n")
     graph = package_imports(pkg)
     assert upward_imports(graph) == ["wmtp_lib.model.heads (layer 2) imports wmtp_lib.train.loop (layer 5)"]
@@ -124,3 +129,6 @@ def test_the_checks_catch_an_upward_import_and_a_cycle(tmp_path):
                                             ["wmtp_lib.model.heads", "wmtp_lib.train.loop"]]
     with pytest.raises(KeyError, match="no layer for wmtp_lib.other"):
         layer_of("wmtp_lib.other.x")
+    (pkg / "train" / "loop.py").write_text("from ..model.heads import f\n")
+    with pytest.raises(AssertionError, match="relative import"):
+        package_imports(pkg)

@@ -56,7 +56,26 @@ def test_sequential_gradients_equal_all_at_once(kind, chunk):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_sequential_step_extra_trunk_loss_reaches_trunk():
+def test_sequential_equals_all_at_once_with_step_counts_and_a_trunk_loss():
+    """The step's N_k (another micro-batch's targets counted in) and a trunk loss (the critic's value loss):
+    the same loss, per-head losses and gradients either way."""
+    torch.manual_seed(2)
+    model = MTPModel(tiny_config(n_future=4, layers=6)).train()
+    twin = model.copy()
+    x = torch.randint(0, 61, (2, 10))
+    probe = torch.randn(32)
+    weights = BatchWeights(weight_fn=lambda trunk: _weight_fns(4, 2, 10)["rho1"],
+                           trunk_loss=lambda h: (h @ probe).pow(2).mean())
+    counts = StepCounts(n_valid=torch.tensor([30.0, 25.0, 22.0, 19.0]), loss_scale=2.0)
+    ref = all_heads_step(model, make_batch(x), weights, counts, head_weights=[1.0, 0.5, 0.5, 0.5])
+    out = sequential_mtp_step(twin, make_batch(x), weights, counts, head_weights=[1.0, 0.5, 0.5, 0.5], chunk_size=4)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.head_losses, ref.head_losses, atol=1e-6, rtol=1e-6)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_sequential_step_trunk_loss_reaches_trunk():
     torch.manual_seed(1)
     model = MTPModel(tiny_config()).train()
     twin = model.copy()

@@ -112,13 +112,13 @@ def ensure_tiny_models(cfg: dict[str, Any], log=print) -> None:
     """
     if cfg["storage"]["kind"] != "local" or not cfg["storage"]["stage_tiny_if_missing"]:
         return
-    from wmtp_lib.checkpoints.tiny import stage_tiny
+    from wmtp_lib.checkpoints.tiny import stage_tiny, stale_or_missing
     from wmtp_lib.registry import load_registry
 
     reg = load_registry()
     needed = [m for m in required_models(cfg) if reg.model(m).format == "tiny"]
     models_dir = project_path(cfg["paths"]["models_dir"])
-    missing = [m for m in needed if not (models_dir / m / "manifest.json").is_file()]
+    missing = stale_or_missing(models_dir, needed)
     if missing:
         from transformers.utils import logging as hf_logging
 

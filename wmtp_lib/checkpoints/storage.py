@@ -6,7 +6,7 @@ manifest is complete. Downloads go to a local cache: each file is fetched in byt
 workers into ``<cache>/.partial/``, completed ranges survive an interruption (resume), the assembled
 file is checked against the manifest's sha256 and renamed into place. A cache that already holds the
 manifest is checked by file sizes on every launch (seconds for 27 GB) and re-hashed in full only on demand
-(``rehash=True``, or ``python -m wmtp_lib.checkpoints.convert verify DIR``) or when a size does not match. Transfers
+(``rehash=True``, or ``python -m wmtp_lib.checkpoints verify DIR``) or when a size does not match. Transfers
 show byte progress (tqdm). ``python -m wmtp_lib.checkpoints pull-run`` brings one earlier run back from S3 with
 only its newest complete checkpoint (what ``docker/vessl.yaml`` does before a job).
 """

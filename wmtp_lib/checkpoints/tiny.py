@@ -26,6 +26,7 @@ Each ends up as a converted directory with a manifest, exactly like a staged 7B 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -47,6 +48,7 @@ from wmtp_lib.data.synthetic import synthetic_corpus, synthetic_tasks
 from wmtp_lib.model.heads import MTPModel, mtp_config
 
 TINY_IDS = ("tiny-mtp", "tiny-ref", "tiny-rm")
+REF_STEPS, RM_STEPS = 300, 600  # training steps of the tiny reference and reward models
 TINY_VOCAB = 512
 TINY_DIMS = dict(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
                  max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0)
@@ -219,9 +221,10 @@ def build_reward(dst: Path, tokenizer, tokenizer_dir: Path, seed: int, steps: in
 
 
 def stage_tiny(models_dir: str | Path, ids: tuple[str, ...] = TINY_IDS, seed: int = 0, force: bool = False,
-               log: Callable[[str], None] = print, base_steps: int = PRETRAIN["steps"], ref_steps: int = 300,
-               rm_steps: int = 600) -> dict[str, Path]:
-    """Build the tiny models that are missing under ``models_dir`` (all of ``ids`` when ``force``)."""
+               log: Callable[[str], None] = print, base_steps: int = PRETRAIN["steps"], ref_steps: int = REF_STEPS,
+               rm_steps: int = RM_STEPS) -> dict[str, Path]:
+    """Build the tiny models that are missing under ``models_dir``, or stale (built with another `tiny_build_id`:
+    other code or settings), or all of ``ids`` when ``force``."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     models_dir = Path(models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -229,12 +232,17 @@ def stage_tiny(models_dir: str | Path, ids: tuple[str, ...] = TINY_IDS, seed: in
     if unknown:
         raise ValueError(f"not tiny model ids: {unknown}; tiny ids are {TINY_IDS}")
     out = {}
-    todo = [i for i in ids if force or not (models_dir / i / "manifest.json").is_file()]
+    build = tiny_build_id(seed, base_steps, ref_steps, rm_steps)
+    built = _read_builds(models_dir)
+    todo = [i for i in ids if force or not (models_dir / i / "manifest.json").is_file() or built.get(i) != build]
     for i in ids:
         out[i] = models_dir / i
     if not todo:
         log(f"tiny models already staged under {models_dir}")
         return out
+    stale = [i for i in todo if (models_dir / i / "manifest.json").is_file() and not force]
+    if stale:
+        log(f"rebuilding {stale}: built by other code or settings than this version's ({TINY_BUILDS} differs)")
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = Path(tmp) / "tokenizer"
         tok_dir.mkdir()
@@ -273,15 +281,51 @@ def stage_tiny(models_dir: str | Path, ids: tuple[str, ...] = TINY_IDS, seed: in
                     build_reference(dst, tokenizer, tok_dir, seed, steps=ref_steps, log=log)
                 else:
                     build_reward(dst, tokenizer, tok_dir, seed, steps=rm_steps, log=log)
+                _record_build(models_dir, model_id, build)
                 log(f"staged {model_id} -> {dst}")
             if side is not None:
                 for line in side.result():
                     log(line)
+                _record_build(models_dir, "tiny-mtp", build)
                 log(f"staged tiny-mtp -> {models_dir / 'tiny-mtp'}")
         finally:
             if side is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
     return out
+
+
+TINY_BUILDS = ".tiny-builds.json"  # in the models directory: model id -> the `tiny_build_id` it was built with
+
+
+def tiny_build_id(seed: int, base_steps: int, ref_steps: int, rm_steps: int) -> str:
+    """What a tiny model's weights depend on: this module's and the synthetic corpus's code and the build
+    settings. A staged tiny model built with another id is stale and gets rebuilt (models/ is a cache)."""
+    import hashlib
+
+    from wmtp_lib.data import sample, synthetic
+
+    h = hashlib.sha256(json.dumps([seed, base_steps, ref_steps, rm_steps]).encode())
+    for module in (__file__, synthetic.__file__, sample.__file__):
+        h.update(Path(module).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def stale_or_missing(models_dir: str | Path, ids, seed: int = 0) -> list[str]:
+    """The tiny models of ``ids`` that `stage_tiny` (default settings) would build: missing or stale."""
+    build, built = tiny_build_id(seed, PRETRAIN["steps"], REF_STEPS, RM_STEPS), _read_builds(Path(models_dir))
+    return [i for i in ids if not (Path(models_dir) / i / "manifest.json").is_file() or built.get(i) != build]
+
+
+def _read_builds(models_dir: Path) -> dict[str, str]:
+    path = models_dir / TINY_BUILDS
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _record_build(models_dir: Path, model_id: str, build: str) -> None:
+    builds = {**_read_builds(models_dir), model_id: build}
+    tmp = models_dir / (TINY_BUILDS + ".tmp")
+    tmp.write_text(json.dumps(builds, indent=1, sort_keys=True) + "\n")
+    tmp.replace(models_dir / TINY_BUILDS)
 
 
 class _one_thread:

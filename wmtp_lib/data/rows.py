@@ -48,7 +48,6 @@ def move_batch(batch: Batch, device) -> Batch:
     return {k: v if k == "row_index" else v.to(device) for k, v in batch.items()}
 
 
-
 @dataclass
 class TokenizedData:
     """Fixed-length rows: ``input_ids``, ``attention_mask``, ``label_mask``, ``noisy`` and ``noise_marks``
@@ -76,8 +75,8 @@ class TokenizedData:
     def rows(self, idx: torch.Tensor | list[int]) -> Batch:
         idx = torch.as_tensor(idx, dtype=torch.long)
         out: Batch = {"input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx],
-               "label_mask": self.label_mask[idx], "noisy": self.noisy[idx],
-               "noise_marks": self.noise_marks[idx], "row_index": idx}
+                      "label_mask": self.label_mask[idx], "noisy": self.noisy[idx],
+                      "noise_marks": self.noise_marks[idx], "row_index": idx}
         if self.position_ids is not None:
             out["position_ids"] = self.position_ids[idx]
         return out

@@ -413,8 +413,8 @@ class MTPModel(nn.Module):
     def from_causal_lm(cls, source: LlamaForCausalLM, n_future: int) -> "MTPModel":
         """Any Llama-family causal LM → MTP model: last layer is head 0, extra heads copy it.
 
-        Head 0 then reproduces the source model's logits exactly. A staged directory is read first with
-        `wmtp_lib.checkpoints.convert.load_causal_lm` (the model layer reads no checkpoint directories).
+        Head 0 then reproduces the source model's logits exactly. A staged causal LM's directory is read with
+        `wmtp_lib.checkpoints.convert.load_causal_lm`, in the checkpoints layer above this one.
         """
         config = mtp_config_from_causal_lm(source.config, n_future)
         with torch.device("meta"):

@@ -42,7 +42,8 @@ class BatchWeights:
     ``weight_fn(trunk_hidden)`` gives the head weight function from the step's detached trunk output
     ``(B, T, D)`` (the critic's advantages read it; the others ignore it). ``trunk_loss(trunk_hidden)``, when
     set, is a scalar on the non-detached trunk output added to the loss and its gradient (the critic's value
-    loss), scaled like the heads' losses.
+    loss), multiplied by ``counts.loss_scale`` only: it normalises itself (the value loss by the step's state
+    count), with no α_k and no ``N_k``.
     """
 
     weight_fn: Callable[[torch.Tensor], HeadWeightFn] = lambda trunk_hidden: uniform_weights
@@ -150,7 +151,7 @@ def all_heads_step(model: MTPModel, batch: Batch, weights: BatchWeights = UNIFOR
     if weights.trunk_loss is not None:
         loss = loss + weights.trunk_loss(state.hidden)
     (loss * counts.loss_scale).backward()
-    return StepOutput(loss=loss.detach(), head_losses=head_loss(ce, w, valid).detach(), ce=ce.detach(),
+    return StepOutput(loss=loss.detach(), head_losses=head_loss(ce, w, valid, counts.n_valid).detach(), ce=ce.detach(),
                       weights=w, valid=valid, trunk_hidden=state.hidden.detach())
 
 

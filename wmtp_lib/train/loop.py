@@ -93,7 +93,6 @@ def forward_backward(model: MTPModel, batches: list[Batch], weighting, dist: Dis
     return loss, head_loss
 
 
-
 def build_weighting(cfg: dict[str, Any], H: int, hidden_size: int, tokenizer, samples, data: TokenizedData,
                     dist: Dist, run_dir: Path, model_dir: Callable[[str], Path]):
     """The weighting of ``weights.scheme`` with its setup done (reference losses scored, rewards computed)."""
@@ -311,4 +310,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
-

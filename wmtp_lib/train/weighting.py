@@ -175,9 +175,3 @@ class Rho1Weighting(StatelessWeighting):
 
     def weights_from_scores(self, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         return rho1_from_scores(scores, valid, self.cfg)
-
-
-# ------------------------------------------------------------------------------------------ critic
-
-
-# ------------------------------------------------------------------------------------------ rewards
