@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from typing import Callable
 import sys
 from pathlib import Path
 
@@ -79,27 +80,41 @@ def token_groups(model: MTPModel, critic: CriticWeighting, data, rows: int
     return score_by, w_by, every
 
 
+def print_weight_table(critic: CriticWeighting, batch, H: int, lambdas: list[float], temperatures: list[float],
+                       scores_for: Callable[[float], torch.Tensor]) -> None:
+    """Mean weight (all heads) on corrupted / other noisy / clean-slot targets, per ``score_lambda`` (``scores_for``
+    gives the aligned scores of one) and ``temperature``, with the run's other weight settings."""
+    valid = target_valid(batch["label_mask"], H)
+    noisy, mark = noisy_targets(batch["noisy"], H), noisy_targets(batch["noise_marks"], H)
+    groups = {"corrupted": noisy & mark & valid, "rest": noisy & ~mark & valid, "clean slot": ~noisy & mark & valid}
+    wcfg = dict(critic.cfg)
+    print("  score_lambda temperature | corrupted  rest  clean slot | corrupted/rest corrupted/clean")
+    for lam in lambdas:
+        scores = scores_for(lam)
+        for temperature in temperatures:
+            critic.cfg = {**wcfg, "temperature": temperature}
+            w = critic.weights_from_scores(scores, valid)
+            m = {g: w[x].mean().item() for g, x in groups.items()}
+            print(f"  {lam:12.2f} {temperature:11.2f} | {m['corrupted']:9.2f} {m['rest']:5.2f} {m['clean slot']:11.2f} | "
+                  f"{m['corrupted'] / m['rest']:14.2f} {m['corrupted'] / m['clean slot']:15.2f}")
+    critic.cfg = wcfg
+
+
 @torch.no_grad()
 def sweep(model: MTPModel, critic: CriticWeighting, data, rows: int, lambdas: list[float], temperatures: list[float]
           ) -> None:
     """Mean weight (all heads) on corrupted / other noisy / clean-slot targets for other ``score_lambda`` and
     ``temperature`` with the same value head: λ_w = 0 shows what V itself localises (its one-step TD errors)."""
-    H = model.n_future
     b = data.rows(list(range(rows)))
     hidden = model(b["input_ids"], b["attention_mask"], return_trunk=True).hidden
-    valid = target_valid(b["label_mask"], H)
-    noisy, mark = noisy_targets(b["noisy"], H), noisy_targets(b["noise_marks"], H)
-    groups = {"corrupted": noisy & mark & valid, "rest": noisy & ~mark & valid, "clean slot": ~noisy & mark & valid}
-    ccfg, wcfg = dict(critic.ccfg), dict(critic.cfg)
-    print("  score_lambda temperature | corrupted  rest  clean slot | corrupted/rest corrupted/clean")
-    for lam in lambdas:
-        for temperature in temperatures:
-            critic.ccfg, critic.cfg = {**ccfg, "score_lambda": lam}, {**wcfg, "temperature": temperature}
-            w = critic.weights_from_scores(critic.score(hidden, b), valid)
-            m = {g: w[x].mean().item() for g, x in groups.items()}
-            print(f"  {lam:12.2f} {temperature:11.2f} | {m['corrupted']:9.2f} {m['rest']:5.2f} {m['clean slot']:11.2f} | "
-                  f"{m['corrupted'] / m['rest']:14.2f} {m['corrupted'] / m['clean slot']:15.2f}")
-    critic.ccfg, critic.cfg = ccfg, wcfg
+    ccfg = dict(critic.ccfg)
+
+    def scores_for(lam: float) -> torch.Tensor:
+        critic.ccfg = {**ccfg, "score_lambda": lam}
+        return critic.score(hidden, b)
+
+    print_weight_table(critic, b, model.n_future, lambdas, temperatures, scores_for)
+    critic.ccfg = ccfg
 
 
 def prefix_oracle_values(batch, returns: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
@@ -133,20 +148,9 @@ def oracle_sweep(critic: CriticWeighting, data, rows: int, H: int, lambdas: list
     print(f"\nprefix oracle V over {rows} rows: explained variance {ev:.3f} (V = {clean_mean:.3f} before the first "
           f"corrupted token, {after_mean:.3f} from it on); a corrupted solution has {spans.mean():.2f} corrupted tokens, "
           f"the first at token {(first - start)[hit].float().mean():.1f} of its {length[hit].float().mean():.1f}")
-    valid = target_valid(b["label_mask"], H)
-    noisy, mark = noisy_targets(b["noisy"], H), noisy_targets(b["noise_marks"], H)
-    groups = {"corrupted": noisy & mark & valid, "rest": noisy & ~mark & valid, "clean slot": ~noisy & mark & valid}
-    ccfg, wcfg = dict(critic.ccfg), dict(critic.cfg)
-    print("  score_lambda temperature | corrupted  rest  clean slot | corrupted/rest corrupted/clean")
-    for lam in lambdas:
-        for temperature in temperatures:
-            critic.cfg = {**wcfg, "temperature": temperature}
-            adv = advantages(values, tr.rewards, tr.states, ccfg["gamma"], lam, tr.bootstrap)
-            w = critic.weights_from_scores(align_scores(adv, H), valid)
-            m = {g: w[x].mean().item() for g, x in groups.items()}
-            print(f"  {lam:12.2f} {temperature:11.2f} | {m['corrupted']:9.2f} {m['rest']:5.2f} {m['clean slot']:11.2f} | "
-                  f"{m['corrupted'] / m['rest']:14.2f} {m['corrupted'] / m['clean slot']:15.2f}")
-    critic.cfg = wcfg
+    gamma = critic.ccfg["gamma"]
+    print_weight_table(critic, b, H, lambdas, temperatures,
+                       lambda lam: align_scores(advantages(values, tr.rewards, tr.states, gamma, lam, tr.bootstrap), H))
 
 
 def main() -> None:
