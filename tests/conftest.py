@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# One compute thread in every test process and in what it starts (training, notebooks' kernels): pytest runs
+# two workers on two cores, and a process with more threads than its share of cores spins instead of computing.
+os.environ["OMP_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 from tiny_models import tiny_config  # noqa: F401  (re-exported for older imports)
 
 from wmtp_lib.model.heads import MTPModel

@@ -100,7 +100,7 @@ def test_cached_and_online_reference_give_same_training(tmp_path, tiny_models):
 
 
 def test_rho1_gives_noisy_samples_lower_weight(tmp_path, tiny_models):
-    _, cfg = make_config(tmp_path, "rho1", tiny_models, "noise", {"train.steps": 60, "data.n_train": 600})
+    _, cfg = make_config(tmp_path, "rho1", tiny_models, "noise", {"train.steps": 12, "data.n_train": 300})
     run_training(cfg)
     recs = metrics(tmp_path / "runs" / "noise")
     noisy = sum(r["weight_noisy"] for r in recs) / len(recs)

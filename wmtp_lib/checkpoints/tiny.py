@@ -26,6 +26,7 @@ Each ends up as a converted directory with a manifest, exactly like a staged 7B 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -231,6 +232,15 @@ def stage_tiny(models_dir: str | Path, ids: tuple[str, ...] = TINY_IDS, seed: in
     unknown = [i for i in ids if i not in TINY_IDS]
     if unknown:
         raise ValueError(f"not tiny model ids: {unknown}; tiny ids are {TINY_IDS}")
+    # one builder at a time per directory (two notebooks, two test workers): the second waits, then finds the
+    # models current
+    with open(models_dir / ".tiny-build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _stage_tiny_locked(models_dir, ids, seed, force, log, base_steps, ref_steps, rm_steps)
+
+
+def _stage_tiny_locked(models_dir: Path, ids: tuple[str, ...], seed: int, force: bool, log: Callable[[str], None],
+                       base_steps: int, ref_steps: int, rm_steps: int) -> dict[str, Path]:
     out = {}
     build = tiny_build_id(seed, base_steps, ref_steps, rm_steps)
     built = _read_builds(models_dir)
