@@ -242,9 +242,10 @@ def stage_tiny(models_dir: str | Path, ids: tuple[str, ...] = TINY_IDS, seed: in
 def _stage_tiny_locked(models_dir: Path, ids: tuple[str, ...], seed: int, force: bool, log: Callable[[str], None],
                        base_steps: int, ref_steps: int, rm_steps: int) -> dict[str, Path]:
     out = {}
-    build = tiny_build_id(seed, base_steps, ref_steps, rm_steps)
+    steps = {"tiny-mtp": base_steps, "tiny-ref": ref_steps, "tiny-rm": rm_steps}
+    build = {i: tiny_build_id(i, seed, steps[i]) for i in TINY_IDS}
     built = _read_builds(models_dir)
-    todo = [i for i in ids if force or not (models_dir / i / "manifest.json").is_file() or built.get(i) != build]
+    todo = [i for i in ids if force or not (models_dir / i / "manifest.json").is_file() or built.get(i) != build[i]]
     for i in ids:
         out[i] = models_dir / i
     if not todo:
@@ -291,12 +292,12 @@ def _stage_tiny_locked(models_dir: Path, ids: tuple[str, ...], seed: int, force:
                     build_reference(dst, tokenizer, tok_dir, seed, steps=ref_steps, log=log)
                 else:
                     build_reward(dst, tokenizer, tok_dir, seed, steps=rm_steps, log=log)
-                _record_build(models_dir, model_id, build)
+                _record_build(models_dir, model_id, build[model_id])
                 log(f"staged {model_id} -> {dst}")
             if side is not None:
                 for line in side.result():
                     log(line)
-                _record_build(models_dir, "tiny-mtp", build)
+                _record_build(models_dir, "tiny-mtp", build["tiny-mtp"])
                 log(f"staged tiny-mtp -> {models_dir / 'tiny-mtp'}")
         finally:
             if side is not None:
@@ -307,14 +308,15 @@ def _stage_tiny_locked(models_dir: Path, ids: tuple[str, ...], seed: int, force:
 TINY_BUILDS = ".tiny-builds.json"  # in the models directory: model id -> the `tiny_build_id` it was built with
 
 
-def tiny_build_id(seed: int, base_steps: int, ref_steps: int, rm_steps: int) -> str:
-    """What a tiny model's weights depend on: this module's and the synthetic corpus's code and the build
-    settings. A staged tiny model built with another id is stale and gets rebuilt (models/ is a cache)."""
+def tiny_build_id(model_id: str, seed: int, steps: int) -> str:
+    """What a tiny model's weights depend on: this module's and the synthetic corpus's code, the model, the seed
+    and its training steps. A staged tiny model built with another id is stale and gets rebuilt (models/ is a
+    cache of what this code builds)."""
     import hashlib
 
     from wmtp_lib.data import sample, synthetic
 
-    h = hashlib.sha256(json.dumps([seed, base_steps, ref_steps, rm_steps]).encode())
+    h = hashlib.sha256(json.dumps([model_id, seed, steps]).encode())
     for module in (__file__, synthetic.__file__, sample.__file__):
         h.update(Path(module).read_bytes())
     return h.hexdigest()[:16]
@@ -322,8 +324,10 @@ def tiny_build_id(seed: int, base_steps: int, ref_steps: int, rm_steps: int) -> 
 
 def stale_or_missing(models_dir: str | Path, ids, seed: int = 0) -> list[str]:
     """The tiny models of ``ids`` that `stage_tiny` (default settings) would build: missing or stale."""
-    build, built = tiny_build_id(seed, PRETRAIN["steps"], REF_STEPS, RM_STEPS), _read_builds(Path(models_dir))
-    return [i for i in ids if not (Path(models_dir) / i / "manifest.json").is_file() or built.get(i) != build]
+    steps = {"tiny-mtp": PRETRAIN["steps"], "tiny-ref": REF_STEPS, "tiny-rm": RM_STEPS}
+    built = _read_builds(Path(models_dir))
+    return [i for i in ids if not (Path(models_dir) / i / "manifest.json").is_file()
+            or built.get(i) != tiny_build_id(i, seed, steps[i])]
 
 
 def _read_builds(models_dir: Path) -> dict[str, str]:
