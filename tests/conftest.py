@@ -85,3 +85,9 @@ def llama_spm(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("spm") / "tokenizer.model"
     return train_llama_sentencepiece(python_corpus(), path, vocab_size=2000)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The notebooks first: the longest group of tests that must share one worker (`xdist_group`) starts while the
+    other worker takes the rest one test at a time, so neither waits on the other at the end."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("xdist_group") else 1)

@@ -40,6 +40,9 @@ from wmtp_lib import launch
 from wmtp_lib.train import metrics
 from wmtp_lib.notebook_files import pre_save_hook
 
+# The notebooks share runs/ci (the CI scratch the fixtures empty): one pytest-xdist worker runs them all, in order
+pytestmark = pytest.mark.xdist_group("notebooks")
+
 WORKFLOW = ("preflight", "stage_models", "train", "evaluate", "analysis")
 CI_RUNS = ROOT / "runs" / "ci"  # params/ci.yaml paths.runs_dir: CI scratch
 DEFAULT_RUN = "rho1-local-seed0"
@@ -192,6 +195,8 @@ def test_interrupt_stops_training_with_one_line_in_the_notebook_and_the_log(tmp_
     # Kernel → Interrupt is a SIGINT to the kernel: KeyboardInterrupt in its main thread
     timer = threading.Thread(target=lambda: (_wait_for(lambda: log.is_file() and "step 120/200" in log.read_text(), 60),
                                              signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)))
+    # a kernel turns SIGINT into KeyboardInterrupt; a pytest-xdist worker ignores SIGINT, so restore the default
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer.start()
     try:
         with pytest.raises(launch.Stopped) as stopped:
@@ -199,6 +204,7 @@ def test_interrupt_stops_training_with_one_line_in_the_notebook_and_the_log(tmp_
         assert not launch._group_alive(pids[0]), "the training process group is gone"
     finally:
         timer.join()
+        signal.signal(signal.SIGINT, previous)
         for pid in pids:  # whatever happened above, leave no fake training behind
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
