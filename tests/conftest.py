@@ -87,7 +87,14 @@ def llama_spm(tmp_path_factory):
     return train_llama_sentencepiece(python_corpus(), path, vocab_size=2000)
 
 
+LONGEST_FIRST = ("test_notebooks.py", "test_train.py")  # the two longest files (minutes each on 2 cores)
+
+
 def pytest_collection_modifyitems(config, items):
-    """The notebooks first: the longest group of tests that must share one worker (`xdist_group`) starts while the
-    other worker takes the rest one test at a time, so neither waits on the other at the end."""
-    items.sort(key=lambda item: 0 if item.get_closest_marker("xdist_group") else 1)
+    """The longest test files first, one on each pytest-xdist worker (`--dist loadfile` hands out whole files in
+    this order), so the short files fill in beside them and neither worker waits alone at the end."""
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)

@@ -40,9 +40,6 @@ from wmtp_lib import launch
 from wmtp_lib.train import metrics
 from wmtp_lib.notebook_files import pre_save_hook
 
-# The notebooks share runs/ci (the CI scratch the fixtures empty): one pytest-xdist worker runs them all, in order
-pytestmark = pytest.mark.xdist_group("notebooks")
-
 WORKFLOW = ("preflight", "stage_models", "train", "evaluate", "analysis")
 CI_RUNS = ROOT / "runs" / "ci"  # params/ci.yaml paths.runs_dir: CI scratch
 DEFAULT_RUN = "rho1-local-seed0"
