@@ -11,7 +11,7 @@ weights, and an extra loss on the trunk output for the critic) and the optimizer
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -35,6 +35,18 @@ def uniform_weights(k: int, ce_k: torch.Tensor, valid_k: torch.Tensor) -> torch.
     return valid_k.float()
 
 
+class TrunkLoss(Protocol):
+    """A loss on the trunk output that a recipe adds to the step (the critic's value loss). After the call,
+    ``added`` is the detached term it added to the loss and ``value`` the unscaled loss, for the logs."""
+
+    value: torch.Tensor | None
+
+    @property
+    def added(self) -> torch.Tensor | None: ...
+
+    def __call__(self, trunk_hidden: torch.Tensor) -> torch.Tensor: ...
+
+
 @dataclass(frozen=True)
 class BatchWeights:
     """What a recipe brings to one micro-batch's step.
@@ -47,7 +59,7 @@ class BatchWeights:
     """
 
     weight_fn: Callable[[torch.Tensor], HeadWeightFn] = lambda trunk_hidden: uniform_weights
-    trunk_loss: Callable[[torch.Tensor], torch.Tensor] | None = None
+    trunk_loss: TrunkLoss | None = None
 
     @classmethod
     def fixed(cls, fn: HeadWeightFn) -> "BatchWeights":

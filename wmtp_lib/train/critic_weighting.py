@@ -46,7 +46,8 @@ class CriticHeadWeights:
 
 
 class ValueTerm:
-    """``value_coef · MSE`` of the value head on a micro-batch's features (records the MSE it computed)."""
+    """``value_coef · MSE`` of the value head on a micro-batch's features: a `TrunkLoss` (records the MSE it
+    computed and the term it added)."""
 
     def __init__(self, weighting: "CriticWeighting", batch: Batch):
         self.weighting = weighting
@@ -59,6 +60,11 @@ class ValueTerm:
         loss = self.weighting.value_loss(features, self.batch, n_states=self.weighting.window_states)
         self.value = loss.detach()
         return self.weighting.ccfg["value_coef"] * loss
+
+    @property
+    def added(self) -> torch.Tensor | None:
+        """The term added to the step's loss, detached, in float64 (the logs subtract it from the loss)."""
+        return None if self.value is None else self.weighting.ccfg["value_coef"] * self.value.double()
 
 
 class Transitions:

@@ -85,8 +85,9 @@ def forward_backward(model: MTPModel, batches: list[Batch], weighting, dist: Dis
     for batch, weights in zip(batches, precomputed):
         batch_weights = weighting.for_batch(batch, weights)
         out = sequential_mtp_step(model, batch, batch_weights, counts, head_weights=head_weights, chunk_size=chunk_size)
-        value = batch_weights.trunk_loss.value if batch_weights.trunk_loss is not None else None
-        loss += out.loss.double() - (0.0 if value is None else weighting.ccfg["value_coef"] * value.double())
+        trunk = batch_weights.trunk_loss
+        value = trunk.value if trunk is not None else None
+        loss += out.loss.double() - (0.0 if trunk is None else trunk.added.double())  # the MTP loss alone
         head_loss += out.head_losses.double()
         if record is not None:
             record(batch, out, value)
