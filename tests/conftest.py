@@ -52,7 +52,7 @@ def s3_env(s3_endpoint, monkeypatch):
 def tiny_models():
     """The embedded default models in the project's model cache ``models/`` (git-ignored), built there once when
     missing or stale: the notebooks and the README's commands, which pytest also runs, read the same directory,
-    so a test session builds them (about 90 s on 2 cores) once, not twice. Tests only read them."""
+    so a test session builds them (about 110 s on 2 cores) once, not twice. Tests only read them."""
     from wmtp_lib.checkpoints.tiny import stage_tiny
     from wmtp_lib.registry import PROJECT_ROOT
 

@@ -175,17 +175,21 @@ def test_manifest_detects_corruption(tmp_path, tiny_mtp):
         verify_manifest(dst)
 
 
-def test_cli_convert_and_errors(tmp_path, tiny_mtp):
+def test_cli_convert_and_errors(tmp_path, tiny_mtp, capsys):
+    from wmtp_lib.checkpoints.__main__ import main
+
     save_meta_checkpoint(tiny_mtp, tmp_path / "meta")
+    # the command as a user types it, in its own interpreter
     ok = subprocess.run([sys.executable, "-m", "wmtp_lib.checkpoints", "convert", str(tmp_path / "meta"),
                          str(tmp_path / "out")], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    again = subprocess.run([sys.executable, "-m", "wmtp_lib.checkpoints", "convert", str(tmp_path / "meta"),
-                            str(tmp_path / "out")], capture_output=True, text=True)
-    assert again.returncode == 1 and "already exists" in again.stderr
-    missing = subprocess.run([sys.executable, "-m", "wmtp_lib.checkpoints", "convert", str(tmp_path / "nope"),
-                              str(tmp_path / "o2")], capture_output=True, text=True)
-    assert missing.returncode == 1 and "not a directory" in missing.stderr
+    assert (tmp_path / "out" / "manifest.json").is_file()
+    # its errors, through the same entry function (a new interpreter costs about 9 s each)
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "meta"), str(tmp_path / "out")]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "nope"), str(tmp_path / "o2")]) == 1
+    assert "not a directory" in capsys.readouterr().err
 
 
 def test_sentencepiece_tokenizer_converted_beside_weights(tmp_path, tiny_mtp, llama_spm):

@@ -12,6 +12,7 @@ import torch
 from wmtp_lib.checkpoints.convert import save_meta_checkpoint
 from wmtp_lib.checkpoints.manifest import verify_manifest
 from wmtp_lib.checkpoints.staging import StagingError, stage_dataset, stage_model
+from wmtp_lib.checkpoints.tiny import TINY_BUILDS
 from wmtp_lib.model.heads import MTPModel
 from wmtp_lib.registry import RegistryError, load_registry
 
@@ -30,9 +31,8 @@ def _registry_for(bucket):
 
 def test_tiny_to_s3_then_download_into_fresh_cache(tmp_path, s3_env, tiny_models):
     reg = _registry_for(s3_env)
-    import shutil
-
     shutil.copytree(tiny_models / "tiny-ref", tmp_path / "a" / "tiny-ref")
+    shutil.copy(tiny_models / TINY_BUILDS, tmp_path / "a" / TINY_BUILDS)  # current: staging uploads, not rebuilds
     up = stage_model("tiny-ref", "tiny", "s3", tmp_path / "a", reg, log=lambda m: None)
     assert up["s3"] == f"s3://{s3_env}/models/tiny-ref/"
     down = stage_model("tiny-ref", "s3", "local", tmp_path / "b", reg, log=lambda m: None)
