@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output directory (models/, runs/, tables, figure)")
     p.add_argument("--env", default="experiment", help="environment file under params/envs/")
     p.add_argument("--noise", default="0,0.2,0.4", help="comma-separated noise fractions")
-    p.add_argument("--recipes", default=",".join(RECIPES))
+    p.add_argument("--recipes", default=None, help="comma-separated (default: all four; --smoke: mtp_baseline,rho1)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--n-samples", type=int, default=5, help="sampled solutions per held-out problem")
     p.add_argument("--limit", type=int, default=None, help="held-out problems (default: data.n_test)")
@@ -81,14 +81,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="1 noise level x 2 recipes x 1 seed, a few steps")
     args = p.parse_args(argv)
     args.noise = [float(x) for x in args.noise.split(",")]
-    args.recipes = args.recipes.split(",")
+    recipes_given = args.recipes is not None
+    args.recipes = (args.recipes or ",".join(RECIPES)).split(",")
     args.seeds = [int(x) for x in args.seeds.split(",")]
     args.overrides = json.loads(args.overrides)
     unknown = [r for r in args.recipes if r not in RECIPES]
     if unknown:
         p.error(f"unknown recipe(s) {unknown}; valid: {', '.join(RECIPES)}")
     if args.smoke:
-        args.noise, args.recipes, args.seeds = SMOKE["noise"], SMOKE["recipes"], SMOKE["seeds"]
+        args.noise, args.seeds = SMOKE["noise"], SMOKE["seeds"]
+        args.recipes = args.recipes if recipes_given else SMOKE["recipes"]
         args.overrides = {**SMOKE["overrides"], **args.overrides}
         args.n_samples, args.limit, args.max_new_tokens = SMOKE["n_samples"], SMOKE["limit"], SMOKE["max_new_tokens"]
     return args

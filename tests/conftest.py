@@ -87,12 +87,21 @@ def llama_spm(tmp_path_factory):
     return train_llama_sentencepiece(python_corpus(), path, vocab_size=2000)
 
 
-LONGEST_FIRST = ("test_notebooks.py", "test_train.py")  # the two longest files (minutes each on 2 cores)
+# The longest files (seconds of work on 2 idle cores, measured at 7ff0598), in the order `--dist loadfile
+# --no-loadscope-reorder` hands them out: each worker starts with two (notebooks + smoke grid on one, training +
+# JupyterLab on the other), the rest go to whichever worker runs short; a long file last would leave one worker
+# alone at the end.
+LONGEST_FIRST = ("test_notebooks.py",  # ~180 (workflow order, each alone)
+                 "test_train.py",  # ~270 with the tiny models' build (~90)
+                 "test_experiment.py",  # ~95
+                 "test_jupyterlab.py",  # ~60
+                 "test_deploy.py",  # ~65
+                 "test_base_load.py", "test_readme.py", "test_scale.py", "test_sandbox.py", "test_tiny.py")
 
 
 def pytest_collection_modifyitems(config, items):
-    """The longest test files first, one on each pytest-xdist worker (`--dist loadfile` hands out whole files in
-    this order), so the short files fill in beside them and neither worker waits alone at the end."""
+    """The longest test files first, in `LONGEST_FIRST`'s order (`--dist loadfile` hands out whole files in
+    collection order), so the short files fill in beside them and neither worker waits alone at the end."""
     def rank(item) -> int:
         name = item.path.name
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
