@@ -78,7 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads a run trains and evaluates with, whatever --jobs is: CPU reductions depend "
                         "on the thread count, so the numbers are reproducible for a given --threads only")
-    p.add_argument("--smoke", action="store_true", help="1 noise level x 2 recipes x 1 seed, a few steps")
+    p.add_argument("--smoke", action="store_true",
+                   help="1 noise level x 2 recipes (or --recipes) x 1 seed, a few steps; sets --noise and --seeds")
     args = p.parse_args(argv)
     args.noise = [float(x) for x in args.noise.split(",")]
     recipes_given = args.recipes is not None

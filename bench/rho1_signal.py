@@ -1,15 +1,18 @@
-"""Where Rho-1's token weights go, for one finished `rho1` / `rho1_tokenskip` run of the embedded experiment.
+"""Where Rho-1's token weights go, for one finished run of the embedded experiment (`rho1`, `rho1_tokenskip`, or
+another recipe's run, scored with the rho1 recipe's weights).
 
 For the base model (what fine-tuning starts from) and the run's final model, over the first ``--rows``
 training rows, per token group: the model's loss, the reference's loss, the excess loss (the Rho-1 score,
-``ce − ref_ce``) and the weight training's own `rho1_from_scores` gives it (per head, per group of
-``train.micro_batch_size`` rows, the run's ``weights`` settings), for head 0 and averaged over the heads. The
+``ce − ref_ce``) and the weight training's `rho1_from_scores` gives it (per head, over consecutive groups of
+``train.micro_batch_size`` rows where training draws shuffled micro-batches; the run's ``weights`` settings, or
+the rho1 recipe's for another recipe's run), for head 0 and averaged over the heads. The
 groups: the slot tokens of clean solutions (operation and constant: what decides whether a solution passes),
 the other tokens of clean solutions, corrupted tokens and the rest of corrupted solutions (noisy data only),
 and the final ``</s>``. A group the reference predicts worse than the model has a low excess loss, so Rho-1
 moves weight off it, whatever the group's importance.
 
     python bench/rho1_signal.py runs/experiment/runs/rho1-noise0-seed0 [--rows 512]
+    python bench/rho1_signal.py runs/experiment/runs/mtp_baseline-noise0-seed0   # the baseline's slot losses
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from bench_models import bench_header  # noqa: E402
 
 from wmtp_lib.checkpoints.convert import load_causal_lm  # noqa: E402
 from wmtp_lib.checkpoints.tokenization import load_tokenizer  # noqa: E402
-from wmtp_lib.config import load_resolved, project_path  # noqa: E402
+from wmtp_lib.config import load_resolved, project_path, resolve_config  # noqa: E402
 from wmtp_lib.data.rows import tokenize_samples  # noqa: E402
 from wmtp_lib.data.sources import load_samples  # noqa: E402
 from wmtp_lib.model.heads import MTPModel  # noqa: E402
@@ -92,8 +95,12 @@ def main() -> None:
     torch.set_num_threads(1)
     print(bench_header("cpu", "fp32"))
     cfg = load_resolved(args.run_dir / "config.yaml")
-    if cfg["weights"]["scheme"] != "rho1":
-        raise SystemExit(f"{args.run_dir} is a {cfg['recipe']} run; this reads rho1 / rho1_tokenskip runs")
+    if cfg["weights"]["scheme"] != "rho1":  # e.g. the baseline: its losses, and the weights rho1 would give them
+        cfg = {**cfg, "weights": resolve_config("rho1", cfg["env"])["weights"]}
+        print(f"{args.run_dir.name} is a {cfg['recipe']} run: weights are those the rho1 recipe would give")
+    if cfg["weights"]["weight_group"] != "micro_batch" or cfg["data"]["pack"]:
+        raise SystemExit("this bench groups unpacked rows by micro-batch (weights.weight_group: micro_batch, "
+                         "data.pack: false), as the experiment environment trains")
     models_dir = project_path(cfg["paths"]["models_dir"])
     samples = load_samples(cfg["data"], "train", project_path(cfg["paths"]["datasets_dir"]))
     tokenizer = load_tokenizer(models_dir / cfg["models"]["base"])

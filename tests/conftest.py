@@ -52,7 +52,7 @@ def s3_env(s3_endpoint, monkeypatch):
 def tiny_models():
     """The embedded default models in the project's model cache ``models/`` (git-ignored), built there once when
     missing or stale: the notebooks and the README's commands, which pytest also runs, read the same directory,
-    so a test session builds them (about 110 s on 2 cores) once, not twice. Tests only read them."""
+    so a test session builds them (about 90–110 s on 2 cores) once, not twice. Tests only read them."""
     from wmtp_lib.checkpoints.tiny import stage_tiny
     from wmtp_lib.registry import PROJECT_ROOT
 
@@ -88,16 +88,14 @@ def llama_spm(tmp_path_factory):
 
 
 # The longest files (seconds of work on 2 idle cores, measured at 7ff0598), in the order `--dist loadfile
-# --no-loadscope-reorder` hands them out: each worker starts with two (notebooks + smoke grid on one, training +
-# JupyterLab on the other), the rest go to whichever worker runs short; a long file last would leave one worker
-# alone at the end.
-LONGEST_FIRST = ("test_notebooks.py",  # ~180 (workflow order, each alone)
+# --no-loadscope-reorder` hands them out: each worker starts with two (the notebooks, JupyterLab included, + the
+# deploy check on one; training + the smoke grid on the other), the rest go to whichever worker runs short; a long
+# file last would leave one worker alone at the end.
+LONGEST_FIRST = ("test_notebooks.py",  # ~240: workflow order, each alone, JupyterLab (they share runs/ci)
                  "test_train.py",  # ~270 with the tiny models' build (~90)
-                 "test_experiment.py",  # ~95
-                 "test_jupyterlab.py",  # ~60
                  "test_deploy.py",  # ~65
+                 "test_experiment.py",  # ~55
                  "test_base_load.py", "test_readme.py", "test_scale.py", "test_sandbox.py", "test_tiny.py")
-
 
 def pytest_collection_modifyitems(config, items):
     """The longest test files first, in `LONGEST_FIRST`'s order (`--dist loadfile` hands out whole files in

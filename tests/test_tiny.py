@@ -33,10 +33,15 @@ def test_the_base_is_pretrained_deterministically_and_staged_through_the_convert
     logs: list[str] = []
     # "a" builds the base in a second process beside the reward model (as a first run does), "b" alone
     a = tiny.stage_tiny(tmp_path / "a", ids=("tiny-mtp", "tiny-rm"), log=logs.append, base_steps=3,
-                        rm_steps=2)["tiny-mtp"]
+                        rm_steps=6)["tiny-mtp"]
     b = tiny.stage_tiny(tmp_path / "b", ids=("tiny-mtp",), log=lambda m: None, base_steps=3)["tiny-mtp"]
-    # the reward model built alone, on every thread, equals the one built on one thread beside the base
-    rm_alone = tiny.stage_tiny(tmp_path / "b", ids=("tiny-rm",), log=lambda m: None, rm_steps=2)["tiny-rm"]
+    # the reward model built alone on two threads equals the one built on one thread beside the base
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rm_alone = tiny.stage_tiny(tmp_path / "b", ids=("tiny-rm",), log=lambda m: None, rm_steps=6)["tiny-rm"]
+    finally:
+        torch.set_num_threads(threads)
     ra, rb = (load_file(str(d / "model.safetensors")) for d in (tmp_path / "a" / "tiny-rm", rm_alone))
     assert ra.keys() == rb.keys() and all(torch.equal(ra[k], rb[k]) for k in ra)
     r = tiny.stage_tiny(tmp_path / "r", ids=("tiny-mtp",), log=lambda m: None, base_steps=0)["tiny-mtp"]

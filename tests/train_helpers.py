@@ -30,9 +30,11 @@ def run_training(config_path, processes: int = 1, accelerate_config: str | None 
     One process: the training entry's ``main`` runs in a forked child of this test process, so each run does not
     pay a fresh interpreter's imports (about 9 s of torch and transformers on this machine); the child starts with
     a copy of this process's state, runs with its own stdout/stderr and ends with ``main``'s exit code, as
-    ``python -m wmtp_lib.train`` would (``fresh_interpreter=True`` runs exactly that). Several processes go through
-    ``accelerate launch``."""
-    if processes == 1 and accelerate_config is None and not fresh_interpreter:
+    ``python -m wmtp_lib.train`` would (``fresh_interpreter=True`` runs exactly that, as does a process that has
+    initialised CUDA, which a forked child cannot use). Several processes go through ``accelerate launch``."""
+    import torch
+
+    if processes == 1 and accelerate_config is None and not fresh_interpreter and not torch.cuda.is_initialized():
         proc = _forked_main(["--config", str(config_path)])
     else:
         if processes == 1 and accelerate_config is None:
@@ -68,8 +70,11 @@ def _forked_main(argv: list[str], timeout: float = 600) -> subprocess.CompletedP
                 sys.stdout = open(1, "w", buffering=1, closefd=False)
                 sys.stderr = open(2, "w", buffering=1, closefd=False)
                 code = main(argv)
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
+            except SystemExit as exc:  # as the interpreter maps it: None is 0, a message is printed and 1
+                if exc.code is None or isinstance(exc.code, int):
+                    code = exc.code or 0
+                else:
+                    print(exc.code, file=sys.stderr)
             except BaseException:
                 traceback.print_exc()
             finally:

@@ -87,7 +87,8 @@ def forward_backward(model: MTPModel, batches: list[Batch], weighting, dist: Dis
         out = sequential_mtp_step(model, batch, batch_weights, counts, head_weights=head_weights, chunk_size=chunk_size)
         trunk = batch_weights.trunk_loss
         value = trunk.value if trunk is not None else None
-        loss += out.loss.double() - (0.0 if trunk is None else trunk.added.double())  # the MTP loss alone
+        added = trunk.added if trunk is not None else None
+        loss += out.loss.double() - (0.0 if added is None else added)  # the MTP loss alone
         head_loss += out.head_losses.double()
         if record is not None:
             record(batch, out, value)
