@@ -117,6 +117,9 @@ def test_critic_stage1_lowers_value_loss_and_is_reused_on_resume(tmp_path, tiny_
     assert len(value) >= 3 and value[-1] < value[0]
     mtp = [r for r in recs if r["stage"] == "mtp"]
     assert all("value_loss" in r and "weight_mean" in r for r in mtp)
+    # the logged loss is the MTP loss alone (the heads' losses, α_k = 1), not the value loss added to it
+    for r in mtp:
+        assert r["value_loss"] > 1e-3 and r["loss"] == pytest.approx(sum(r["head_loss"]), rel=1e-6), r
     assert (tmp_path / "runs" / "critic" / "final" / "value_head.safetensors").is_file()
     # a second launch of the finished run resumes after stage 1 and does not refit the value head
     proc = run_training(cfg)
