@@ -97,6 +97,7 @@ LONGEST_FIRST = ("test_notebooks.py",  # ~240: workflow order, each alone, Jupyt
                  "test_experiment.py",  # ~55
                  "test_base_load.py", "test_readme.py", "test_scale.py", "test_sandbox.py", "test_tiny.py")
 
+
 def pytest_collection_modifyitems(config, items):
     """The longest test files first, in `LONGEST_FIRST`'s order (`--dist loadfile` hands out whole files in
     collection order), so the short files fill in beside them and neither worker waits alone at the end."""
