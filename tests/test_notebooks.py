@@ -219,6 +219,44 @@ def _wait_for(condition, timeout_s: float) -> None:
     raise TimeoutError(f"condition not met in {timeout_s} s")
 
 
+LIGHT_NOTEBOOK_IMPORTS = textwrap.dedent("""
+    import json, sys
+    def heavy():
+        return sorted(m for m in ("torch", "transformers", "accelerate") if m in sys.modules)
+    from wmtp_lib.launch import ensure_tiny_models, launch_training, load_metrics, plot_run, prepare_run
+    from wmtp_lib.config import resolve_config
+    ensure_tiny_models(resolve_config("critic", "local", {"paths.models_dir": sys.argv[1]}), log=print)
+    train = heavy()
+    from wmtp_lib.eval.analysis import discover_runs, load_run, pass_at_k_table, plot_curves, plot_pass_at_k
+    from wmtp_lib.runs import describe_run, find_or_train_run
+    print(json.dumps([train, heavy()]))
+""")
+
+
+def test_train_and_analysis_kernels_import_no_model_code_when_the_models_are_current(tmp_path):
+    """train.ipynb and analysis.ipynb only launch, read and plot: with the tiny models current, their kernels
+    import neither transformers nor accelerate (about 9 s of every kernel's start here), and the train kernel
+    not even torch; the staleness check reads the build record without importing the builder."""
+    from wmtp_lib.checkpoints.tiny_builds import TINY_IDS, default_steps, record_build, tiny_build_id
+
+    models = tmp_path / "models"
+    for model_id in TINY_IDS:
+        (models / model_id).mkdir(parents=True)
+        (models / model_id / "manifest.json").write_text("{}")
+        record_build(models, model_id, tiny_build_id(model_id, 0, default_steps()[model_id]))
+    proc = subprocess.run([sys.executable, "-c", LIGHT_NOTEBOOK_IMPORTS, str(models)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "building tiny models" not in proc.stdout, "current models were rebuilt"
+    train, analysis = json.loads(proc.stdout.splitlines()[-1])
+    assert train == [] and analysis == ["torch"], proc.stdout  # analysis' bootstrap interval is torch's
+
+    record_build(models, "tiny-ref", "another-build")
+    from wmtp_lib.checkpoints.tiny_builds import stale_or_missing
+
+    assert stale_or_missing(models, TINY_IDS) == ["tiny-ref"]
+
+
 # ------------------------------------------------------------------ notebooks through papermill
 
 
@@ -287,7 +325,10 @@ def test_notebooks_in_workflow_order(ci_runs, kernel_name):
         executed[name] = _run(name, out / f"{name}.ipynb", kernel_name)
         print(f"{name}.ipynb: {time.monotonic() - started:.0f} s")
 
-    assert json.loads((ci_runs / "preflight.json").read_text())["recipes"]
+    report = json.loads((ci_runs / "preflight.json").read_text())
+    assert {r["recipe"] for r in report["recipes"]} == {"mtp_baseline", "rho1", "rho1_tokenskip", "critic"}
+    assert all(r["memory_per_device"]["total_gib"] is not None for r in report["recipes"])
+    assert "torch" in _outputs(executed["preflight"])
     assert "tiny-mtp" in _outputs(executed["stage_models"])
     summary = json.loads((ci_runs / DEFAULT_RUN / "summary.json").read_text())
     assert summary["steps"] == 20 and summary["recipe"] == "rho1" and "code_dirty" in summary
@@ -314,16 +355,6 @@ def test_evaluate_and_analysis_each_alone(ci_runs, kernel_name, tmp_path):
         assert f"run {DEFAULT_RUN} is not under {ci_runs} yet: training it now" in text, name
         _check_reads_default_run(nb)
     assert (ci_runs / DEFAULT_RUN / "eval" / "head_metrics.png").is_file()
-
-
-@pytest.mark.slow
-def test_preflight_notebook_reports_and_writes_json(tmp_path, kernel_name):
-    nb = _run("preflight", tmp_path / "preflight.ipynb", kernel_name, output=str(tmp_path / "preflight.json"))
-    report = json.loads((tmp_path / "preflight.json").read_text())
-    assert {r["recipe"] for r in report["recipes"]} == {"mtp_baseline", "rho1", "rho1_tokenskip", "critic"}
-    assert "torch" in _outputs(nb)
-    for r in report["recipes"]:
-        assert r["memory_per_device"]["total_gib"] is not None
 
 
 @pytest.mark.slow

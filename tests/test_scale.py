@@ -306,14 +306,14 @@ def test_first_run_builds_only_the_tiny_models_its_recipe_needs(tmp_path, monkey
     monkeypatch.setattr(tiny, "stage_tiny", lambda models_dir, ids, log: built.append(tuple(ids)))
     (tmp_path / "tiny-mtp").mkdir()
     (tmp_path / "tiny-mtp" / "manifest.json").write_text("{}")
-    tiny._record_build(tmp_path, "tiny-mtp", tiny.tiny_build_id("tiny-mtp", 0, tiny.PRETRAIN["steps"]))
+    tiny.record_build(tmp_path, "tiny-mtp", tiny.tiny_build_id("tiny-mtp", 0, tiny.PRETRAIN["steps"]))
     for recipe, expected in (("mtp_baseline", []), ("rho1", [("tiny-ref",)]), ("critic", [("tiny-rm",)])):
         built.clear()
         cfg = resolve_config(recipe, "local", {"paths.models_dir": str(tmp_path)})
         launch.ensure_tiny_models(cfg, log=lambda m: None)
         assert built == expected, recipe
     # a tiny-mtp built by other code or settings (another build id) is stale: rebuilt
-    tiny._record_build(tmp_path, "tiny-mtp", "another-build")
+    tiny.record_build(tmp_path, "tiny-mtp", "another-build")
     built.clear()
     launch.ensure_tiny_models(resolve_config("mtp_baseline", "local", {"paths.models_dir": str(tmp_path)}),
                               log=lambda m: None)

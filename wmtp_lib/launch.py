@@ -112,7 +112,7 @@ def ensure_tiny_models(cfg: dict[str, Any], log=print) -> None:
     """
     if cfg["storage"]["kind"] != "local" or not cfg["storage"]["stage_tiny_if_missing"]:
         return
-    from wmtp_lib.checkpoints.tiny import stage_tiny, stale_or_missing
+    from wmtp_lib.checkpoints.tiny_builds import stale_or_missing
     from wmtp_lib.registry import load_registry
 
     reg = load_registry()
@@ -121,6 +121,8 @@ def ensure_tiny_models(cfg: dict[str, Any], log=print) -> None:
     missing = stale_or_missing(models_dir, needed)
     if missing:
         from transformers.utils import logging as hf_logging
+
+        from wmtp_lib.checkpoints.tiny import stage_tiny
 
         log(f"building tiny models {missing} in {models_dir} (about a minute; each step is printed)")
         # transformers' "Writing model shards" bar says nothing here: a tiny model is one shard

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import math
 import os
 import random
@@ -41,6 +40,8 @@ from typing import Callable
 import torch
 
 from wmtp_lib.checkpoints.convert import convert_checkpoint, save_meta_checkpoint
+from wmtp_lib.checkpoints.tiny_builds import (PRETRAIN, REF_STEPS, RM_STEPS, TINY_BUILDS, TINY_IDS,  # noqa: F401
+                                              read_builds, record_build, stale_or_missing, tiny_build_id)
 from wmtp_lib.checkpoints.tokenization import (
     convert_sentencepiece,
     train_llama_sentencepiece,
@@ -50,8 +51,6 @@ from wmtp_lib.data.sample import Sample
 from wmtp_lib.data.synthetic import synthetic_corpus, synthetic_tasks
 from wmtp_lib.model.heads import MTPModel, mtp_config
 
-TINY_IDS = ("tiny-mtp", "tiny-ref", "tiny-rm")
-REF_STEPS, RM_STEPS = 300, 600  # training steps of the tiny reference and reward models
 TINY_VOCAB = 512
 TINY_DIMS = dict(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
                  max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0)
@@ -92,7 +91,6 @@ def build_tokenizer(workdir: Path, seed: int):
 
 
 PRETRAIN_SEED_OFFSET = 3  # the tokenizer's corpus is seed, the reference's seed + 1, the reward model's seed + 2
-PRETRAIN = dict(steps=120, batch=16, length=144, lr=3e-3, n_tasks=1200)
 
 
 def pretraining_corpus(seed: int, n_tasks: int = PRETRAIN["n_tasks"]) -> list[Sample]:
@@ -246,7 +244,7 @@ def _stage_tiny_locked(models_dir: Path, ids: tuple[str, ...], seed: int, force:
     out = {}
     steps = {"tiny-mtp": base_steps, "tiny-ref": ref_steps, "tiny-rm": rm_steps}
     build = {i: tiny_build_id(i, seed, steps[i]) for i in TINY_IDS}
-    built = _read_builds(models_dir)
+    built = read_builds(models_dir)
     todo = [i for i in ids if force or not (models_dir / i / "manifest.json").is_file() or built.get(i) != build[i]]
     for i in ids:
         out[i] = models_dir / i
@@ -298,54 +296,17 @@ def _stage_tiny_locked(models_dir: Path, ids: tuple[str, ...], seed: int, force:
                             build_reference(dst, tokenizer, tok_dir, seed, steps=ref_steps, log=log)
                         else:
                             build_reward(dst, tokenizer, tok_dir, seed, steps=rm_steps, log=log)
-                _record_build(models_dir, model_id, build[model_id])
+                record_build(models_dir, model_id, build[model_id])
                 log(f"staged {model_id} -> {dst}")
             if side is not None:
                 for line in side.result():
                     log(line)
-                _record_build(models_dir, "tiny-mtp", build["tiny-mtp"])
+                record_build(models_dir, "tiny-mtp", build["tiny-mtp"])
                 log(f"staged tiny-mtp -> {models_dir / 'tiny-mtp'}")
         finally:
             if side is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
     return out
-
-
-TINY_BUILDS = ".tiny-builds.json"  # in the models directory: model id -> the `tiny_build_id` it was built with
-
-
-def tiny_build_id(model_id: str, seed: int, steps: int) -> str:
-    """What a tiny model's weights depend on: this module's and the synthetic corpus's code, the model, the seed
-    and its training steps. A staged tiny model built with another id is stale and gets rebuilt (models/ is a
-    cache of what this code builds)."""
-    import hashlib
-
-    from wmtp_lib.data import sample, synthetic
-
-    h = hashlib.sha256(json.dumps([model_id, seed, steps]).encode())
-    for module in (__file__, synthetic.__file__, sample.__file__):
-        h.update(Path(module).read_bytes())
-    return h.hexdigest()[:16]
-
-
-def stale_or_missing(models_dir: str | Path, ids, seed: int = 0) -> list[str]:
-    """The tiny models of ``ids`` that `stage_tiny` (default settings) would build: missing or stale."""
-    steps = {"tiny-mtp": PRETRAIN["steps"], "tiny-ref": REF_STEPS, "tiny-rm": RM_STEPS}
-    built = _read_builds(Path(models_dir))
-    return [i for i in ids if not (Path(models_dir) / i / "manifest.json").is_file()
-            or built.get(i) != tiny_build_id(i, seed, steps[i])]
-
-
-def _read_builds(models_dir: Path) -> dict[str, str]:
-    path = models_dir / TINY_BUILDS
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _record_build(models_dir: Path, model_id: str, build: str) -> None:
-    builds = {**_read_builds(models_dir), model_id: build}
-    tmp = models_dir / (TINY_BUILDS + ".tmp")
-    tmp.write_text(json.dumps(builds, indent=1, sort_keys=True) + "\n")
-    tmp.replace(models_dir / TINY_BUILDS)
 
 
 class _one_thread:

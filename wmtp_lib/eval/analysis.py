@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from wmtp_lib.config import read_yaml
-from wmtp_lib.eval.evaluation import bootstrap_ci
+from wmtp_lib.eval.bootstrap import bootstrap_ci
 
 PASS_AT_K_COLUMNS = ["run", "benchmark", "k", "pass@k", "ci95_low", "ci95_high", "problems"]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +14,7 @@ from wmtp_lib.checkpoints.tokenization import decode_continuation
 from wmtp_lib.data.rows import TokenizedData
 from wmtp_lib.data.sample import Sample
 from wmtp_lib.data.synthetic import uses_corrupted_operation
+from wmtp_lib.eval.bootstrap import bootstrap_ci  # noqa: F401  (evaluation's public name)
 from wmtp_lib.eval.execution import check_completion, require_isolation, sandbox_record
 from wmtp_lib.model.generation import sample, speculative_benchmark
 from wmtp_lib.model.heads import MTPModel
@@ -159,20 +159,6 @@ def save_json(obj: Any, path: str | Path) -> Path:
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     tmp.replace(path)
     return path
-
-
-def bootstrap_ci(values: list[float], n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
-                 ) -> tuple[float, float, float]:
-    """Mean and percentile bootstrap (1−alpha) interval over problems."""
-    if not values:
-        return math.nan, math.nan, math.nan
-    g = torch.Generator().manual_seed(seed)
-    v = torch.tensor(values, dtype=torch.float64)
-    idx = torch.randint(0, len(values), (n_boot, len(values)), generator=g)
-    means = v[idx].mean(1).sort().values
-    lo = means[int(alpha / 2 * n_boot)].item()
-    hi = means[min(n_boot - 1, int((1 - alpha / 2) * n_boot))].item()
-    return v.mean().item(), lo, hi
 
 
 class _PhaseBar:
