@@ -9,16 +9,19 @@ import os
 os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
-torch.set_num_threads(1)
-from tiny_models import tiny_config  # noqa: F401  (re-exported for older imports)
-
-from wmtp_lib.model.heads import MTPModel
+# torch is imported by the test modules, not here: pytest-xdist's controller process only hands out files, and
+# importing torch and transformers in it (about 10 s on one core) would delay both workers' start. Every torch
+# imported after this point reads OMP_NUM_THREADS=1.
 
 
 @pytest.fixture
-def tiny_mtp() -> MTPModel:
+def tiny_mtp():
+    import torch
+    from tiny_models import tiny_config
+
+    from wmtp_lib.model.heads import MTPModel
+
     torch.manual_seed(0)
     return MTPModel(tiny_config()).eval()
 
@@ -87,15 +90,16 @@ def llama_spm(tmp_path_factory):
     return train_llama_sentencepiece(python_corpus(), path, vocab_size=2000)
 
 
-# The longest files (seconds of work on 2 idle cores, measured at 7ff0598), in the order `--dist loadfile
-# --no-loadscope-reorder` hands them out: each worker starts with two (the notebooks, JupyterLab included, + the
-# deploy check on one; training + the smoke grid on the other), the rest go to whichever worker runs short; a long
-# file last would leave one worker alone at the end.
-LONGEST_FIRST = ("test_notebooks.py",  # ~240: workflow order, each alone, JupyterLab (they share runs/ci)
-                 "test_train.py",  # ~270 with the tiny models' build (~90)
+# The longest files (seconds of work on 2 idle cores, measured at 6d39c50), in the order `--dist loadfile
+# --no-loadscope-reorder` hands them out: training (which builds the tiny models, ~100 s of both cores) on one
+# worker; the sandbox, which needs no model, on the other while the build runs, then the notebooks (which wait
+# for the models); the rest go to whichever worker runs short; a long file last would leave one worker alone.
+LONGEST_FIRST = ("test_train.py",  # ~290 with the tiny models' build (~100)
+                 "test_sandbox.py",  # ~50, no model
+                 "test_notebooks.py",  # ~170 of work: workflow order, each alone, JupyterLab (they share runs/ci)
                  "test_deploy.py",  # ~65
-                 "test_experiment.py",  # ~55
-                 "test_base_load.py", "test_readme.py", "test_scale.py", "test_sandbox.py", "test_tiny.py")
+                 "test_experiment.py",  # ~63
+                 "test_scale.py", "test_base_load.py", "test_readme.py", "test_tiny.py")
 
 
 def pytest_collection_modifyitems(config, items):
