@@ -7,6 +7,7 @@ import os
 # One compute thread in every test process and in what it starts (training, notebooks' kernels): pytest runs
 # two workers on two cores, and a process with more threads than its share of cores spins instead of computing.
 os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"  # MKL reads its own first; torch sizes its pool from it
 
 import pytest  # noqa: E402
 

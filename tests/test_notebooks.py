@@ -219,16 +219,28 @@ def _wait_for(condition, timeout_s: float) -> None:
     raise TimeoutError(f"condition not met in {timeout_s} s")
 
 
-LIGHT_NOTEBOOK_IMPORTS = textwrap.dedent("""
+def notebook_imports(name: str) -> str:
+    """Every import statement in a committed notebook's code cells, as source."""
+    import ast
+
+    lines = []
+    for cell in nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4).cells:
+        if cell.cell_type == "code":
+            code = "\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!")))
+            lines += [ast.unparse(node) for node in ast.walk(ast.parse(code))
+                      if isinstance(node, (ast.Import, ast.ImportFrom))]
+    return "\n".join(lines)
+
+
+LIGHT_KERNELS = textwrap.dedent("""
     import json, sys
     def heavy():
         return sorted(m for m in ("torch", "transformers", "accelerate") if m in sys.modules)
-    from wmtp_lib.launch import ensure_tiny_models, launch_training, load_metrics, plot_run, prepare_run
+    exec(sys.argv[2])
     from wmtp_lib.config import resolve_config
     ensure_tiny_models(resolve_config("critic", "local", {"paths.models_dir": sys.argv[1]}), log=print)
     train = heavy()
-    from wmtp_lib.eval.analysis import discover_runs, load_run, pass_at_k_table, plot_curves, plot_pass_at_k
-    from wmtp_lib.runs import describe_run, find_or_train_run
+    exec(sys.argv[3])
     print(json.dumps([train, heavy()]))
 """)
 
@@ -244,10 +256,11 @@ def test_train_and_analysis_kernels_import_no_model_code_when_the_models_are_cur
         (models / model_id).mkdir(parents=True)
         (models / model_id / "manifest.json").write_text("{}")
         record_build(models, model_id, tiny_build_id(model_id, 0, default_steps()[model_id]))
-    proc = subprocess.run([sys.executable, "-c", LIGHT_NOTEBOOK_IMPORTS, str(models)], capture_output=True,
+    imports = [notebook_imports("train"), notebook_imports("analysis")]
+    assert "ensure_tiny_models" in imports[0] and "find_or_train_run" in imports[1]
+    proc = subprocess.run([sys.executable, "-c", LIGHT_KERNELS, str(models), *imports], capture_output=True,
                           text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "building tiny models" not in proc.stdout, "current models were rebuilt"
     train, analysis = json.loads(proc.stdout.splitlines()[-1])
     assert train == [] and analysis == ["torch"], proc.stdout  # analysis' bootstrap interval is torch's
 

@@ -8,7 +8,9 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from wmtp_lib.checkpoints import tiny
+from test_layers import package_imports
+
+from wmtp_lib.checkpoints import tiny, tiny_builds
 from wmtp_lib.data.synthetic import (
     _FAMILIES,
     CONST_RANGE,
@@ -51,3 +53,23 @@ def test_the_base_is_pretrained_deterministically_and_staged_through_the_convert
     assert any("pretraining step 2" in m for m in logs) and any("second process" in m for m in logs)
     manifest = json.loads((a / "manifest.json").read_text())
     assert manifest["source_format"] == "meta", manifest  # converted from Meta's layout every time
+
+
+def test_the_build_id_covers_every_module_the_builder_imports():
+    """A tiny model is rebuilt when any code that computes it changes: every package module the builder imports,
+    directly or not, is hashed into its build id (the import graph is read from the source)."""
+    graph = package_imports()
+    seen, todo = set(), ["wmtp_lib.checkpoints.tiny"]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(graph.get(module, ()))
+    assert seen == {"wmtp_lib." + m for m in tiny_builds.BUILD_MODULES}
+
+
+def test_the_staged_models_are_current_and_a_changed_build_makes_one_stale(tiny_models, tmp_path, monkeypatch):
+    assert tiny_builds.stale_or_missing(tiny_models, tiny_builds.TINY_IDS) == []
+    before = tiny_builds.tiny_build_id("tiny-ref", 0, tiny_builds.REF_STEPS)
+    monkeypatch.setattr(tiny_builds, "BUILD_LIBRARIES", tiny_builds.BUILD_LIBRARIES[:-1])
+    assert tiny_builds.tiny_build_id("tiny-ref", 0, tiny_builds.REF_STEPS) != before, "library versions hashed"

@@ -16,9 +16,12 @@ PRETRAIN = dict(steps=120, batch=16, length=144, lr=3e-3, n_tasks=1200)  # the t
 TINY_BUILDS = ".tiny-builds.json"  # in the models directory: model id -> the `tiny_build_id` it was built with
 
 _PACKAGE = Path(__file__).resolve().parents[1]
-# the code a tiny model's weights depend on: the builder, these settings, the synthetic corpus
-_BUILD_SOURCES = (_PACKAGE / "checkpoints" / "tiny.py", Path(__file__).resolve(),
-                  _PACKAGE / "data" / "synthetic.py", _PACKAGE / "data" / "sample.py")
+# Everything a tiny model's files depend on: the builder and every package module it imports, directly or not
+# (tests/test_tiny.py checks this list against the import graph), and the libraries that compute them.
+BUILD_MODULES = ("checkpoints.tiny", "checkpoints.tiny_builds", "checkpoints.convert", "checkpoints.manifest",
+                 "checkpoints.reward_models", "checkpoints.tokenization", "data.packing", "data.rows", "data.sample",
+                 "data.synthetic", "model.heads", "model.losses", "model.packing", "registry")
+BUILD_LIBRARIES = ("torch", "transformers", "tokenizers", "sentencepiece", "safetensors")
 
 
 def default_steps() -> dict[str, int]:
@@ -27,12 +30,14 @@ def default_steps() -> dict[str, int]:
 
 
 def tiny_build_id(model_id: str, seed: int, steps: int) -> str:
-    """What a tiny model's weights depend on: the builder's and the synthetic corpus's code, the model, the seed
-    and its training steps. A staged tiny model built with another id is stale and gets rebuilt (models/ is a
-    cache of what this code builds)."""
-    h = hashlib.sha256(json.dumps([model_id, seed, steps]).encode())
-    for source in _BUILD_SOURCES:
-        h.update(source.read_bytes())
+    """What a tiny model's files depend on: the code that builds them (`BUILD_MODULES`), the versions of the
+    libraries that compute them, the model, the seed and its training steps. A staged tiny model built with
+    another id is stale and gets rebuilt (models/ is a cache of what this code builds)."""
+    from importlib.metadata import version
+
+    h = hashlib.sha256(json.dumps([model_id, seed, steps, [version(lib) for lib in BUILD_LIBRARIES]]).encode())
+    for module in BUILD_MODULES:
+        h.update((_PACKAGE / (module.replace(".", "/") + ".py")).read_bytes())
     return h.hexdigest()[:16]
 
 
