@@ -419,6 +419,11 @@ def jupyterlab(tmp_path, monkeypatch):
            "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
            "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "lab-settings"),
            "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "lab-workspaces"), "OMP_NUM_THREADS": "1"}
+    # as a user who answered JupyterLab's "get notified about news?" toast: no toast over the screenshot
+    settings = tmp_path / "lab-settings" / "@jupyterlab" / "apputils-extension"
+    settings.mkdir(parents=True)
+    (settings / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false",
+                                                                          "checkForUpdates": False}))
     log = open(tmp_path / "jupyterlab.log", "w")
     server = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
@@ -532,6 +537,8 @@ def test_train_notebook_in_jupyterlab(jupyterlab, tmp_path):
         assert progress.is_displayed()
         WebDriverWait(driver, 150).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".jp-RenderedImage img") or
                                          d.find_elements(By.CSS_SELECTOR, "[data-mime-type='application/vnd.jupyter.stderr']"))
+        for figure in driver.find_elements(By.CSS_SELECTOR, ".jp-RenderedImage img"):
+            driver.execute_script("arguments[0].scrollIntoView({block: 'end'})", figure)
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(SCREENSHOT))
         errors = [e.text for e in driver.find_elements(By.CSS_SELECTOR,
