@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from wmtp_lib.checkpoints.convert import convert_checkpoint
 from wmtp_lib.checkpoints.manifest import ManifestError, verify_manifest
-from wmtp_lib.checkpoints.storage import pull_run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,12 +27,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "convert":
+            # torch and the model code only where a checkpoint is converted: `pull-run` is a VESSL job's first step
+            from wmtp_lib.checkpoints.convert import convert_checkpoint
+
             out = convert_checkpoint(args.src, args.dst)
             print(f"converted {args.src} -> {out}")
         elif args.command == "verify":
             manifest = verify_manifest(args.path)
             print(f"{args.path}: {len(manifest['files'])} files match manifest.json")
         else:
+            from wmtp_lib.checkpoints.storage import pull_run
+
             pull_run(args.uri, args.dest)
     except (FileNotFoundError, FileExistsError, KeyError, ValueError, ManifestError) as exc:
         print(f"error: {exc}", file=sys.stderr)
