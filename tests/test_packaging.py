@@ -46,7 +46,7 @@ def _setup_block() -> list[str]:
 
 def test_readme_shows_setup_and_test_commands():
     block = _setup_block()
-    assert 'uv pip install --compile-bytecode -e ".[dev]"' in block and block[-1] == "pytest"
+    assert 'uv pip install -e ".[dev]"' in block and block[-1] == "pytest"
     assert "papermill notebooks/train.ipynb" in (ROOT / "README.md").read_text()
 
 
