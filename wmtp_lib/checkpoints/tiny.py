@@ -41,7 +41,7 @@ import torch
 
 from wmtp_lib.checkpoints.convert import convert_checkpoint, save_meta_checkpoint
 from wmtp_lib.checkpoints.tiny_builds import (PRETRAIN, REF_STEPS, RM_STEPS, TINY_BUILDS, TINY_IDS,  # noqa: F401
-                                              read_builds, record_build, stale_or_missing, tiny_build_id)
+                                              record_build, stale_or_missing, tiny_build_id)
 from wmtp_lib.checkpoints.tokenization import (
     convert_sentencepiece,
     train_llama_sentencepiece,
@@ -244,8 +244,7 @@ def _stage_tiny_locked(models_dir: Path, ids: tuple[str, ...], seed: int, force:
     out = {}
     steps = {"tiny-mtp": base_steps, "tiny-ref": ref_steps, "tiny-rm": rm_steps}
     build = {i: tiny_build_id(i, seed, steps[i]) for i in TINY_IDS}
-    built = read_builds(models_dir)
-    todo = [i for i in ids if force or not (models_dir / i / "manifest.json").is_file() or built.get(i) != build[i]]
+    todo = list(ids) if force else stale_or_missing(models_dir, ids, seed, steps)
     for i in ids:
         out[i] = models_dir / i
     if not todo:

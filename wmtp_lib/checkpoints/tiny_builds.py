@@ -41,9 +41,10 @@ def tiny_build_id(model_id: str, seed: int, steps: int) -> str:
     return h.hexdigest()[:16]
 
 
-def stale_or_missing(models_dir: str | Path, ids, seed: int = 0) -> list[str]:
-    """The tiny models of ``ids`` that `stage_tiny` (default settings) would build: missing or stale."""
-    steps = default_steps()
+def stale_or_missing(models_dir: str | Path, ids, seed: int = 0, steps: dict[str, int] | None = None) -> list[str]:
+    """The tiny models of ``ids`` that `stage_tiny` would build (with ``steps``, by default its own): missing or
+    stale."""
+    steps = steps or default_steps()
     built = read_builds(Path(models_dir))
     return [i for i in ids if not (Path(models_dir) / i / "manifest.json").is_file()
             or built.get(i) != tiny_build_id(i, seed, steps[i])]
