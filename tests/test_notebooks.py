@@ -1,7 +1,7 @@
 """The notebooks as a researcher uses them: committed clean, run in workflow order, run alone, and in JupyterLab.
 
 - The committed notebooks carry no outputs and exactly the metadata JupyterLab writes, so opening one changes
-  nothing (and a notebook never makes a run "dirty": wmtp_lib/train/metrics.py `CODE_PATHS`).
+  nothing (and a notebook never makes a run "dirty": wmtp_lib/provenance.py `CODE_PATHS`).
 - `test_notebooks_in_workflow_order`: preflight → stage_models → train → evaluate → analysis with their default
   parameters on one shared CI-sized runs folder (``runs/ci``, params/ci.yaml), as a researcher runs them.
 - `test_evaluate_and_analysis_each_alone`: the two that read earlier work, each in an empty runs folder (they
@@ -37,7 +37,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from train_helpers import ROOT
 
 from wmtp_lib import launch
-from wmtp_lib.train import metrics
+from wmtp_lib.provenance import SessionLog, code_provenance
 from wmtp_lib.notebook_files import pre_save_hook
 
 WORKFLOW = ("preflight", "stage_models", "train", "evaluate", "analysis")
@@ -102,32 +102,66 @@ def _git(repo: Path, *args: str) -> str:
                           capture_output=True, text=True).stdout
 
 
-def test_code_provenance_ignores_notebooks_and_hashes_the_code_diff(tmp_path, monkeypatch):
+def test_code_provenance_ignores_notebooks_and_hashes_the_code_diff(tmp_path):
     repo = tmp_path / "repo"
     (repo / "wmtp_lib").mkdir(parents=True)
     (repo / "notebooks").mkdir()
     (repo / "wmtp_lib" / "a.py").write_text("x = 1\n")
+    (repo / "wmtp_lib" / "b.py").write_text("z = 1\n")
     (repo / "notebooks" / "train.ipynb").write_text("{}\n")
     _git(repo, "init", "-q")
     _git(repo, "add", ".")
     _git(repo, "commit", "-qm", "init")
     commit = _git(repo, "rev-parse", "HEAD").strip()
-    monkeypatch.setattr(metrics, "PROJECT_ROOT", repo)
 
-    assert metrics.code_provenance() == {"git_commit": commit, "code_dirty": False, "code_diff_sha256": None}
+    assert code_provenance(repo) == {"git_commit": commit, "code_dirty": False, "code_diff_sha256": None}
     (repo / "notebooks" / "train.ipynb").write_text('{"outputs": "an opened, executed, autosaved notebook"}\n')
     (repo / "runs").mkdir()
     (repo / "runs" / "out.ipynb").write_text("{}\n")
-    assert metrics.code_provenance()["code_dirty"] is False, "notebooks and runs never make a run dirty"
+    assert code_provenance(repo)["code_dirty"] is False, "notebooks and runs never make a run dirty"
 
     (repo / "wmtp_lib" / "a.py").write_text("x = 2\n")
-    first = metrics.code_provenance()
+    first = code_provenance(repo)
     assert first["git_commit"] == commit + "-dirty" and first["code_dirty"] is True
     assert re.fullmatch(r"[0-9a-f]{64}", first["code_diff_sha256"])
-    assert metrics.code_provenance() == first, "the same code gives the same hash"
+    assert code_provenance(repo) == first, "the same code gives the same hash"
+    # the user's git configuration changes `git diff`'s text, never the hash
+    for key, value in (("diff.noprefix", "true"), ("color.ui", "always"), ("color.diff", "always"),
+                       ("diff.context", "9"), ("status.relativePaths", "true"), ("core.quotepath", "false")):
+        _git(repo, "config", key, value)
+    assert code_provenance(repo) == first
+    (repo / "wmtp_lib" / "a.py").write_text("x = 3\n")
+    assert code_provenance(repo)["code_diff_sha256"] != first["code_diff_sha256"], "other content, other hash"
+    (repo / "wmtp_lib" / "a.py").write_text("x = 2\n")
     (repo / "wmtp_lib" / "new.py").write_text("y = 1\n")  # an untracked module runs too
-    with_new = metrics.code_provenance()
+    with_new = code_provenance(repo)
     assert with_new["code_dirty"] and with_new["code_diff_sha256"] != first["code_diff_sha256"]
+    (repo / "wmtp_lib" / "new.py").unlink()
+    (repo / "wmtp_lib" / "b.py").unlink()  # a deleted module
+    deleted = code_provenance(repo)
+    assert deleted["code_dirty"] and deleted["code_diff_sha256"] not in (first["code_diff_sha256"],
+                                                                         with_new["code_diff_sha256"])
+
+
+def test_session_log_rolls_back_with_the_run_and_says_when_code_was_mixed(tmp_path):
+    """Sessions are kept while their steps survive a resume (the metrics' rule); the summary names the
+    finishing session's code and flags a run whose weights went through more than one version."""
+    a = {"git_commit": "a" * 40, "code_dirty": False, "code_diff_sha256": None}
+    b = {"git_commit": "a" * 40 + "-dirty", "code_dirty": True, "code_diff_sha256": "d" * 64}
+    SessionLog(tmp_path, a).start("value", 0)  # the critic: stage 1 from scratch
+    SessionLog(tmp_path, a).start("mtp", 40)   # resumed in stage 2
+    SessionLog(tmp_path, b).start("mtp", 60)   # interrupted before its first checkpoint...
+    log = SessionLog(tmp_path, a)
+    log.start("mtp", 60)                       # ...so the next resume, from 60 again, replaces it
+    assert [(s["stage"], s["step"]) for s in log.sessions()] == [("value", 0), ("mtp", 40), ("mtp", 60)]
+    assert log.summary()["code_mixed"] is False and log.summary()["git_commit"] == "a" * 40
+    log = SessionLog(tmp_path, b)
+    log.start("mtp", 80)
+    summary = log.summary()
+    assert summary["code_mixed"] is True and summary["code_diff_sha256"] == "d" * 64
+    assert [s["step"] for s in summary["code_sessions"]] == [0, 40, 60, 80]
+    SessionLog(tmp_path, a).start("value", 0)  # a fresh start forgets every earlier session
+    assert [s["step"] for s in SessionLog(tmp_path, a).sessions()] == [0]
 
 
 # ------------------------------------------------------------------ run names, interrupt, resume rate
@@ -150,9 +184,14 @@ def test_overrides_never_take_the_default_run_name(tmp_path):
 
 FAKE_TRAINING = textwrap.dedent("""
     import sys, time
-    print("resumed from checkpoints/mtp-0000100 (stage mtp, step 100)", flush=True)
-    for step in range(105, 201, 5):
-        time.sleep(0.25)
+    if sys.argv[1] == "fresh":  # a fresh run: 3 s of model loading, then 20 steps in about 2 s
+        time.sleep(3)
+        first, every, pause = 5, 5, 0.1
+    else:
+        print("resumed from checkpoints/mtp-0000100 (stage mtp, step 100)", flush=True)
+        first, every, pause = 105, 5, 0.25
+    for step in range(first, 201 if sys.argv[1] != "fresh" else 101, every):
+        time.sleep(pause)
         print(f"step {step}/200 loss 1.0000 lr 1.00e-04 gnorm 1.0000", flush=True)
         if step == 120 and sys.argv[1] == "hang":
             time.sleep(600)
@@ -165,13 +204,32 @@ def _fake_launch(monkeypatch, tmp_path, mode: str):
     return cfg
 
 
-def test_bar_rate_after_a_resume_counts_only_this_sessions_steps(tmp_path, monkeypatch, capsys):
+def _last_bar_rate(err: str) -> tuple[str, float]:
+    bar = err.replace("\r", "\n").strip().splitlines()[-1]
+    match = re.search(r"(\d+)/200 \[[^,]+, *([\d.]+) ?(step/s|s/step)", bar)
+    assert match and match.group(3) == "step/s", bar
+    return bar, float(match.group(2))
+
+
+def test_bar_rate_counts_only_this_sessions_training_steps(tmp_path, monkeypatch, capsys):
+    """The bar's rate is training speed: neither the steps before a resume nor model loading count."""
+    import tqdm.auto
+    import tqdm.std
+
+    # the text bar, whatever this process imported before (ipykernel makes tqdm.auto pick the widget)
+    monkeypatch.setattr(tqdm.auto, "tqdm", tqdm.std.tqdm)
     cfg = _fake_launch(monkeypatch, tmp_path, "run")
     launch.launch_training(cfg, tmp_path / "config.yaml")
-    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
-    done, rate = re.search(r"200/200 \[[^,]+, *([\d.]+) ?(step/s|s/step)", bar).group(0, 1)
-    # 100 steps in about 5 s: 20 step/s; counting the 100 resumed steps would show about 40
-    assert "s/step" in done or float(rate) < 30, bar
+    bar, rate = _last_bar_rate(capsys.readouterr().err)
+    # 95 steps in about 4.75 s: 20 step/s; counting the 100 resumed steps would show about 40
+    assert "200/200" in bar and rate < 30, bar
+    _fake_launch(monkeypatch, tmp_path, "fresh")
+    launch.launch_training(cfg, tmp_path / "config.yaml")
+    bar, rate = _last_bar_rate(capsys.readouterr().err)
+    # 95 steps in about 1.9 s: 50 step/s; counting the 3 s of loading would show about 20
+    assert "100/200" in bar and rate > 35, bar
+    log = (tmp_path / "runs" / "fake" / "train.log").read_text()
+    assert log.count("==== session started") == 2 and "step 200/200" in log, "a rerun appends to the log"
 
 
 def test_interrupt_stops_training_with_one_line_in_the_notebook_and_the_log(tmp_path, monkeypatch):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import socket
 
 import pytest
@@ -29,7 +31,12 @@ def _free_port_config(tmp_path, template: str, **changes) -> str:
     return str(path)
 
 
-def test_kill_and_resume_gives_identical_weights(tmp_path, tiny_models):
+def test_kill_and_resume_gives_identical_weights(tmp_path, tiny_models, monkeypatch):
+    """Stopped at step 10 and resumed (under edited code): the same weights and losses as one run; the summary
+    lists both sessions' code and says it was mixed. Stopped again after the last checkpoint, before the final
+    model and summary were written: a relaunch writes them without training."""
+    from wmtp_lib.train import loop as train_loop
+
     over = {"train.steps": 20, "train.save_every": 10, "train.micro_batch_size": 4}
     _, straight = make_config(tmp_path, "rho1", tiny_models, "straight", over)
     run_training(straight)
@@ -37,7 +44,10 @@ def test_kill_and_resume_gives_identical_weights(tmp_path, tiny_models):
     run_training(split)
     assert not (tmp_path / "runs" / "split" / "final").exists()
     _, resumed = make_config(tmp_path, "rho1", tiny_models, "split", over)
-    proc = run_training(resumed)
+    edited = {"git_commit": "f" * 40 + "-dirty", "code_dirty": True, "code_diff_sha256": "e" * 64}
+    with monkeypatch.context() as m:  # the forked training process inherits it
+        m.setattr(train_loop, "code_provenance", lambda: edited)
+        proc = run_training(resumed)
     assert "resumed from" in proc.stdout
     a, b = final_weights(tmp_path / "runs" / "straight"), final_weights(tmp_path / "runs" / "split")
     assert a.keys() == b.keys()
@@ -46,6 +56,26 @@ def test_kill_and_resume_gives_identical_weights(tmp_path, tiny_models):
     la = [r["loss"] for r in metrics(tmp_path / "runs" / "straight")]
     lb = [r["loss"] for r in metrics(tmp_path / "runs" / "split")]
     assert la == lb
+
+    one = json.loads((tmp_path / "runs" / "straight" / "summary.json").read_text())
+    assert one["code_mixed"] is False and [s["step"] for s in one["code_sessions"]] == [0]
+    split_dir = tmp_path / "runs" / "split"
+    two = json.loads((split_dir / "summary.json").read_text())
+    assert two["code_mixed"] is True and two["git_commit"] == edited["git_commit"]
+    assert [(s["step"], s["code_diff_sha256"]) for s in two["code_sessions"]] == \
+        [(0, one["code_diff_sha256"]), (10, "e" * 64)]
+
+    shutil.rmtree(split_dir / "final")
+    (split_dir / "summary.json").unlink()
+    proc = run_training(resumed)
+    assert "trained all 20 steps; writing what its end did not" in proc.stdout
+    assert not re.search(r"^step \d+/", proc.stdout, re.MULTILINE)
+    again = final_weights(split_dir)
+    assert all(torch.equal(a[k], again[k]) for k in a)
+    three = json.loads((split_dir / "summary.json").read_text())
+    assert three["final_loss"] == two["final_loss"] and [s["step"] for s in three["code_sessions"]] == [0, 10, 20]
+    proc = run_training(resumed)
+    assert "already finished at step 20" in proc.stdout
 
 
 def test_two_processes_match_one_process_on_same_global_batch(tmp_path, tiny_models):

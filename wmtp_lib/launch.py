@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -202,7 +203,9 @@ def launch_training(cfg: dict[str, Any], config_path: Path, num_processes: int |
     A non-zero exit raises `RuntimeError` with the end of the log, so a failed run fails the notebook.
     An interrupt (Kernel → Interrupt, Ctrl+C) stops the whole process group and raises `Stopped`: one line,
     also appended to train.log, saying where training stopped and that running the cell again resumes.
-    After a resume the bar starts at the resumed step and its rate counts this session's steps only.
+    After a resume the bar starts at the resumed step; its rate counts this session's steps from its first
+    logged one (model loading, and steps done before a resume, are not training speed). The log is appended
+    to, one header line per session.
     """
     run_dir = project_path(cfg["paths"]["runs_dir"]) / cfg["run_name"]
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -217,7 +220,10 @@ def launch_training(cfg: dict[str, Any], config_path: Path, num_processes: int |
         bar = tqdm(total=cfg["train"]["steps"], desc="training", unit="step")
     tail: list[str] = []
     step = 0
-    with open(log_path, "w", buffering=1) as log:  # line-buffered: `tail -f train.log` follows the run
+    clock_started = False
+    # appended: a resumed run's log keeps every session (and the line that said where the last one stopped)
+    with open(log_path, "a", buffering=1) as log:  # line-buffered: `tail -f train.log` follows the run
+        log.write(f"==== session started {datetime.now(UTC).isoformat(timespec='seconds')} ====\n")
         log.write("$ " + " ".join(cmd) + "\n")
         # its own process group: an interrupted or failed cell stops the launcher and every worker with it
         proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -233,12 +239,16 @@ def launch_training(cfg: dict[str, Any], config_path: Path, num_processes: int |
                     step = int(m.group(1))
                 if resumed:
                     step = int(resumed.group(1))
-                if resumed and bar is not None:
-                    # steps done before this session are not this session's speed: tqdm's rate is (n - initial)/elapsed
-                    bar.initial = bar.n = step
-                    bar.start_t = bar.last_print_t = bar._time()
-                    bar.refresh()
+                    if bar is not None:
+                        bar.n = step
+                        bar.refresh()
                 if m and bar is not None:
+                    if not clock_started:
+                        # the rate is this session's training speed: tqdm's rate is (n - initial)/elapsed, so
+                        # model loading and the steps done before a resume are counted in neither
+                        bar.initial = step
+                        bar.start_t = bar.last_print_t = bar._time()
+                        clock_started = True
                     bar.n = step
                     # short, so name, bar and stats fit one line; the printed step line carries the rest
                     bar.set_postfix_str(" ".join(line.split()[2:4]))
@@ -246,7 +256,8 @@ def launch_training(cfg: dict[str, Any], config_path: Path, num_processes: int |
                 # The bar is the live view only (a saved notebook, nbviewer or a job log keeps none of its
                 # updates); the printed step lines are the record, so they are printed with or without a bar.
                 if m or any(word in line for word in ("error", "Error", "resumed", "staged", "scoring", "[value]",
-                                                        "data:", "rollouts:", "rewards:", "already finished")):
+                                                        "data:", "rollouts:", "rewards:", "already finished",
+                                                        "writing what its end did not")):
                     print(line.rstrip())
             code = proc.wait()
         except KeyboardInterrupt:

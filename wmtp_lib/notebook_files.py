@@ -6,7 +6,7 @@ session, and to the executed copies papermill writes under ``runs/``). The READM
 editable install cannot place a Jupyter config file in the environment). The committed notebooks carry the
 metadata JupyterLab writes (kernelspec "Python 3 (ipykernel)", ``language_info``), so a save changes nothing
 else; tests/test_notebooks.py fails on committed outputs or on metadata JupyterLab would rewrite, and a
-notebook never makes a run "dirty" (`wmtp_lib.train.metrics.CODE_PATHS`).
+notebook never makes a run "dirty" (`wmtp_lib.provenance.CODE_PATHS`).
 """
 
 from __future__ import annotations

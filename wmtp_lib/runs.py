@@ -64,5 +64,9 @@ def describe_run(run_dir: str | Path) -> str:
         code = f"commit {commit.split('-')[0][:10]} with uncommitted code changes" + (f" (diff {diff[:12]})" if diff else "")
     else:
         code = f"commit {commit[:10]}"
+    if s.get("code_mixed"):
+        versions = {(c["git_commit"], c["code_diff_sha256"]) for c in s.get("code_sessions", [])}
+        code += (f" (its sessions ran {len(versions)} versions of the code: "
+                 f"{run_dir / 'provenance.jsonl'})")
     return (f"reading run {run_dir.name} ({run_dir}): recipe {s.get('recipe')}, {s.get('steps')} steps, "
             f"final loss {loss}, {code}")

@@ -59,15 +59,17 @@ def runs_table(runs: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def short_commit(summary: dict[str, Any]) -> str | None:
-    """``abc1234``, ``abc1234+diff 9f3e…`` when the code that ran differed from the commit, None if unknown."""
+    """``abc1234``, ``abc1234+diff 9f3e…`` when the code that ran differed from the commit, `` (mixed)`` after
+    it when the run's sessions ran different code (the last session's is shown), None if unknown."""
     commit = summary.get("git_commit")
     if not commit:
         return None
     short = commit.split("-")[0][:7]
     if summary.get("code_dirty") or commit.endswith("-dirty"):
         diff = summary.get("code_diff_sha256")
-        return f"{short}+diff {diff[:8]}" if diff else f"{short}-dirty"
-    return short
+        short = f"{short}+diff {diff[:8]}" if diff else f"{short}-dirty"
+    # trained by more than one version of the code (resumed after an edit): the last one, marked
+    return short + " (mixed)" if summary.get("code_mixed") else short
 
 
 def pass_at_k_table(runs: list[dict[str, Any]], n_boot: int = 2000) -> pd.DataFrame:

@@ -29,6 +29,7 @@ from wmtp_lib.data.rows import Batch, TokenizedData, move_batch, tokenize_sample
 from wmtp_lib.data.schedule import BatchSchedule
 from wmtp_lib.data.sources import load_samples
 from wmtp_lib.model.heads import MTPModel
+from wmtp_lib.provenance import SessionLog, code_provenance
 from wmtp_lib.model.step import (
     StepCounts,
     StepOutput,
@@ -141,6 +142,9 @@ class Trainer:
         set_all_seeds(cfg["seed"])
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            # read now, before minutes of model loading: an edit or commit made while this session trains is
+            # not the code that runs (the modules are imported already)
+            self.sessions = SessionLog(self.run_dir, code_provenance())
         self.dist.barrier()
         if train["trackers"]:
             self.accelerator.init_trackers(cfg["run_name"], config=flat_config(cfg))
@@ -200,8 +204,14 @@ class Trainer:
             stage, start = "mtp", 0
         last = min(train["steps"], train["stop_after"] if train["stop_after"] is not None else train["steps"])
         if start >= train["steps"]:
-            self.dist.print(f"run {self.cfg['run_name']} already finished at step {start}: nothing to train "
-                            "(for another run, pass a new run_name)")
+            if (self.run_dir / "final").is_dir() and (self.run_dir / "summary.json").is_file():
+                self.dist.print(f"run {self.cfg['run_name']} already finished at step {start}: nothing to train "
+                                "(for another run, pass a new run_name)")
+                return {"finished": True, "trained_steps": 0}
+            # stopped after its last checkpoint, while the final model or the summary was being written
+            self.dist.print(f"run {self.cfg['run_name']} trained all {start} steps; writing what its end did not "
+                            "(final model, summary)")
+            self.finish(0.0)
             return {"finished": True, "trained_steps": 0}
         t0 = time.perf_counter()
         for step in range(start, last):
@@ -218,12 +228,16 @@ class Trainer:
                 self.metrics.restart_clock()
         finished = last == train["steps"]
         if finished:
-            extra = {"value_head.safetensors": self.weighting.save_value_head} \
-                if isinstance(self.weighting, CriticWeighting) else {}
-            self.checkpointer.export_final(self.base_dir, extra)
-            critic = self.weighting.summary() if isinstance(self.weighting, CriticWeighting) else None
-            self.metrics.write_summary(self.cfg, time.perf_counter() - t0, critic)
+            self.finish(time.perf_counter() - t0)
         return {"finished": finished, "trained_steps": last - start}
+
+    def finish(self, wall: float) -> None:
+        """The run's end: ``final/`` (full weights, tokenizer, the critic's value head), then ``summary.json``."""
+        critic = isinstance(self.weighting, CriticWeighting)
+        extra = {"value_head.safetensors": self.weighting.save_value_head} if critic else {}
+        self.checkpointer.export_final(self.base_dir, extra)
+        code = self.sessions.summary() if self.dist.is_main else {}
+        self.metrics.write_summary(self.cfg, wall, code, self.weighting.summary() if critic else None)
 
     def train_step(self, step: int) -> None:
         """Zero grads → micro-batches → average/clip → finite check → optimizer and scheduler step → metrics."""
@@ -284,11 +298,13 @@ class Trainer:
         latest = self.checkpointer.latest() if train["resume"] == "auto" else None
         if latest is None:
             self.metrics.start_fresh()
-            self.dist.barrier()
-            return ("value" if isinstance(self.weighting, CriticWeighting) else "mtp"), 0
-        step, stage = self.checkpointer.load(latest)
-        self.dist.print(f"resumed from {latest} (stage {stage}, step {step})")
-        self.metrics.truncate(step, stage)
+            stage, step = ("value" if isinstance(self.weighting, CriticWeighting) else "mtp"), 0
+        else:
+            step, stage = self.checkpointer.load(latest)
+            self.dist.print(f"resumed from {latest} (stage {stage}, step {step})")
+            self.metrics.truncate(step, stage)
+        if self.dist.is_main:
+            self.sessions.start(stage, step)
         self.dist.barrier()
         return stage, step
 

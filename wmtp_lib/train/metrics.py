@@ -7,10 +7,8 @@ losses as null, never as 0.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,6 @@ from typing import Any
 import torch
 
 from wmtp_lib.data.rows import Batch
-from wmtp_lib.registry import PROJECT_ROOT
 from wmtp_lib.train.distributed import Dist
 from wmtp_lib.train.weight_stats import (
     add_sums,
@@ -151,9 +148,11 @@ class TrainMetrics:
     def records(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.path.read_text().splitlines()]
 
-    def write_summary(self, cfg: dict[str, Any], wall: float, extra: dict[str, Any] | None = None) -> None:
-        """``summary.json``: the last record's numbers, seed, git commit and library versions, plus ``extra``
-        (e.g. what the critic's stage 1 reached)."""
+    def write_summary(self, cfg: dict[str, Any], wall: float, code: dict[str, Any],
+                      extra: dict[str, Any] | None = None) -> None:
+        """``summary.json``: the last record's numbers, seed, the code that ran (``code``:
+        `wmtp_lib.provenance.SessionLog.summary`), library versions, plus ``extra`` (e.g. what the critic's
+        stage 1 reached)."""
         if not self.dist.is_main:
             return
         import accelerate
@@ -170,7 +169,7 @@ class TrainMetrics:
             "weight_mean": last.get("weight_mean"),
             "weight_noisy": last.get("weight_noisy"), "weight_clean": last.get("weight_clean"),
             "value_loss": last.get("value_loss"),
-            "device": str(self.dist.device), **code_provenance(),
+            "device": str(self.dist.device), **code,
             "torch": torch.__version__, "transformers": transformers.__version__,
             "accelerate": accelerate.__version__,
             **(extra or {}),
@@ -183,45 +182,3 @@ class TrainMetrics:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.4f}"
-
-
-# The code a run executes. Notebooks are not in it: an opened, autosaved or executed notebook (outputs,
-# metadata) never makes a run dirty; what a notebook computes lives in wmtp_lib and params.
-CODE_PATHS = ("wmtp_lib", "params", "bench", "pyproject.toml")
-
-
-def code_provenance() -> dict[str, Any]:
-    """The commit a run ran at and whether its code (`CODE_PATHS`) differed from it.
-
-    ``git_commit``: the HEAD commit, with ``-dirty`` when the code differs (None outside a git checkout, e.g.
-    the Docker image); ``code_dirty``; ``code_diff_sha256``: sha256 of that difference (tracked changes
-    against HEAD as ``git diff --binary`` plus every untracked, not ignored file under `CODE_PATHS`, by path
-    and content), so two runs from the same uncommitted code carry the same hash. None when clean.
-    """
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, timeout=30)
-
-    try:
-        head = git("rev-parse", "HEAD")
-        if head.returncode != 0:
-            return {"git_commit": None, "code_dirty": None, "code_diff_sha256": None}
-        diff = git("diff", "--binary", "HEAD", "--", *CODE_PATHS)
-        untracked = git("ls-files", "--others", "--exclude-standard", "-z", "--", *CODE_PATHS)
-    except (OSError, subprocess.TimeoutExpired):
-        return {"git_commit": None, "code_dirty": None, "code_diff_sha256": None}
-    if diff.returncode != 0 or untracked.returncode != 0:
-        raise RuntimeError(f"git could not compare the code with HEAD: {(diff.stderr or untracked.stderr).decode()}")
-    commit = head.stdout.decode().strip()
-    new_files = sorted(name for name in untracked.stdout.decode().split("\0") if name)
-    if not diff.stdout and not new_files:
-        return {"git_commit": commit, "code_dirty": False, "code_diff_sha256": None}
-    digest = hashlib.sha256(diff.stdout)
-    for name in new_files:
-        digest.update(b"\0untracked\0" + name.encode() + b"\0")
-        digest.update((PROJECT_ROOT / name).read_bytes())
-    return {"git_commit": commit + "-dirty", "code_dirty": True, "code_diff_sha256": digest.hexdigest()}
-
-
-def git_commit() -> str | None:
-    """The project's commit, with ``-dirty`` when the code that runs differs from it (`code_provenance`)."""
-    return code_provenance()["git_commit"]
