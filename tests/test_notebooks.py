@@ -36,9 +36,10 @@ from ipykernel.ipkernel import IPythonKernel
 from jupyter_client.kernelspec import KernelSpecManager
 from train_helpers import ROOT
 
+from wmtp_lib.config import defaults, flat_config
 from wmtp_lib import launch
-from wmtp_lib.provenance import SessionLog, code_provenance
 from wmtp_lib.notebook_files import pre_save_hook
+from wmtp_lib.provenance import SessionLog, code_provenance
 
 WORKFLOW = ("preflight", "stage_models", "train", "evaluate", "analysis")
 CI_RUNS = ROOT / "runs" / "ci"  # params/ci.yaml paths.runs_dir: CI scratch
@@ -62,8 +63,8 @@ def test_committed_notebooks_have_one_parameters_cell_no_outputs_and_jupyterlab_
                          "save before committing")
         assert nb.metadata.get("kernelspec") == JUPYTERLAB_KERNELSPEC, f"{name}: JupyterLab would rewrite the kernelspec"
         language = dict(nb.metadata.get("language_info", {}))
-        # the patch version is the kernel's own Python; everything else JupyterLab would rewrite must match
-        assert re.fullmatch(r"3\.\d+\.\d+", str(language.pop("version", ""))), f"{name}: language_info.version"
+        # the kernel's own Python version is dropped on save (pre_save_hook); the rest JupyterLab writes must match
+        assert "version" not in language, f"{name}: a Python version a save from another Python would rewrite"
         expected_language.pop("version", None)
         assert language == expected_language, f"{name}: JupyterLab would rewrite language_info"
         assert set(nb.metadata) == {"kernelspec", "language_info"}, f"{name}: extra notebook metadata"
@@ -78,6 +79,7 @@ def test_pre_save_hook_strips_outputs_of_project_notebooks_only(tmp_path):
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1 + 1", execution_count=3, outputs=[
         nbformat.v4.new_output("execute_result", {"text/plain": "2"}, execution_count=3)])])
     nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {}}
+    nb.metadata["language_info"] = {"name": "python", "version": "3.12.4"}  # the kernel's Python
 
     class Contents:
         root_dir = str(checkout)
@@ -90,6 +92,7 @@ def test_pre_save_hook_strips_outputs_of_project_notebooks_only(tmp_path):
     saved = save("notebooks/train.ipynb")
     assert saved["cells"][0]["outputs"] == [] and saved["cells"][0]["execution_count"] is None
     assert "widgets" not in saved["metadata"] and "".join(saved["cells"][0]["source"]) == "1 + 1"
+    assert saved["metadata"]["language_info"] == {"name": "python"}, "a save from any Python writes the same file"
     kept = save("elsewhere/mine.ipynb")  # a researcher's own notebook keeps its outputs
     assert kept["cells"][0]["outputs"] and kept["cells"][0]["execution_count"] == 3
 
@@ -180,6 +183,21 @@ def test_overrides_never_take_the_default_run_name(tmp_path):
     long = {f"weights.{k}": v for k, v in {"temperature": 0.5, "max_weight": 2.5, "keep_ratio": 0.6,
                                            "standardize": False}.items()}
     assert re.fullmatch(r"ov[0-9a-f]{8}", launch.overrides_suffix(long))
+    # what tells two values apart stays in the name: sign, list items, a hyphen in a model id
+    for a, b in (({"weights.temperature": 0.5}, {"weights.temperature": -0.5}),
+                 ({"train.head_weights": [1, 0.5, 0.25]}, {"train.head_weights": [10.5, 0.25]}),
+                 ({"models.base": "tiny-mtp"}, {"models.base": "tinymtp"})):
+        assert launch.overrides_suffix(a) != launch.overrides_suffix(b), (a, b)
+    assert launch.overrides_suffix({"weights.temperature": -0.5}) == "temperature-0.5"
+    assert re.fullmatch(r"ov[0-9a-f]{8}", launch.overrides_suffix({"models.base": "org/model"}))
+    leaves = [k.rsplit(".", 1)[-1] for k in flat_config(defaults())]
+    assert len(leaves) == len(set(leaves)), "a key's last part names it in a run name: keep them unique"
+    # the notebook's num_processes sets the global batch: recorded in the config, and another run's name
+    cfg, _ = launch.prepare_run("rho1", "local", None, where, log=lines.append, num_processes=1)
+    assert cfg["run_name"] == DEFAULT_RUN, "the environment's own count is the default run"
+    cfg, path = launch.prepare_run("rho1", "local", None, where, log=lines.append, num_processes=2)
+    assert cfg["run_name"] == "rho1-local-seed0-num_processes2" and cfg["launch"]["num_processes"] == 2
+    assert "num_processes: 2" in path.read_text()
 
 
 FAKE_TRAINING = textwrap.dedent("""
@@ -194,6 +212,10 @@ FAKE_TRAINING = textwrap.dedent("""
         time.sleep(pause)
         print(f"step {step}/200 loss 1.0000 lr 1.00e-04 gnorm 1.0000", flush=True)
         if step == 120 and sys.argv[1] == "hang":
+            # as torch elastic starts a worker: in a session of its own, out of the launcher's process group
+            import subprocess
+            worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+            print(f"worker pid {worker.pid}", flush=True)
             time.sleep(600)
 """)
 
@@ -248,7 +270,7 @@ def test_interrupt_stops_training_with_one_line_in_the_notebook_and_the_log(tmp_
     monkeypatch.setattr(launch.subprocess, "Popen", popen)
     log = tmp_path / "runs" / "fake" / "train.log"
     # Kernel → Interrupt is a SIGINT to the kernel: KeyboardInterrupt in its main thread
-    timer = threading.Thread(target=lambda: (_wait_for(lambda: log.is_file() and "step 120/200" in log.read_text(), 60),
+    timer = threading.Thread(target=lambda: (_wait_for(lambda: log.is_file() and re.search(r"worker pid \d+", log.read_text()), 60),
                                              signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)))
     # a kernel turns SIGINT into KeyboardInterrupt; a pytest-xdist worker ignores SIGINT, so restore the default
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -257,6 +279,8 @@ def test_interrupt_stops_training_with_one_line_in_the_notebook_and_the_log(tmp_
         with pytest.raises(launch.Stopped) as stopped:
             launch.launch_training(cfg, tmp_path / "config.yaml", progress=False)
         assert not launch._group_alive(pids[0]), "the training process group is gone"
+        pids.append(int(re.search(r"worker pid (\d+)", log.read_text()).group(1)))
+        assert not _alive(pids[-1]), "a worker in a session of its own is stopped too"
     finally:
         timer.join()
         signal.signal(signal.SIGINT, previous)
@@ -266,6 +290,38 @@ def test_interrupt_stops_training_with_one_line_in_the_notebook_and_the_log(tmp_
     message = "stopped at step 120 — run the cell again to resume (from the checkpoint at step 110)"
     assert stopped.value._render_traceback_() == [message], "IPython shows this one line, no traceback"
     assert log.read_text().splitlines()[-1] == message
+
+
+def test_a_run_stopped_by_stop_after_has_a_summary_that_says_so(tmp_path):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"stage": "mtp", "step": 5, "loss": 2.5}\n'
+                                           '{"stage": "mtp", "step": 10, "loss": 2.25}\n')
+    summary = launch.run_summary(run_dir)
+    assert summary["finished"] is False and (summary["last_logged_step"], summary["last_logged_loss"]) == (10, 2.25)
+    assert "stop_after" in summary["note"]
+    (run_dir / "summary.json").write_text('{"final_loss": 2.0}')
+    assert launch.run_summary(run_dir) == {"final_loss": 2.0}
+
+
+def test_a_run_being_trained_cannot_be_launched_twice(tmp_path, monkeypatch):
+    cfg = _fake_launch(monkeypatch, tmp_path, "run")
+    run_dir = tmp_path / "runs" / "fake"
+    run_dir.mkdir(parents=True)
+    with launch.run_lock(run_dir):  # another notebook's training of this run
+        with pytest.raises(RuntimeError, match=rf"run fake is being trained by pid {os.getpid()} on "):
+            launch.launch_training(cfg, tmp_path / "config.yaml", progress=False)
+    assert not (run_dir / "train.log").exists(), "refused before anything was written"
+    launch.launch_training(cfg, tmp_path / "config.yaml", progress=False)  # free again once it ended
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")  # a zombie has exited; only its parent's wait is missing
+    return stat.is_file() and stat.read_text().split(")")[-1].split()[0] != "Z"
 
 
 def _wait_for(condition, timeout_s: float) -> None:
@@ -403,7 +459,10 @@ def test_notebooks_in_workflow_order(ci_runs, kernel_name):
     assert "tiny-mtp" in _outputs(executed["stage_models"])
     summary = json.loads((ci_runs / DEFAULT_RUN / "summary.json").read_text())
     assert summary["steps"] == 20 and summary["recipe"] == "rho1" and "code_dirty" in summary
+    code = code_provenance()
+    assert summary["code_mixed"] is False and summary["git_commit"] == code["git_commit"]
     evaluation = json.loads((ci_runs / DEFAULT_RUN / "eval" / "synthetic.json").read_text())
+    assert evaluation["evaluated_by"] == code, "the evaluation records the code that ran it"
     assert "noise_imitation" in evaluation["summary"], "the key that crashed analysis is there"
     _check_reads_default_run(executed["evaluate"])
     _check_reads_default_run(executed["analysis"])

@@ -324,6 +324,7 @@ def test_a_tiny_model_built_later_reuses_the_staged_tokenizer(tmp_path, monkeypa
     from wmtp_lib.checkpoints import tiny
 
     tiny.stage_tiny(tmp_path, ids=("tiny-mtp",), log=lambda m: None, base_steps=2)
+    train_tokenizer = tiny.build_tokenizer
 
     def no_retraining(*args, **kwargs):
         raise AssertionError("the tokenizer was trained again instead of reused")
@@ -332,3 +333,11 @@ def test_a_tiny_model_built_later_reuses_the_staged_tokenizer(tmp_path, monkeypa
     tiny.stage_tiny(tmp_path, ids=("tiny-mtp", "tiny-ref"), log=lambda m: None, base_steps=2, ref_steps=2)
     base = (tmp_path / "tiny-mtp" / "tokenizer.json").read_text()
     assert (tmp_path / "tiny-ref" / "tokenizer.json").read_text() == base
+    # a stale model (built by other code) lends its tokenizer to nothing, even when it is not rebuilt itself
+    monkeypatch.setattr(tiny, "build_tokenizer", train_tokenizer)
+    for model_id in ("tiny-mtp", "tiny-ref"):
+        tiny.record_build(tmp_path, model_id, "built-by-other-code")
+    lines: list[str] = []
+    tiny.stage_tiny(tmp_path, ids=("tiny-ref",), log=lines.append, base_steps=2, ref_steps=2)
+    assert any(line.startswith("trained tokenizer") for line in lines), lines
+    assert not any("reused" in line for line in lines), lines

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -58,26 +61,51 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _name_text(value: Any) -> str | None:
+    """A value as run-name text that keeps what tells values apart (sign, exponent, list items), or None."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        text = repr(value)
+        return text if math.isfinite(value) else None
+    if isinstance(value, str):
+        return value if re.fullmatch(r"[A-Za-z0-9.+-]+", value) else None
+    if isinstance(value, list) and value:
+        items = [_name_text(v) for v in value]
+        return "_".join(items) if all(i is not None and not isinstance(v, list) for i, v in zip(items, value)) \
+            else None
+    return None
+
+
 def overrides_suffix(overrides: dict[str, Any]) -> str:
     """A run-name suffix for the overrides that change what a run computes (``""`` when none do).
 
-    ``{"train.steps": 50, "weights.temperature": 0.5}`` → ``"steps50-temperature0.5"``; a long or unprintable
-    set becomes ``"ov"`` + 8 hex digits of its JSON. Keys of `NAME_FREE_KEYS`/`NAME_FREE_PREFIXES` are left out.
+    ``{"train.steps": 50, "weights.temperature": -0.5}`` → ``"steps50-temperature-0.5"`` (each key's last
+    part, unique among the config's keys, then the value: sign, exponent and list items kept, ``[1, 0.5]`` →
+    ``1_0.5``); a long set or a value with no such text becomes ``"ov"`` + 8 hex digits of the overrides' JSON.
+    Keys of `NAME_FREE_KEYS`/`NAME_FREE_PREFIXES` are left out. Two sets that still met in one name could
+    not share a run: a run with checkpoints refuses another config (`check_same_run`, naming the keys).
     """
     flat = {k: v for k, v in _flatten(overrides).items()
             if k not in NAME_FREE_KEYS and not k.startswith(NAME_FREE_PREFIXES)}
     if not flat:
         return ""
-    parts = [k.rsplit(".", 1)[-1] + re.sub(r"[^A-Za-z0-9.]+", "", json.dumps(v)) for k, v in sorted(flat.items())]
-    suffix = "-".join(parts)
-    if len(suffix) > 40 or not re.fullmatch(r"[A-Za-z0-9._-]+", suffix):
+    texts = {k: _name_text(v) for k, v in flat.items()}
+    suffix = "-".join(k.rsplit(".", 1)[-1] + texts[k] for k in sorted(flat)) \
+        if all(t is not None for t in texts.values()) else ""
+    if not suffix or len(suffix) > 40:
         suffix = "ov" + hashlib.sha1(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:8]
     return suffix
 
 
 def prepare_run(recipe: str, env: str = "local", run_name: str | None = None,
-                overrides: dict[str, Any] | None = None, log=print) -> tuple[dict[str, Any], Path]:
+                overrides: dict[str, Any] | None = None, log=print,
+                num_processes: int | None = None) -> tuple[dict[str, Any], Path]:
     """Resolve recipe + environment + overrides and write ``runs/<run_name>/config.yaml``.
+
+    ``num_processes`` (the notebook's parameter), where it differs from the environment's, is the override
+    ``launch.num_processes``: the number of processes sets the global batch, so the config records it and a
+    run with another count is another run.
 
     With no ``run_name``, overrides that change what the run computes extend the default name
     (``rho1-local-seed0-steps50``, `overrides_suffix`), and that is said in one line: the default run, which
@@ -86,6 +114,8 @@ def prepare_run(recipe: str, env: str = "local", run_name: str | None = None,
     the changed keys) before anything is written.
     """
     overrides = as_dict(overrides or {}, "overrides")
+    if num_processes and num_processes != resolve_config(recipe, env, overrides)["launch"]["num_processes"]:
+        overrides = {**overrides, "launch.num_processes": num_processes}
     suffix = "" if run_name else overrides_suffix(overrides)
     cfg = resolve_config(recipe, env, overrides, run_name=run_name or None)
     if suffix:
@@ -172,19 +202,32 @@ def launch_command(cfg: dict[str, Any], config_path: Path, num_processes: int | 
 
 
 def stop_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM the training process group (launcher and every worker), SIGKILL what is left after ``grace_s``."""
+    """Stop the training: SIGTERM its process group, SIGKILL whatever of it, or of the processes it started,
+    is left after ``grace_s``.
+
+    ``accelerate launch`` starts each worker in a session of its own (torch elastic), so the group holds the
+    launcher only: it passes the SIGTERM on and waits up to 30 s for its workers. The workers are listed
+    before anything is signalled, so none outlives a launcher that is killed first.
+    """
+    import psutil
+
     if proc.poll() is not None and not _group_alive(proc.pid):
         return
+    try:
+        started = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        started = []
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
+        if sig == signal.SIGKILL:
+            for child in started:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            continue
-        if not _group_alive(proc.pid):
+        _, alive = psutil.wait_procs(started, timeout=wait_s if sig == signal.SIGKILL else 0)
+        if not _group_alive(proc.pid) and not alive:
             return
 
 
@@ -196,9 +239,35 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def launch_training(cfg: dict[str, Any], config_path: Path, num_processes: int | None = None,
-                    progress: bool = True) -> Path:
-    """Run training as a subprocess; its output goes to ``runs/<run>/train.log``, progress to a bar.
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold ``runs/<run>/.lock`` while this process trains the run: a second launch of it (another notebook,
+    another papermill job on the machine) is refused at once instead of writing into the same checkpoints."""
+    import fcntl
+
+    path = run_dir / ".lock"
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RuntimeError(f"run {run_dir.name} is being trained by {holder}: wait for it, or stop it, "
+                               "or pass another run_name") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+
+
+def launch_training(cfg: dict[str, Any], config_path: Path, progress: bool = True) -> Path:
+    """Run training as a subprocess (``launch.num_processes`` of them); its output goes to
+    ``runs/<run>/train.log``, progress to a bar.
 
     A non-zero exit raises `RuntimeError` with the end of the log, so a failed run fails the notebook.
     An interrupt (Kernel → Interrupt, Ctrl+C) stops the whole process group and raises `Stopped`: one line,
@@ -210,19 +279,21 @@ def launch_training(cfg: dict[str, Any], config_path: Path, num_processes: int |
     run_dir = project_path(cfg["paths"]["runs_dir"]) / cfg["run_name"]
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "train.log"
-    cmd = launch_command(cfg, config_path, num_processes)
+    cmd = launch_command(cfg, config_path)
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg["train"]["steps"], desc="training", unit="step")
     tail: list[str] = []
     step = 0
     clock_started = False
+    # the launcher waits up to 30 s for its workers to stop; a single process gets 10 s to stop
+    grace_s = 40.0 if cmd[1:3] == ["-m", "accelerate.commands.launch"] else 10.0
     # appended: a resumed run's log keeps every session (and the line that said where the last one stopped)
-    with open(log_path, "a", buffering=1) as log:  # line-buffered: `tail -f train.log` follows the run
+    with run_lock(run_dir), open(log_path, "a", buffering=1) as log:  # line-buffered: `tail -f` follows it
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg["train"]["steps"], desc="training", unit="step")
         log.write(f"==== session started {datetime.now(UTC).isoformat(timespec='seconds')} ====\n")
         log.write("$ " + " ".join(cmd) + "\n")
         # its own process group: an interrupted or failed cell stops the launcher and every worker with it
@@ -261,14 +332,14 @@ def launch_training(cfg: dict[str, Any], config_path: Path, num_processes: int |
                     print(line.rstrip())
             code = proc.wait()
         except KeyboardInterrupt:
-            stop_process_group(proc)
+            stop_process_group(proc, grace_s)
             message = stopped_message(run_dir, step)
             log.write(message + "\n")
             if bar is not None:
                 bar.close()
             raise Stopped(message) from None
         finally:
-            stop_process_group(proc)
+            stop_process_group(proc, grace_s)
     if bar is not None:
         bar.close()
     if code != 0:
@@ -291,6 +362,20 @@ def stopped_message(run_dir: Path, step: int) -> str:
     if not saved:
         return f"{where} — run the cell again to start it again (no checkpoint was written yet)"
     return f"{where} — run the cell again to resume"
+
+
+def run_summary(run_dir: str | Path) -> dict[str, Any]:
+    """``summary.json`` of a finished run; for one that stopped early (``train.stop_after``), where it stopped
+    and its last logged loss, from ``metrics.jsonl``, and that relaunching it finishes it."""
+    run_dir = Path(run_dir)
+    path = run_dir / "summary.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    mtp = [r for r in load_metrics(run_dir) if r.get("stage") == "mtp"] if (run_dir / "metrics.jsonl").is_file() else []
+    last = mtp[-1] if mtp else {}
+    return {"run_name": run_dir.name, "finished": False, "last_logged_step": last.get("step"),
+            "last_logged_loss": last.get("loss"),
+            "note": "stopped before its last step (train.stop_after): run the cell again without it to finish"}
 
 
 def load_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -256,9 +256,11 @@ def _stage_tiny_locked(models_dir: Path, ids: tuple[str, ...], seed: int, force:
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = Path(tmp) / "tokenizer"
         tok_dir.mkdir()
-        # a model built later shares the tokenizer of those already staged (never a retrained one that a
-        # change to the synthetic corpus could have moved)
-        staged = [models_dir / i for i in TINY_IDS if i not in todo and (models_dir / i / "tokenizer.model").is_file()]
+        # a model built later shares the tokenizer of those already staged and current (never a retrained one
+        # that a change to the synthetic corpus could have moved, nor a stale model's that such a change left)
+        stale_anywhere = set(stale_or_missing(models_dir, TINY_IDS, seed, steps))
+        staged = [models_dir / i for i in TINY_IDS if i not in todo and i not in stale_anywhere
+                  and (models_dir / i / "tokenizer.model").is_file()]
         if staged:
             tokenizer = convert_sentencepiece(staged[0] / "tokenizer.model", tok_dir)
             log(f"tokenizer of {staged[0].name} reused: {len(tokenizer)} tokens")

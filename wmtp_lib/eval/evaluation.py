@@ -19,6 +19,7 @@ from wmtp_lib.eval.execution import check_completion, require_isolation, sandbox
 from wmtp_lib.model.generation import sample, speculative_benchmark
 from wmtp_lib.model.heads import MTPModel
 from wmtp_lib.model.losses import mtp_token_ce
+from wmtp_lib.provenance import code_provenance
 
 # Where a completion ends. HumanEval completes a function body; MBPP-style prompts ask for a whole
 # function after the task's docstring.
@@ -253,6 +254,7 @@ def run_evaluation(run: str, benchmarks: list[str], n_samples: int = 5, ks: list
             f"speculative_prompts={speculative_prompts}, max_new_tokens={max_new_tokens}")
     model_dir, run_dir = resolve_model_dir(run, runs_dir)
     out_dir = (run_dir or model_dir) / "eval"
+    code = code_provenance()  # the code that evaluates, read before the minutes it takes
     device = "cuda" if torch.cuda.is_available() else "cpu"
     say = log if progress else (lambda line: None)
     t0 = time.perf_counter()
@@ -288,6 +290,7 @@ def run_evaluation(run: str, benchmarks: list[str], n_samples: int = 5, ks: list
             say(f"{bench}: speculative decoding done in {time.perf_counter() - t0:.1f} s")
         res["sandbox_isolation"] = res["sandbox"]["level"]
         res["model_dir"] = str(model_dir)
+        res["evaluated_by"] = code
         save_json(res, out_dir / f"{bench}.json")
         results[bench] = res
     return results
