@@ -117,6 +117,45 @@ def test_fsdp2_two_processes_match_one_process(tmp_path, tiny_models):
         torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4)
 
 
+def test_interrupt_under_two_processes_stops_both_after_one_step_with_one_checkpoint(tmp_path, tiny_models):
+    """Kernel → Interrupt during a 2-process run (``accelerate launch`` passes the SIGTERM on): both ranks finish
+    the same step, write one complete checkpoint there (each its RNG state), exit, and the one line names it."""
+    import signal
+    import threading
+    import time
+
+    from wmtp_lib import launch
+
+    acc = _free_port_config(tmp_path, "params/accelerate/cpu_2proc.yaml")
+    over = {"train.steps": 400, "train.save_every": 1000, "train.micro_batch_size": 2,
+            "launch.num_processes": 2, "launch.accelerate_config": acc}
+    cfg, path = make_config(tmp_path, "mtp_baseline", tiny_models, "stop", over)
+    log = tmp_path / "runs" / "stop" / "train.log"
+
+    def interrupt_after_a_logged_step():
+        end = time.monotonic() + 240
+        while time.monotonic() < end and not (log.is_file() and re.search(r"^step \d+/400", log.read_text(), re.M)):
+            time.sleep(0.1)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    timer = threading.Thread(target=interrupt_after_a_logged_step)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # xdist workers ignore SIGINT
+    timer.start()
+    try:
+        with pytest.raises(launch.Stopped) as stopped:
+            launch.launch_training(cfg, path, progress=False)
+    finally:
+        timer.join()
+        signal.signal(signal.SIGINT, previous)
+    ckpts = sorted((tmp_path / "runs" / "stop" / "checkpoints").glob("mtp-*"))
+    assert len(ckpts) == 1 and (ckpts[0] / "COMPLETE").is_file(), ckpts
+    n = int(ckpts[0].name.split("-")[1])
+    assert 5 <= n < 400
+    assert sorted(p.name for p in ckpts[0].glob("rng-rank*.pt")) == ["rng-rank0.pt", "rng-rank1.pt"]
+    assert stopped.value.message == f"stopped at step {n} — run the cell again to resume"
+    assert f"stopped on request (SIGTERM) after step {n}/400" in log.read_text()
+
+
 def test_cached_and_online_reference_give_same_training(tmp_path, tiny_models):
     common = {"train.steps": 10, "train.micro_batch_size": 4}
     _, cached = make_config(tmp_path, "rho1", tiny_models, "cached", common)

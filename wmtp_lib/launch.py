@@ -332,7 +332,9 @@ def launch_training(cfg: dict[str, Any], config_path: Path, progress: bool = Tru
                     print(line.rstrip())
             code = proc.wait()
         except KeyboardInterrupt:
+            # SIGTERM: training finishes its step, saves a checkpoint and exits (`wmtp_lib.train.loop.StopRequest`)
             stop_process_group(proc, grace_s)
+            log.write(_unread_output(proc))
             message = stopped_message(run_dir, step)
             log.write(message + "\n")
             if bar is not None:
@@ -347,6 +349,18 @@ def launch_training(cfg: dict[str, Any], config_path: Path, progress: bool = Tru
     return run_dir
 
 
+def _unread_output(proc: subprocess.Popen) -> str:
+    """What the stopped training wrote after the interrupt (its checkpoint line), without waiting for more."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    os.set_blocking(fd, False)
+    chunks = []
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
+
+
 def stopped_message(run_dir: Path, step: int) -> str:
     """``stopped at step N — run the cell again to resume``, naming the checkpoint a resume starts from when
     it is an earlier step (checkpoints are written every ``save_every`` steps)."""
@@ -354,6 +368,8 @@ def stopped_message(run_dir: Path, step: int) -> str:
 
     # training checkpoints are checkpoints/mtp-<step, 7 digits>, complete once their marker is written
     saved = [int(p.parent.name.split("-")[1]) for p in (run_dir / "checkpoints").glob(f"mtp-*/{COMPLETE_MARKER}")]
+    if saved and max(saved) > step:  # the step it stopped after (and saved), past the last logged one
+        return f"stopped at step {max(saved)} — run the cell again to resume"
     where = f"stopped at step {step}" if step else "stopped before the first logged step"
     if saved and max(saved) < step:
         return f"{where} — run the cell again to resume (from the checkpoint at step {max(saved)})"

@@ -9,7 +9,9 @@ the loss of head ``k`` is ``Σ w·m·ce / N_k`` with ``N_k`` the valid targets o
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -47,6 +49,32 @@ from wmtp_lib.train.weighting import Rho1Weighting, UniformWeighting, group_weig
 
 class NonFiniteStop(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
+
+
+class StopRequest:
+    """SIGTERM while training (a notebook's interrupt, ``accelerate launch`` passing on its own, a preempted
+    job): finish the step, save a checkpoint, exit. A second SIGTERM ends the process at once.
+
+    Every process reads the flag in the step's one all-reduce (`Trainer.train_step`), so all stop after the
+    same step and write the same checkpoint even when the signal reaches them during different steps.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: Any = None
+
+    def __enter__(self) -> StopRequest:
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        self.requested = True
 
 
 def set_all_seeds(seed: int) -> None:
@@ -187,6 +215,8 @@ class Trainer:
         self.metrics = TrainMetrics(self.run_dir, self.dist, self.model.n_future, train["log_every"], train["steps"],
                                     self.accelerator if train["trackers"] else None)
         self.nonfinite_in_row = 0
+        self.stop: StopRequest | None = None  # set while the training loop runs
+        self.stop_agreed = False
 
     def model_dir(self, model_id: str) -> Path:
         return model_dir(model_id, self.cfg, self.dist)
@@ -214,18 +244,24 @@ class Trainer:
             self.finish(0.0)
             return {"finished": True, "trained_steps": 0}
         t0 = time.perf_counter()
-        for step in range(start, last):
-            lr = self.scheduler.get_last_lr()[0]
-            self.train_step(step)
-            done = step + 1
-            logged = self.metrics.should_log(done)
-            if logged:
-                value_lr = self.weighting.lr if isinstance(self.weighting, CriticWeighting) else None
-                self.metrics.log(done, lr, self.schedule.epoch_at(done), value_lr)
-            if self.checkpointer.should_save(done, last):
-                self.checkpointer.save(done, "mtp")
-            if logged:
-                self.metrics.restart_clock()
+        with StopRequest() as self.stop:
+            for step in range(start, last):
+                lr = self.scheduler.get_last_lr()[0]
+                self.train_step(step)
+                done = step + 1
+                logged = self.metrics.should_log(done)
+                if logged:
+                    value_lr = self.weighting.lr if isinstance(self.weighting, CriticWeighting) else None
+                    self.metrics.log(done, lr, self.schedule.epoch_at(done), value_lr)
+                if self.checkpointer.should_save(done, last) or self.stop_agreed:
+                    self.checkpointer.save(done, "mtp")
+                if self.stop_agreed:
+                    self.dist.print(f"stopped on request (SIGTERM) after step {done}/{train['steps']}: checkpoint "
+                                    "saved, launch again to resume")
+                    return {"finished": False, "trained_steps": done - start, "stopped": True}
+                if logged:
+                    self.metrics.restart_clock()
+        self.stop = None
         finished = last == train["steps"]
         if finished:
             self.finish(time.perf_counter() - t0)
@@ -250,12 +286,16 @@ class Trainer:
         if not self.dist.fsdp:
             self.dist.average_grads(self.params)
         grad_norm = clip_grad_norm(self.params, train["max_grad_norm"])
-        # one tiny all-reduce and host sync a step: every process must agree to skip
+        # one tiny all-reduce and host sync a step: every process must agree to skip, and to stop (SIGTERM)
         bad = (~torch.isfinite(loss)) | (~torch.isfinite(grad_norm))
         critic = isinstance(self.weighting, CriticWeighting)
         if critic:  # a non-finite value loss shows in the value head's gradient norm
             bad |= ~torch.isfinite(self.weighting.sync_grads(self.dist))
-        finite = float(self.dist.max(bad.double())) == 0
+        stop = self.stop is not None and self.stop.requested
+        flags = torch.stack([bad.double(), torch.tensor(float(stop), dtype=torch.float64, device=bad.device)])
+        any_bad, any_stop = self.dist.max(flags).tolist()
+        finite = any_bad == 0
+        self.stop_agreed = any_stop > 0
         if finite:
             self.optimizer.step()
         if critic:
