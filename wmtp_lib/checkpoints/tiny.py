@@ -248,7 +248,7 @@ def _stage_tiny_locked(models_dir: Path, ids: tuple[str, ...], seed: int, force:
     for i in ids:
         out[i] = models_dir / i
     if not todo:
-        log(f"tiny models already staged under {models_dir}")
+        log(f"{', '.join(ids)} already staged and current under {models_dir}")
         return out
     stale = [i for i in todo if (models_dir / i / "manifest.json").is_file() and not force]
     if stale:
