@@ -3,7 +3,8 @@ back through others. Lazy imports inside functions count: they run too.
 
     data → model → checkpoints → eval → train → the notebook entry points (launch, preflight, runs)
 
-with `wmtp_lib.config` and `wmtp_lib.registry` (what ``params/`` holds) below everything.
+with `wmtp_lib.config` and `wmtp_lib.registry` (what ``params/`` holds) and `wmtp_lib.provenance` (which code
+runs) below everything.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "wmtp_lib"
-LAYERS = {"config": 0, "registry": 0, "data": 1, "model": 2, "checkpoints": 3, "eval": 4, "train": 5,
+LAYERS = {"config": 0, "registry": 0, "provenance": 0, "data": 1, "model": 2, "checkpoints": 3, "eval": 4, "train": 5,
           "launch": 6, "preflight": 6, "runs": 6, "notebook_files": 6}
 
 

@@ -117,7 +117,15 @@ def test_code_provenance_ignores_notebooks_and_hashes_the_code_diff(tmp_path):
     _git(repo, "commit", "-qm", "init")
     commit = _git(repo, "rev-parse", "HEAD").strip()
 
-    assert code_provenance(repo) == {"git_commit": commit, "code_dirty": False, "code_diff_sha256": None}
+    clean = code_provenance(repo)
+    assert {k: clean[k] for k in ("git_commit", "code_dirty", "code_diff_sha256")} == \
+        {"git_commit": commit, "code_dirty": False, "code_diff_sha256": None}
+    (repo / "README.md").write_text("docs\n")  # a commit that leaves the code alone: same code tree
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-qm", "docs")
+    commit = _git(repo, "rev-parse", "HEAD").strip()
+    assert code_provenance(repo)["code_tree_sha256"] == clean["code_tree_sha256"]
+    assert code_provenance(repo)["git_commit"] == commit
     (repo / "notebooks" / "train.ipynb").write_text('{"outputs": "an opened, executed, autosaved notebook"}\n')
     (repo / "runs").mkdir()
     (repo / "runs" / "out.ipynb").write_text("{}\n")
@@ -144,13 +152,37 @@ def test_code_provenance_ignores_notebooks_and_hashes_the_code_diff(tmp_path):
     deleted = code_provenance(repo)
     assert deleted["code_dirty"] and deleted["code_diff_sha256"] not in (first["code_diff_sha256"],
                                                                          with_new["code_diff_sha256"])
+    (repo / "wmtp_lib" / os.fsdecode(b"\xff.py")).write_text("w = 1\n")  # a name that is not UTF-8
+    assert code_provenance(repo)["code_diff_sha256"] != deleted["code_diff_sha256"]
+    assert code_provenance(repo)["code_tree_sha256"] == clean["code_tree_sha256"], "committed code unchanged"
+
+
+def test_code_provenance_of_a_project_inside_a_larger_repository(tmp_path):
+    outer = tmp_path / "outer"
+    project = outer / "projects" / "wmtp"
+    (project / "wmtp_lib").mkdir(parents=True)
+    (project / "wmtp_lib" / "a.py").write_text("x = 1\n")
+    (outer / "other.txt").write_text("not the project\n")
+    _git(outer, "init", "-q")
+    _git(outer, "add", ".")
+    _git(outer, "commit", "-qm", "init")
+    clean = code_provenance(project)
+    assert clean["code_dirty"] is False
+    (outer / "other.txt").write_text("changed outside the project\n")
+    assert code_provenance(project)["code_dirty"] is False
+    (project / "wmtp_lib" / "a.py").write_text("x = 2\n")
+    dirty = code_provenance(project)
+    (project / "wmtp_lib" / "a.py").write_text("x = 3\n")
+    assert dirty["code_dirty"] and code_provenance(project)["code_diff_sha256"] != dirty["code_diff_sha256"], \
+        "the changed file is read where it is (paths relative to the repository's top)"
 
 
 def test_session_log_rolls_back_with_the_run_and_says_when_code_was_mixed(tmp_path):
     """Sessions are kept while their steps survive a resume (the metrics' rule); the summary names the
     finishing session's code and flags a run whose weights went through more than one version."""
-    a = {"git_commit": "a" * 40, "code_dirty": False, "code_diff_sha256": None}
-    b = {"git_commit": "a" * 40 + "-dirty", "code_dirty": True, "code_diff_sha256": "d" * 64}
+    a = {"git_commit": "a" * 40, "code_dirty": False, "code_diff_sha256": None, "code_tree_sha256": "t" * 64}
+    b = {"git_commit": "a" * 40 + "-dirty", "code_dirty": True, "code_diff_sha256": "d" * 64,
+         "code_tree_sha256": "t" * 64}
     SessionLog(tmp_path, a).start("value", 0)  # the critic: stage 1 from scratch
     SessionLog(tmp_path, a).start("mtp", 40)   # resumed in stage 2
     SessionLog(tmp_path, b).start("mtp", 60)   # interrupted before its first checkpoint...
@@ -165,6 +197,10 @@ def test_session_log_rolls_back_with_the_run_and_says_when_code_was_mixed(tmp_pa
     assert [s["step"] for s in summary["code_sessions"]] == [0, 40, 60, 80]
     SessionLog(tmp_path, a).start("value", 0)  # a fresh start forgets every earlier session
     assert [s["step"] for s in SessionLog(tmp_path, a).sessions()] == [0]
+    docs_commit = {**a, "git_commit": "c" * 40}  # resumed after a commit that left the code alone
+    log = SessionLog(tmp_path, docs_commit)
+    log.start("mtp", 10)
+    assert log.summary()["code_mixed"] is False and log.summary()["git_commit"] == "c" * 40
 
 
 # ------------------------------------------------------------------ run names, interrupt, resume rate
@@ -221,7 +257,8 @@ FAKE_TRAINING = textwrap.dedent("""
 
 
 def _fake_launch(monkeypatch, tmp_path, mode: str):
-    cfg = {"paths": {"runs_dir": str(tmp_path / "runs")}, "run_name": "fake", "train": {"steps": 200}}
+    cfg = {"paths": {"runs_dir": str(tmp_path / "runs")}, "run_name": "fake", "train": {"steps": 200},
+           "launch": {"stop_grace_s": 10}}
     monkeypatch.setattr(launch, "launch_command", lambda *a: [sys.executable, "-c", FAKE_TRAINING, mode])
     return cfg
 

@@ -341,3 +341,17 @@ def test_a_tiny_model_built_later_reuses_the_staged_tokenizer(tmp_path, monkeypa
     tiny.stage_tiny(tmp_path, ids=("tiny-ref",), log=lines.append, base_steps=2, ref_steps=2)
     assert any(line.startswith("trained tokenizer") for line in lines), lines
     assert not any("reused" in line for line in lines), lines
+
+
+def test_stop_request_takes_two_sigterms_at_once_as_one_stop():
+    """A scheduler's SIGTERM and the launcher's forwarded one arrive together: one stop, not a kill mid-step."""
+    from wmtp_lib.train.loop import StopRequest
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopRequest() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs in the main thread between bytecodes
+        assert stop.requested
+    assert signal.getsignal(signal.SIGTERM) is before, "the previous handler is back after training"

@@ -67,15 +67,22 @@ def test_kill_and_resume_gives_identical_weights(tmp_path, tiny_models, monkeypa
 
     shutil.rmtree(split_dir / "final")
     (split_dir / "summary.json").unlink()
+    partial = split_dir / "checkpoints" / "mtp-0000015"  # a save killed halfway: no completion marker
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "__0_0.distcp").write_bytes(b"\0" * 64)
     proc = run_training(resumed)
+    assert f"removed {partial}: a checkpoint that was stopped while it was written" in proc.stdout
+    assert not partial.exists()
     assert "trained all 20 steps; writing what its end did not" in proc.stdout
     assert not re.search(r"^step \d+/", proc.stdout, re.MULTILINE)
     again = final_weights(split_dir)
     assert all(torch.equal(a[k], again[k]) for k in a)
     three = json.loads((split_dir / "summary.json").read_text())
     assert three["final_loss"] == two["final_loss"] and [s["step"] for s in three["code_sessions"]] == [0, 10, 20]
+    sessions = (split_dir / "provenance.jsonl").read_text()
     proc = run_training(resumed)
     assert "already finished at step 20" in proc.stdout
+    assert (split_dir / "provenance.jsonl").read_text() == sessions, "a launch that trains nothing is no session"
 
 
 def test_two_processes_match_one_process_on_same_global_batch(tmp_path, tiny_models):
@@ -117,12 +124,15 @@ def test_fsdp2_two_processes_match_one_process(tmp_path, tiny_models):
         torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4)
 
 
-def test_interrupt_under_two_processes_stops_both_after_one_step_with_one_checkpoint(tmp_path, tiny_models):
-    """Kernel → Interrupt during a 2-process run (``accelerate launch`` passes the SIGTERM on): both ranks finish
-    the same step, write one complete checkpoint there (each its RNG state), exit, and the one line names it."""
+def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_with_one_checkpoint(tmp_path, tiny_models):
+    """A SIGTERM that reaches one rank only (a preempted node, a scheduler's signal): both ranks agree in the
+    step's all-reduce, stop after the same step, write one complete checkpoint there (each its RNG state) and
+    exit; the notebook's cell ends with the one line naming it, as for an interrupt."""
     import signal
     import threading
     import time
+
+    import psutil
 
     from wmtp_lib import launch
 
@@ -131,22 +141,26 @@ def test_interrupt_under_two_processes_stops_both_after_one_step_with_one_checkp
             "launch.num_processes": 2, "launch.accelerate_config": acc}
     cfg, path = make_config(tmp_path, "mtp_baseline", tiny_models, "stop", over)
     log = tmp_path / "runs" / "stop" / "train.log"
+    signalled: list[int] = []
 
-    def interrupt_after_a_logged_step():
+    def sigterm_one_rank_after_a_logged_step():
         end = time.monotonic() + 240
         while time.monotonic() < end and not (log.is_file() and re.search(r"^step \d+/400", log.read_text(), re.M)):
             time.sleep(0.1)
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        workers = [p for p in psutil.Process().children(recursive=True)
+                   if "wmtp_lib.train" in " ".join(p.cmdline()) and "accelerate" not in " ".join(p.cmdline())]
+        rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
+        signalled.append(rank1.pid)
+        rank1.send_signal(signal.SIGTERM)
 
-    timer = threading.Thread(target=interrupt_after_a_logged_step)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # xdist workers ignore SIGINT
+    timer = threading.Thread(target=sigterm_one_rank_after_a_logged_step)
     timer.start()
     try:
         with pytest.raises(launch.Stopped) as stopped:
             launch.launch_training(cfg, path, progress=False)
     finally:
         timer.join()
-        signal.signal(signal.SIGINT, previous)
+    assert signalled, "rank 1 was found and signalled"
     ckpts = sorted((tmp_path / "runs" / "stop" / "checkpoints").glob("mtp-*"))
     assert len(ckpts) == 1 and (ckpts[0] / "COMPLETE").is_file(), ckpts
     n = int(ckpts[0].name.split("-")[1])

@@ -128,13 +128,16 @@ SCHEMA: dict[str, Any] = {
     "launch": {
         "num_processes": F((int,), 1),
         "accelerate_config": F((str,), "params/accelerate/cpu_1proc.yaml"),
+        # an interrupt or preemption lets training finish its step and save a checkpoint for this long before
+        # killing it (a 7B step and its FSDP2 checkpoint take minutes; accelerate's launcher waits as long)
+        "stop_grace_s": F((int,), 60),
     },
 }
 
 ENV_ONLY_KEYS = {"name", "description"}
 # Keys a resumed run may change: they decide where a run stops, how often it logs or saves, not what it computes.
 RESUME_FREE_KEYS = ("train.stop_after", "train.resume", "train.log_every", "train.save_every", "train.trackers",
-                    "train.dist_timeout_minutes")
+                    "train.dist_timeout_minutes", "launch.stop_grace_s")
 
 
 class _Loader(yaml.SafeLoader):
@@ -284,6 +287,9 @@ def validate_resolved(cfg: dict[str, Any], source: str) -> None:
     if hw is not None and len(hw) != cfg["models"]["n_future"]:
         raise ConfigError(f"{source}: train.head_weights has {len(hw)} entries but models.n_future is "
                           f"{cfg['models']['n_future']}")
+    if not cfg["launch"]["stop_grace_s"] >= 1:
+        raise ConfigError(f"{source}: launch.stop_grace_s must be >= 1 (seconds to finish a step and save), got "
+                          f"{cfg['launch']['stop_grace_s']}")
     if not 0 < cfg["weights"]["keep_ratio"] <= 1:
         raise ConfigError(f"{source}: weights.keep_ratio must be in (0, 1]")
     if not cfg["weights"]["temperature"] > 0:

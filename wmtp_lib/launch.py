@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -240,9 +241,15 @@ def _group_alive(pgid: int) -> bool:
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path):
-    """Hold ``runs/<run>/.lock`` while this process trains the run: a second launch of it (another notebook,
-    another papermill job on the machine) is refused at once instead of writing into the same checkpoints."""
+def run_lock(run_dir: Path, log=print):
+    """Hold ``runs/<run>/.lock`` while the run trains: a second launch of it (another notebook, another
+    papermill job on this machine) is refused at once instead of writing into the same checkpoints.
+
+    Yields the open lock file: `launch_training` hands it to the training process, so the lock lasts as long
+    as the training does even if the kernel that launched it dies. A lock is per machine on a network
+    filesystem mounted without cluster-wide locks; where the filesystem has no locks at all, a line says so
+    and training goes on without one.
+    """
     import fcntl
 
     path = run_dir / ".lock"
@@ -254,15 +261,25 @@ def run_lock(run_dir: Path):
             holder = handle.read().strip() or "another process"
             raise RuntimeError(f"run {run_dir.name} is being trained by {holder}: wait for it, or stop it, "
                                "or pass another run_name") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
-        try:
-            yield
-        finally:
+        except OSError as exc:  # e.g. Lustre mounted without flock: ENOSYS
+            log(f"no run lock: {path.parent} does not support file locks ({exc.strerror}); do not launch "
+                "this run twice")
+            locked = False
+        else:
+            locked = True
             handle.seek(0)
             handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
+        try:
+            yield handle
+        finally:
+            if locked:
+                handle.seek(0)
+                handle.truncate()
+
+
+STOPPED_LINE = re.compile(r"^stopped on request \(SIGTERM\) after (value )?step (\d+)/")
 
 
 def launch_training(cfg: dict[str, Any], config_path: Path, progress: bool = True) -> Path:
@@ -270,11 +287,13 @@ def launch_training(cfg: dict[str, Any], config_path: Path, progress: bool = Tru
     ``runs/<run>/train.log``, progress to a bar.
 
     A non-zero exit raises `RuntimeError` with the end of the log, so a failed run fails the notebook.
-    An interrupt (Kernel → Interrupt, Ctrl+C) stops the whole process group and raises `Stopped`: one line,
-    also appended to train.log, saying where training stopped and that running the cell again resumes.
-    After a resume the bar starts at the resumed step; its rate counts this session's steps from its first
-    logged one (model loading, and steps done before a resume, are not training speed). The log is appended
-    to, one header line per session.
+    An interrupt (Kernel → Interrupt, Ctrl+C) sends the training SIGTERM: every rank finishes its step and saves a
+    checkpoint there (`wmtp_lib.train.loop.StopRequest`) within ``launch.stop_grace_s``, after which what is
+    left is killed; the cell ends with `Stopped`: one line, also appended to train.log, saying where training
+    stopped and that running the cell again resumes. A stop from outside (a preempted job signalling the
+    training) ends the same way. After a resume the bar starts at the resumed step; its rate counts this
+    session's steps from its first logged one (model loading, and steps done before a resume, are not training
+    speed). The log is appended to, one header line per session.
     """
     run_dir = project_path(cfg["paths"]["runs_dir"]) / cfg["run_name"]
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -282,32 +301,43 @@ def launch_training(cfg: dict[str, Any], config_path: Path, progress: bool = Tru
     cmd = launch_command(cfg, config_path)
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    grace = cfg["launch"]["stop_grace_s"]
+    # accelerate's launcher (torch elastic) passes a SIGTERM on to its workers and waits this long for them
+    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(grace)
+    grace_s = grace + 15.0 if cmd[1:3] == ["-m", "accelerate.commands.launch"] else float(grace)
     bar = None
     tail: list[str] = []
     step = 0
+    stopped_at = None
     clock_started = False
-    # the launcher waits up to 30 s for its workers to stop; a single process gets 10 s to stop
-    grace_s = 40.0 if cmd[1:3] == ["-m", "accelerate.commands.launch"] else 10.0
     # appended: a resumed run's log keeps every session (and the line that said where the last one stopped)
-    with run_lock(run_dir), open(log_path, "a", buffering=1) as log:  # line-buffered: `tail -f` follows it
+    with run_lock(run_dir) as lock, open(log_path, "a", buffering=1) as log:  # line-buffered: `tail -f` works
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg["train"]["steps"], desc="training", unit="step")
         log.write(f"==== session started {datetime.now(UTC).isoformat(timespec='seconds')} ====\n")
         log.write("$ " + " ".join(cmd) + "\n")
-        # its own process group: an interrupted or failed cell stops the launcher and every worker with it
+        # its own process group: an interrupted or failed cell stops the launcher and every worker with it; it
+        # holds the run lock too (an inherited descriptor), for as long as it runs
         proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1, start_new_session=True)
+                                text=True, bufsize=1, start_new_session=True, pass_fds=(lock.fileno(),))
         assert proc.stdout is not None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {proc.pid} (launched by pid {os.getpid()}) on {socket.gethostname()}\n")
+        lock.flush()
         try:
             for line in proc.stdout:
                 log.write(line)
                 tail = (tail + [line.rstrip()])[-40:]
                 m = STEP_LINE.match(line)
                 resumed = RESUMED_LINE.match(line)
+                stop_line = STOPPED_LINE.match(line)
                 if m:
                     step = int(m.group(1))
+                if stop_line:  # stopped in the critic's stage 1: no training step yet
+                    stopped_at = 0 if stop_line.group(1) else int(stop_line.group(2))
                 if resumed:
                     step = int(resumed.group(1))
                     if bar is not None:
@@ -332,9 +362,13 @@ def launch_training(cfg: dict[str, Any], config_path: Path, progress: bool = Tru
                     print(line.rstrip())
             code = proc.wait()
         except KeyboardInterrupt:
-            # SIGTERM: training finishes its step, saves a checkpoint and exits (`wmtp_lib.train.loop.StopRequest`)
+            # the rest of its output (the checkpoint line) is read while it stops, so a full pipe never blocks it
+            rest: list[str] = []
+            reader = threading.Thread(target=lambda: rest.extend(proc.stdout), daemon=True)
+            reader.start()
             stop_process_group(proc, grace_s)
-            log.write(_unread_output(proc))
+            reader.join(timeout=5)
+            log.write("".join(rest))
             message = stopped_message(run_dir, step)
             log.write(message + "\n")
             if bar is not None:
@@ -342,23 +376,16 @@ def launch_training(cfg: dict[str, Any], config_path: Path, progress: bool = Tru
             raise Stopped(message) from None
         finally:
             stop_process_group(proc, grace_s)
+        if stopped_at is not None:  # stopped from outside: a preempted job, a scheduler's SIGTERM
+            message = stopped_message(run_dir, stopped_at)
+            log.write(message + "\n")
     if bar is not None:
         bar.close()
+    if stopped_at is not None:
+        raise Stopped(message)
     if code != 0:
         raise RuntimeError(f"training exited with code {code}; log: {log_path}\n" + "\n".join(tail[-20:]))
     return run_dir
-
-
-def _unread_output(proc: subprocess.Popen) -> str:
-    """What the stopped training wrote after the interrupt (its checkpoint line), without waiting for more."""
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    os.set_blocking(fd, False)
-    chunks = []
-    with contextlib.suppress(BlockingIOError):
-        while chunk := os.read(fd, 1 << 16):
-            chunks.append(chunk)
-    return b"".join(chunks).decode(errors="replace")
 
 
 def stopped_message(run_dir: Path, step: int) -> str:

@@ -97,6 +97,16 @@ class Checkpointer:
                 return done[-1]
         return None
 
+    def remove_incomplete(self) -> list[Path]:
+        """Delete checkpoints without their completion marker (a save that was killed): never read, and at 7B
+        tens of GB each. Rank 0, before a run resumes: nothing else writes this run's checkpoints then."""
+        if not self.dir.is_dir():
+            return []
+        partial = sorted(p for p in self.dir.glob("*-*") if p.is_dir() and not (p / COMPLETE_MARKER).is_file())
+        for path in partial:
+            shutil.rmtree(path)
+        return partial
+
     def should_save(self, step: int, last_step: int) -> bool:
         return step % self.save_every == 0 or step == last_step
 

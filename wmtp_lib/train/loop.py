@@ -9,6 +9,7 @@ the loss of head ``k`` is ``Σ w·m·ce / N_k`` with ``N_k`` the valid targets o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import signal
@@ -51,16 +52,25 @@ class NonFiniteStop(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
 
 
+STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; launching again resumes
+
+
 class StopRequest:
     """SIGTERM while training (a notebook's interrupt, ``accelerate launch`` passing on its own, a preempted
-    job): finish the step, save a checkpoint, exit. A second SIGTERM ends the process at once.
+    job): finish the step, save a checkpoint, exit (code `STOPPED_EXIT`). A SIGTERM more than `SAME_STOP_S`
+    after the first ends the process at once. Training and the critic's stage 1 both stop this way; a SIGTERM
+    while the models load stops training before its first step.
 
     Every process reads the flag in the step's one all-reduce (`Trainer.train_step`), so all stop after the
     same step and write the same checkpoint even when the signal reaches them during different steps.
     """
 
+    # a scheduler that signals every process, and the launcher passing its own signal on, deliver two at once
+    SAME_STOP_S = 5.0
+
     def __init__(self) -> None:
         self.requested = False
+        self.first_at = 0.0
         self.previous: Any = None
 
     def __enter__(self) -> StopRequest:
@@ -71,10 +81,11 @@ class StopRequest:
         signal.signal(signal.SIGTERM, self.previous)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
+        if self.requested and time.monotonic() - self.first_at > self.SAME_STOP_S:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
-        self.requested = True
+        if not self.requested:
+            self.requested, self.first_at = True, time.monotonic()
 
 
 def set_all_seeds(seed: int) -> None:
@@ -227,13 +238,15 @@ class Trainer:
 
     # -------------------------------------------------------------- loop
     def train(self) -> dict[str, Any]:
+        with StopRequest() as self.stop:
+            result = self._train()
+        self.stop = None
+        return result
+
+    def _train(self) -> dict[str, Any]:
         train = self.cfg["train"]
         stage, start = self.resume()
-        if stage == "value":
-            self.weighting.fit_value_head(self, start)
-            stage, start = "mtp", 0
-        last = min(train["steps"], train["stop_after"] if train["stop_after"] is not None else train["steps"])
-        if start >= train["steps"]:
+        if stage != "value" and start >= train["steps"]:
             if (self.run_dir / "final").is_dir() and (self.run_dir / "summary.json").is_file():
                 self.dist.print(f"run {self.cfg['run_name']} already finished at step {start}: nothing to train "
                                 "(for another run, pass a new run_name)")
@@ -241,31 +254,61 @@ class Trainer:
             # stopped after its last checkpoint, while the final model or the summary was being written
             self.dist.print(f"run {self.cfg['run_name']} trained all {start} steps; writing what its end did not "
                             "(final model, summary)")
-            self.finish(0.0)
+            self.record_session(stage, start)
+            with self.no_stop():  # half an export is worth nothing: a stop waits for it
+                self.finish(0.0)
             return {"finished": True, "trained_steps": 0}
+        self.record_session(stage, start)
+        if stage == "value":
+            if self.weighting.fit_value_head(self, start):
+                return {"finished": False, "trained_steps": 0, "stopped": True}
+            stage, start = "mtp", 0
+        last = min(train["steps"], train["stop_after"] if train["stop_after"] is not None else train["steps"])
         t0 = time.perf_counter()
-        with StopRequest() as self.stop:
-            for step in range(start, last):
-                lr = self.scheduler.get_last_lr()[0]
-                self.train_step(step)
-                done = step + 1
-                logged = self.metrics.should_log(done)
-                if logged:
-                    value_lr = self.weighting.lr if isinstance(self.weighting, CriticWeighting) else None
-                    self.metrics.log(done, lr, self.schedule.epoch_at(done), value_lr)
-                if self.checkpointer.should_save(done, last) or self.stop_agreed:
-                    self.checkpointer.save(done, "mtp")
-                if self.stop_agreed:
-                    self.dist.print(f"stopped on request (SIGTERM) after step {done}/{train['steps']}: checkpoint "
-                                    "saved, launch again to resume")
-                    return {"finished": False, "trained_steps": done - start, "stopped": True}
-                if logged:
-                    self.metrics.restart_clock()
-        self.stop = None
+        for step in range(start, last):
+            lr = self.scheduler.get_last_lr()[0]
+            self.train_step(step)
+            done = step + 1
+            logged = self.metrics.should_log(done)
+            if logged:
+                value_lr = self.weighting.lr if isinstance(self.weighting, CriticWeighting) else None
+                self.metrics.log(done, lr, self.schedule.epoch_at(done), value_lr)
+            if self.checkpointer.should_save(done, last) or self.stop_agreed:
+                self.checkpointer.save(done, "mtp")
+            if self.stop_agreed:
+                self.dist.print(f"stopped on request (SIGTERM) after step {done}/{train['steps']}: checkpoint "
+                                "saved, launch again to resume")
+                return {"finished": False, "trained_steps": done - start, "stopped": True}
+            if logged:
+                self.metrics.restart_clock()
         finished = last == train["steps"]
         if finished:
-            self.finish(time.perf_counter() - t0)
+            with self.no_stop():
+                self.finish(time.perf_counter() - t0)
         return {"finished": finished, "trained_steps": last - start}
+
+    @contextlib.contextmanager
+    def no_stop(self):
+        """A SIGTERM while the run's end is written (final model, summary) waits for it: no step boundary
+        comes to stop at, and half an export is worth nothing (the launcher's grace bounds the wait)."""
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def record_session(self, stage: str, step: int) -> None:
+        if self.dist.is_main:
+            self.sessions.start(stage, step)
+
+    def agree(self, bad: torch.Tensor) -> bool:
+        """One all-reduce: whether every process's step was finite (returned), and whether any was asked to stop
+        (`stop_agreed`, so all stop after the same step)."""
+        stop = self.stop is not None and self.stop.requested
+        flags = torch.stack([bad.double(), torch.tensor(float(stop), dtype=torch.float64, device=bad.device)])
+        any_bad, any_stop = self.dist.max(flags).tolist()
+        self.stop_agreed = any_stop > 0
+        return any_bad == 0
 
     def finish(self, wall: float) -> None:
         """The run's end: ``final/`` (full weights, tokenizer, the critic's value head), then ``summary.json``."""
@@ -291,11 +334,7 @@ class Trainer:
         critic = isinstance(self.weighting, CriticWeighting)
         if critic:  # a non-finite value loss shows in the value head's gradient norm
             bad |= ~torch.isfinite(self.weighting.sync_grads(self.dist))
-        stop = self.stop is not None and self.stop.requested
-        flags = torch.stack([bad.double(), torch.tensor(float(stop), dtype=torch.float64, device=bad.device)])
-        any_bad, any_stop = self.dist.max(flags).tolist()
-        finite = any_bad == 0
-        self.stop_agreed = any_stop > 0
+        finite = self.agree(bad)
         if finite:
             self.optimizer.step()
         if critic:
@@ -336,6 +375,9 @@ class Trainer:
             raise RuntimeError(f"{ckpts} has checkpoints and train.resume is 'never': "
                                "choose another run_name or remove the run directory")
         latest = self.checkpointer.latest() if train["resume"] == "auto" else None
+        if self.dist.is_main:
+            for path in self.checkpointer.remove_incomplete():
+                self.dist.print(f"removed {path}: a checkpoint that was stopped while it was written")
         if latest is None:
             self.metrics.start_fresh()
             stage, step = ("value" if isinstance(self.weighting, CriticWeighting) else "mtp"), 0
@@ -343,8 +385,6 @@ class Trainer:
             step, stage = self.checkpointer.load(latest)
             self.dist.print(f"resumed from {latest} (stage {stage}, step {step})")
             self.metrics.truncate(step, stage)
-        if self.dist.is_main:
-            self.sessions.start(stage, step)
         self.dist.barrier()
         return stage, step
 
@@ -363,8 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_resolved(args.config)
-        run(cfg)
+        result = run(cfg)
     except (ConfigError, FileNotFoundError, NonFiniteStop) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return STOPPED_EXIT if result.get("stopped") else 0
