@@ -220,6 +220,21 @@ def test_bad_config_errors_name_the_key_and_file():
         resolve_config("rho1", "mars")
 
 
+def test_a_config_written_before_a_resume_free_key_existed_still_loads(tmp_path):
+    """An older run's config.yaml lacks ``launch.stop_grace_s``: it loads with the default, and its checkpoints'
+    config hash is unchanged (the key leaves what a run computes alone)."""
+    import yaml
+
+    from wmtp_lib.config import config_hash, load_resolved
+
+    cfg = resolve_config("rho1", "local")
+    old = {**cfg, "launch": {k: v for k, v in cfg["launch"].items() if k != "stop_grace_s"}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old, sort_keys=False))
+    loaded = load_resolved(path)
+    assert loaded["launch"]["stop_grace_s"] == 60 and config_hash(old) == config_hash(cfg)
+
+
 def test_unknown_key_in_recipe_file_is_reported(tmp_path, monkeypatch):
     from wmtp_lib import config as config_mod
 

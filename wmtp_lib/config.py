@@ -365,6 +365,12 @@ def load_resolved(path: str | Path) -> dict[str, Any]:
     cfg = read_yaml(path)
     if "env" not in cfg:
         raise ConfigError(f"{path}: not a resolved config (no 'env' key); build one with resolve_config")
+    # a config written before a key that leaves what a run computes alone existed: that key's default
+    base = defaults()
+    for dotted in RESUME_FREE_KEYS:
+        section, key = dotted.split(".")
+        if isinstance(cfg.get(section), dict) and key not in cfg[section]:
+            cfg[section][key] = base[section][key]
     validate_resolved(cfg, str(path))
     return cfg
 

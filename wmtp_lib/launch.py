@@ -207,7 +207,8 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     is left after ``grace_s``.
 
     ``accelerate launch`` starts each worker in a session of its own (torch elastic), so the group holds the
-    launcher only: it passes the SIGTERM on and waits up to 30 s for its workers. The workers are listed
+    launcher only: it passes the SIGTERM on and waits ``launch.stop_grace_s`` for its workers (`launch_training`
+    sets it, and gives the launcher 15 s more). The workers are listed
     before anything is signalled, so none outlives a launcher that is killed first.
     """
     import psutil
@@ -323,11 +324,11 @@ def launch_training(cfg: dict[str, Any], config_path: Path, progress: bool = Tru
         proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1, start_new_session=True, pass_fds=(lock.fileno(),))
         assert proc.stdout is not None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"pid {proc.pid} (launched by pid {os.getpid()}) on {socket.gethostname()}\n")
-        lock.flush()
         try:
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"pid {proc.pid} (launched by pid {os.getpid()}) on {socket.gethostname()}\n")
+            lock.flush()
             for line in proc.stdout:
                 log.write(line)
                 tail = (tail + [line.rstrip()])[-40:]

@@ -108,6 +108,8 @@ class SessionLog:
         ``code_mixed`` when they differ (the weights were trained by more than one version of the code)."""
         sessions = self.sessions()
         # the code's content, not the commit: a commit that leaves `CODE_PATHS` alone changes nothing that ran
-        versions = {(s.get("code_tree_sha256") or s.get("git_commit"), s.get("code_diff_sha256")) for s in sessions}
+        # (sessions recorded before code trees were: all compared by commit)
+        key = "code_tree_sha256" if all(s.get("code_tree_sha256") for s in sessions) else "git_commit"
+        versions = {(s.get(key), s.get("code_diff_sha256")) for s in sessions}
         return {**self.code, "code_mixed": len(versions) > 1,
                 "code_sessions": [{k: s.get(k) for k in ("stage", "step", *CODE_FIELDS)} for s in sessions]}

@@ -59,7 +59,7 @@ class StopRequest:
     """SIGTERM while training (a notebook's interrupt, ``accelerate launch`` passing on its own, a preempted
     job): finish the step, save a checkpoint, exit (code `STOPPED_EXIT`). A SIGTERM more than `SAME_STOP_S`
     after the first ends the process at once. Training and the critic's stage 1 both stop this way; a SIGTERM
-    while the models load stops training before its first step.
+    while the models load (`run`) or the data is scored stops training after its first step.
 
     Every process reads the flag in the step's one all-reduce (`Trainer.train_step`), so all stop after the
     same step and write the same checkpoint even when the signal reaches them during different steps.
@@ -237,8 +237,10 @@ class Trainer:
         return move_batch(self.data.rows(rows), self.dist.device)
 
     # -------------------------------------------------------------- loop
-    def train(self) -> dict[str, Any]:
-        with StopRequest() as self.stop:
+    def train(self, stop: StopRequest | None = None) -> dict[str, Any]:
+        """Resume or start, train to ``train.steps`` (or ``stop_after``), write the run's end; a SIGTERM stops
+        it after a step with a checkpoint (``stop``: one already listening, as `run` passes)."""
+        with contextlib.nullcontext(stop) if stop is not None else StopRequest() as self.stop:
             result = self._train()
         self.stop = None
         return result
@@ -260,7 +262,11 @@ class Trainer:
             return {"finished": True, "trained_steps": 0}
         self.record_session(stage, start)
         if stage == "value":
-            if self.weighting.fit_value_head(self, start):
+            stopped = self.weighting.fit_value_head(self, start)
+            if stopped or self.stop_agreed:  # agreed on the step stage 1 ended anyway: mtp-0000000 is saved
+                if not stopped:
+                    self.dist.print(f"stopped on request (SIGTERM) after step 0/{train['steps']}: checkpoint "
+                                    "saved, launch again to resume")
                 return {"finished": False, "trained_steps": 0, "stopped": True}
             stage, start = "mtp", 0
         last = min(train["steps"], train["stop_after"] if train["stop_after"] is not None else train["steps"])
@@ -390,8 +396,9 @@ class Trainer:
 
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
-    trainer = Trainer(cfg)
-    result = trainer.train()
+    with StopRequest() as stop:  # a SIGTERM while the models load is kept for the first step
+        trainer = Trainer(cfg)
+        result = trainer.train(stop)
     if cfg["train"]["trackers"]:
         trainer.accelerator.end_training()
     return result
