@@ -379,6 +379,29 @@ def test_critic_resume_mid_stage1_keeps_early_stopping_state_and_equals_uninterr
     evs = [r["explained_variance"] for r in metrics(a) if r["stage"] == "value" and r.get("explained_variance") is not None]
     assert len(evs) >= 3 and sa["stage1_explained_variance"] == pytest.approx(max(evs))
 
+    # a SIGTERM during stage 1's second step: it ends, is checkpointed, the process exits 75; a relaunch resumes
+    real_agree, calls = train_mod.Trainer.agree, []
+
+    def sigterm_in_second_step(self, bad):
+        calls.append(1)
+        if len(calls) == 2:
+            self.stop.requested = True
+        return real_agree(self, bad)
+
+    _, stopping = make_config(tmp_path, "critic", tiny_models, "s1-stop", over)
+    with monkeypatch.context() as m:  # the forked training process inherits it
+        m.setattr(train_mod.Trainer, "agree", sigterm_in_second_step)
+        proc = run_training(stopping, check=False)
+    assert proc.returncode == train_mod.STOPPED_EXIT, proc.stderr[-2000:]
+    assert "stopped on request (SIGTERM) after value step 2/6" in proc.stdout
+    c = tmp_path / "runs" / "s1-stop"
+    assert sorted(p.name for p in (c / "checkpoints").iterdir()) == ["value-0000002"] and not (c / "final").exists()
+    assert "stage value, step 2" in run_training(stopping).stdout
+    for f in ("final/model.safetensors", "final/value_head.safetensors", "value_head_stage1.safetensors"):
+        wa, wc = load_file(str(a / f)), load_file(str(c / f))
+        assert all(torch.equal(wa[k], wc[k]) for k in wa), f
+    assert strip(metrics(a)) == strip(metrics(c))
+
 
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_models, monkeypatch):
     """NaN weights on chosen steps (what an overflowing exp did): the step is skipped and counted, weights
