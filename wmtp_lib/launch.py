@@ -208,8 +208,8 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
 
     ``accelerate launch`` starts each worker in a session of its own (torch elastic), so the group holds the
     launcher only: it passes the SIGTERM on and waits ``launch.stop_grace_s`` for its workers (`launch_training`
-    sets it, and gives the launcher 15 s more). The workers are listed
-    before anything is signalled, so none outlives a launcher that is killed first.
+    sets it, and gives the launcher 15 s more). The workers are listed before anything is signalled, so none
+    outlives a launcher that is killed first.
     """
     import psutil
 
