@@ -345,10 +345,15 @@ def test_a_run_being_trained_cannot_be_launched_twice(tmp_path, monkeypatch):
     cfg = _fake_launch(monkeypatch, tmp_path, "run")
     run_dir = tmp_path / "runs" / "fake"
     run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("the running training's config\n")
     with launch.run_lock(run_dir):  # another notebook's training of this run
-        with pytest.raises(RuntimeError, match=rf"run fake is being trained by pid {os.getpid()} on "):
+        with pytest.raises(launch.RunBusy, match=rf"run fake is being trained by pid {os.getpid()} on ") as busy:
             launch.launch_training(cfg, tmp_path / "config.yaml", progress=False)
+        assert busy.value._render_traceback_() == [str(busy.value)], "one line in the notebook, no traceback"
+        with pytest.raises(launch.RunBusy):  # the notebook's first cell already: its config is not rewritten
+            launch.prepare_run("rho1", "local", "fake", {"paths.runs_dir": str(tmp_path / "runs")})
     assert not (run_dir / "train.log").exists(), "refused before anything was written"
+    assert (run_dir / "config.yaml").read_text() == "the running training's config\n"
     launch.launch_training(cfg, tmp_path / "config.yaml", progress=False)  # free again once it ended
 
 

@@ -52,6 +52,36 @@ class Stopped(KeyboardInterrupt):
         return [self.message]
 
 
+class RunBusy(RuntimeError):
+    """The run is being trained by another process: shown as its one line, not a traceback."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [str(self)]
+
+
+def _lock_holder(handle) -> str:
+    handle.seek(0)
+    return handle.read().strip() or "another process"
+
+
+def refuse_if_training(run_dir: Path) -> None:
+    """Raise `RunBusy` when another process holds the run's lock (`run_lock`), before anything is written."""
+    import fcntl
+
+    path = run_dir / ".lock"
+    if not path.is_file():
+        return
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunBusy(f"run {run_dir.name} is being trained by {_lock_holder(handle)}: wait for it, or stop "
+                          "it, or pass another run_name") from None
+        except OSError:  # no file locks on this filesystem: `run_lock` says so
+            return
+        fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat = {}
     for key, value in values.items():
@@ -125,6 +155,7 @@ def prepare_run(recipe: str, env: str = "local", run_name: str | None = None,
             "(pass run_name to choose the name)")
         cfg = resolve_config(recipe, env, overrides, run_name=named)
     run_dir = project_path(cfg["paths"]["runs_dir"]) / cfg["run_name"]
+    refuse_if_training(run_dir)  # its config.yaml belongs to the training that holds it
     existing = run_dir / "config.yaml"
     has_checkpoints = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
     if existing.is_file() and has_checkpoints and cfg["train"]["resume"] == "auto":
@@ -258,10 +289,8 @@ def run_lock(run_dir: Path, log=print):
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise RuntimeError(f"run {run_dir.name} is being trained by {holder}: wait for it, or stop it, "
-                               "or pass another run_name") from None
+            raise RunBusy(f"run {run_dir.name} is being trained by {_lock_holder(handle)}: wait for it, or stop "
+                          "it, or pass another run_name") from None
         except OSError as exc:  # e.g. Lustre mounted without flock: ENOSYS
             log(f"no run lock: {path.parent} does not support file locks ({exc.strerror}); do not launch "
                 "this run twice")
@@ -359,7 +388,7 @@ def launch_training(cfg: dict[str, Any], config_path: Path, progress: bool = Tru
                 # updates); the printed step lines are the record, so they are printed with or without a bar.
                 if m or any(word in line for word in ("error", "Error", "resumed", "staged", "scoring", "[value]",
                                                         "data:", "rollouts:", "rewards:", "already finished",
-                                                        "writing what its end did not")):
+                                                        "writing what its end did not", "final model in")):
                     print(line.rstrip())
             code = proc.wait()
         except KeyboardInterrupt:
@@ -370,6 +399,11 @@ def launch_training(cfg: dict[str, Any], config_path: Path, progress: bool = Tru
             stop_process_group(proc, grace_s)
             reader.join(timeout=5)
             log.write("".join(rest))
+            for line in rest:  # the step it stopped after, past the last logged one: the bar shows it too
+                stop_line = STOPPED_LINE.match(line)
+                if stop_line and not stop_line.group(1) and bar is not None:
+                    bar.n = int(stop_line.group(2))
+                    bar.refresh()
             message = stopped_message(run_dir, step)
             log.write(message + "\n")
             if bar is not None:

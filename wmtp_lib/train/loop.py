@@ -323,6 +323,8 @@ class Trainer:
         self.checkpointer.export_final(self.base_dir, extra)
         code = self.sessions.summary() if self.dist.is_main else {}
         self.metrics.write_summary(self.cfg, wall, code, self.weighting.summary() if critic else None)
+        self.dist.print(f"run {self.cfg['run_name']} finished {self.cfg['train']['steps']} steps: final model in "
+                        f"{self.run_dir / 'final'}, summary in {self.run_dir / 'summary.json'}")
 
     def train_step(self, step: int) -> None:
         """Zero grads → micro-batches → average/clip → finite check → optimizer and scheduler step → metrics."""
