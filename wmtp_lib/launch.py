@@ -59,9 +59,11 @@ class RunBusy(RuntimeError):
         return [str(self)]
 
 
-def _lock_holder(handle) -> str:
-    handle.seek(0)
-    return handle.read().strip() or "another process"
+def _busy(run_dir: Path, lock_file) -> RunBusy:
+    lock_file.seek(0)
+    holder = lock_file.read().strip() or "another process"
+    return RunBusy(f"run {run_dir.name} is being trained by {holder}: wait for it, or stop it, or pass another "
+                   "run_name")
 
 
 def refuse_if_training(run_dir: Path) -> None:
@@ -75,8 +77,7 @@ def refuse_if_training(run_dir: Path) -> None:
         try:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RunBusy(f"run {run_dir.name} is being trained by {_lock_holder(handle)}: wait for it, or stop "
-                          "it, or pass another run_name") from None
+            raise _busy(run_dir, handle) from None
         except OSError:  # no file locks on this filesystem: `run_lock` says so
             return
         fcntl.flock(handle, fcntl.LOCK_UN)
@@ -289,8 +290,7 @@ def run_lock(run_dir: Path, log=print):
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RunBusy(f"run {run_dir.name} is being trained by {_lock_holder(handle)}: wait for it, or stop "
-                          "it, or pass another run_name") from None
+            raise _busy(run_dir, handle) from None
         except OSError as exc:  # e.g. Lustre mounted without flock: ENOSYS
             log(f"no run lock: {path.parent} does not support file locks ({exc.strerror}); do not launch "
                 "this run twice")

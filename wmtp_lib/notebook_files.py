@@ -5,8 +5,9 @@ session, and to the executed copies papermill writes under ``runs/``). The READM
 ``--ContentsManager.pre_save_hook=wmtp_lib.notebook_files.pre_save_hook`` (no set-up step of its own; an
 editable install cannot place a Jupyter config file in the environment). The committed notebooks carry the
 metadata JupyterLab writes (kernelspec "Python 3 (ipykernel)", ``language_info`` but the kernel's Python
-version, which the hook drops), so a save changes nothing else; tests/test_notebooks.py fails on committed outputs or on metadata JupyterLab would rewrite, and a
-notebook never makes a run "dirty" (`wmtp_lib.provenance.CODE_PATHS`).
+version, which the hook drops), so a save changes nothing else; tests/test_notebooks.py fails on committed
+outputs or on metadata JupyterLab would rewrite, and a notebook never makes a run "dirty"
+(`wmtp_lib.provenance.CODE_PATHS`).
 """
 
 from __future__ import annotations

@@ -107,9 +107,12 @@ class SessionLog:
         """For ``summary.json``: the code of the session that finished the run, every session's code, and
         ``code_mixed`` when they differ (the weights were trained by more than one version of the code)."""
         sessions = self.sessions()
-        # the code's content, not the commit: a commit that leaves `CODE_PATHS` alone changes nothing that ran
-        # (sessions recorded before code trees were: all compared by commit)
-        key = "code_tree_sha256" if all(s.get("code_tree_sha256") for s in sessions) else "git_commit"
-        versions = {(s.get(key), s.get("code_diff_sha256")) for s in sessions}
-        return {**self.code, "code_mixed": len(versions) > 1,
+        return {**self.code, "code_mixed": len(code_versions(sessions)) > 1,
                 "code_sessions": [{k: s.get(k) for k in ("stage", "step", *CODE_FIELDS)} for s in sessions]}
+
+
+def code_versions(sessions: list[dict[str, Any]]) -> set[tuple[Any, Any]]:
+    """The distinct code of these sessions: the code's content, not the commit (a commit that leaves
+    `CODE_PATHS` alone changes nothing that ran); sessions recorded before code trees were compare by commit."""
+    key = "code_tree_sha256" if all(s.get("code_tree_sha256") for s in sessions) else "git_commit"
+    return {(s.get(key), s.get("code_diff_sha256")) for s in sessions}

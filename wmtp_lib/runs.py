@@ -65,8 +65,9 @@ def describe_run(run_dir: str | Path) -> str:
     else:
         code = f"commit {commit[:10]}"
     if s.get("code_mixed"):
-        versions = {(c["git_commit"], c["code_diff_sha256"]) for c in s.get("code_sessions", [])}
-        code += (f" (its sessions ran {len(versions)} versions of the code: "
+        from wmtp_lib.provenance import code_versions
+
+        code += (f" (its sessions ran {len(code_versions(s.get('code_sessions', [])))} versions of the code: "
                  f"{run_dir / 'provenance.jsonl'})")
     return (f"reading run {run_dir.name} ({run_dir}): recipe {s.get('recipe')}, {s.get('steps')} steps, "
             f"final loss {loss}, {code}")

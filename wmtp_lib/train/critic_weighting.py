@@ -336,14 +336,14 @@ class CriticWeighting:
             return model(batch["input_ids"], batch["attention_mask"], position_ids=batch.get("position_ids"),
                          return_trunk=True).hidden
 
-    def fit_value_head(self, trainer, start: int) -> bool:
+    def fit_value_head(self, trainer, start: int) -> int | None:
         """Stage 1: the trunk frozen, fit V by MSE on Monte-Carlo returns over the fit rows, evaluating the
         held-out explained variance every ``stage1_eval_every`` steps; stop after ``stage1_patience``
         evaluations without improvement (or at ``stage1_max_steps``) and keep the best head. Checkpoints as
         ``value-<step>``; ends by switching V's optimizer to the stage-2 learning rate and saving
         ``mtp-0000000``, so a resume right after stage 1 continues with the same value head and state.
-        Returns True when stopped on request (SIGTERM: `Trainer.agree`), after checkpointing the step it
-        stopped after."""
+        Stopped on request (SIGTERM: `Trainer.agree`), it checkpoints the step it stopped after and returns
+        that step; None when stage 1 ran to its end."""
         cfg, dist, ccfg = trainer.cfg, trainer.dist, self.ccfg
         steps, log_every, eval_every = ccfg["stage1_max_steps"], cfg["train"]["log_every"], ccfg["stage1_eval_every"]
         data, rewards, samples = self.stage1_data(trainer)
@@ -406,9 +406,7 @@ class CriticWeighting:
             if (done % cfg["train"]["save_every"] == 0 and done < steps) or trainer.stop_agreed:
                 trainer.checkpointer.save(done, "value")
             if trainer.stop_agreed:
-                dist.print(f"stopped on request (SIGTERM) after value step {done}/{steps}: checkpoint saved, "
-                           "launch again to resume")
-                return True
+                return done
         if self.fit.best_head is not None:
             self.value_head.load_state_dict(self.fit.best_head)
         # stage 2 starts its own optimizer: the moments of stage 1's last (maybe discarded) steps are not the head's
@@ -424,7 +422,7 @@ class CriticWeighting:
             self.save_value_head(trainer.run_dir / "value_head_stage1.safetensors")
         self.enter_stage2(cfg["train"]["lr"])
         trainer.checkpointer.save(0, "mtp")
-        return False
+        return None
 
     def save_value_head(self, path: Path) -> None:
         save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()}, str(path))

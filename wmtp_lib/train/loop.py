@@ -262,12 +262,11 @@ class Trainer:
             return {"finished": True, "trained_steps": 0}
         self.record_session(stage, start)
         if stage == "value":
-            stopped = self.weighting.fit_value_head(self, start)
-            if stopped or self.stop_agreed:  # agreed on the step stage 1 ended anyway: mtp-0000000 is saved
-                if not stopped:
-                    self.dist.print(f"stopped on request (SIGTERM) after step 0/{train['steps']}: checkpoint "
-                                    "saved, launch again to resume")
-                return {"finished": False, "trained_steps": 0, "stopped": True}
+            value_step = self.weighting.fit_value_head(self, start)
+            if value_step is not None:
+                return self.stopped("value", value_step, self.cfg["critic"]["stage1_max_steps"], 0)
+            if self.stop_agreed:  # agreed on the step stage 1 ended anyway: its end, mtp-0000000, is saved
+                return self.stopped("mtp", 0, train["steps"], 0)
             stage, start = "mtp", 0
         last = min(train["steps"], train["stop_after"] if train["stop_after"] is not None else train["steps"])
         t0 = time.perf_counter()
@@ -282,9 +281,7 @@ class Trainer:
             if self.checkpointer.should_save(done, last) or self.stop_agreed:
                 self.checkpointer.save(done, "mtp")
             if self.stop_agreed:
-                self.dist.print(f"stopped on request (SIGTERM) after step {done}/{train['steps']}: checkpoint "
-                                "saved, launch again to resume")
-                return {"finished": False, "trained_steps": done - start, "stopped": True}
+                return self.stopped("mtp", done, train["steps"], done - start)
             if logged:
                 self.metrics.restart_clock()
         finished = last == train["steps"]
@@ -303,6 +300,13 @@ class Trainer:
         finally:
             signal.signal(signal.SIGTERM, previous)
 
+    def stopped(self, stage: str, done: int, total: int, trained: int) -> dict[str, Any]:
+        """Say where a stop on request left the run (`wmtp_lib.launch.STOPPED_LINE` reads it); the result."""
+        where = "value step" if stage == "value" else "step"
+        self.dist.print(f"stopped on request (SIGTERM) after {where} {done}/{total}: checkpoint saved, launch "
+                        "again to resume")
+        return {"finished": False, "trained_steps": trained, "stopped": True}
+
     def record_session(self, stage: str, step: int) -> None:
         if self.dist.is_main:
             self.sessions.start(stage, step)
@@ -311,7 +315,8 @@ class Trainer:
         """One all-reduce: whether every process's step was finite (returned), and whether any was asked to stop
         (`stop_agreed`, so all stop after the same step)."""
         stop = self.stop is not None and self.stop.requested
-        flags = torch.stack([bad.double(), torch.tensor(float(stop), dtype=torch.float64, device=bad.device)])
+        # filled on the device: no host-to-device copy in the step, the one sync stays the reduce's result
+        flags = torch.stack([bad.double(), torch.full((), float(stop), dtype=torch.float64, device=bad.device)])
         any_bad, any_stop = self.dist.max(flags).tolist()
         self.stop_agreed = any_stop > 0
         return any_bad == 0
