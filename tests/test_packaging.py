@@ -58,3 +58,17 @@ def test_ci_runs_readme_commands():
     ci = {plain(line) for line in (ROOT / ".ci" / "run").read_text().splitlines()}
     missing = [line for line in _setup_block() if plain(line) not in ci]
     assert not missing, f".ci/run does not run the README's set-up lines {missing}"
+
+
+def test_a_process_that_imports_the_package_freezes_its_heap_at_exit():
+    """The exit hook runs: a hook registered before the import runs after it (last in, first out) and sees
+    the heap frozen, so the interpreter's final collections have nothing to walk."""
+    import subprocess
+    import sys
+
+    script = ("import atexit, gc\n"
+              "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 1000))\n"
+              "import wmtp_lib\n"
+              "print('frozen before exit:', gc.get_freeze_count() > 0)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:2] == ["frozen before exit: False", "frozen at exit: True"], out
