@@ -133,9 +133,10 @@ def test_fsdp_load_reads_on_rank0_only_and_equals_the_single_process_load(tmp_pa
     assert len(shards) >= 3 and ranks[0]["opened"] == shards
     assert ranks[1]["opened"] == [] and ranks[1]["replica_opened"] == []
     assert ranks[1]["peak"] < 0.6 * full_bytes, (ranks[1]["peak"] / full_bytes)
-    # preflight's load peak bounds both ranks (what it leaves out: allocator slack, measured under 10 MB)
+    # preflight's load peak bounds both ranks (what it leaves out: allocator slack, 8 MiB allowed; measured 112 MiB
+    # against a formula of 134 MiB)
     largest = max(t.numel() for t in reference.state_dict().values())
-    bound = base_load_peak_bytes(full_bytes / 4, largest, 2) + 24 * 2**20
+    bound = base_load_peak_bytes(full_bytes / 4, largest, 2) + 8 * 2**20
     assert ranks[0]["peak"] <= bound and ranks[1]["peak"] <= bound, ([r["peak"] for r in ranks], bound)
 
 

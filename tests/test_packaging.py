@@ -6,6 +6,7 @@ import re
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,15 +61,44 @@ def test_ci_runs_readme_commands():
     assert not missing, f".ci/run does not run the README's set-up lines {missing}"
 
 
-def test_a_process_that_imports_the_package_freezes_its_heap_at_exit():
-    """The exit hook runs: a hook registered before the import runs after it (last in, first out) and sees
-    the heap frozen, so the interpreter's final collections have nothing to walk."""
+
+
+def _exit_state(script: str, **env: str) -> list[str]:
+    import os
     import subprocess
     import sys
 
-    script = ("import atexit, gc\n"
-              "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 1000))\n"
-              "import wmtp_lib\n"
-              "print('frozen before exit:', gc.get_freeze_count() > 0)\n")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
-    assert out.split("\n")[:2] == ["frozen before exit: False", "frozen at exit: True"], out
+    environ = {k: v for k, v in os.environ.items() if k != "WMTP_FREEZE_AT_EXIT"}
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                          env={**environ, **env}).stdout.split("\n")[:-1]
+
+
+def test_the_heap_is_frozen_at_exit_only_where_asked(tmp_path):
+    """Under WMTP_FREEZE_AT_EXIT=1 a hook registered before the import runs after the package's (last in, first
+    out) and sees the heap frozen; without it nothing is frozen, and a file a script leaves open in its globals
+    (a reference cycle, finalized only by those last collections) still gets its data."""
+    probe = ("import atexit, gc\n"
+             "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 1000))\n"
+             "import wmtp_lib\n"
+             "print('frozen before exit:', gc.get_freeze_count() > 0)\n")
+    assert _exit_state(probe, WMTP_FREEZE_AT_EXIT="1") == ["frozen before exit: False", "frozen at exit: True"]
+    assert _exit_state(probe) == ["frozen before exit: False", "frozen at exit: False"]
+    log = tmp_path / "metrics.jsonl"
+    # the function makes the globals a cycle (globals -> function -> globals), as in any script
+    _exit_state(f"import wmtp_lib\nlog = open({str(log)!r}, 'a')\ndef write(s): log.write(s)\nwrite('step 1')\n")
+    assert log.read_text() == "step 1"
+
+
+def test_the_training_entry_freezes_its_heap_after_training_returns(monkeypatch):
+    import atexit
+    import gc
+    import runpy
+
+    from wmtp_lib.train import loop
+
+    events = []
+    monkeypatch.setattr(loop, "main", lambda: events.append("trained") or 0)
+    monkeypatch.setattr(atexit, "register", lambda f, *args: events.append(f))
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_module("wmtp_lib.train", run_name="__main__")
+    assert stop.value.code == 0 and events == ["trained", gc.freeze]

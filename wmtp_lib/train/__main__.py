@@ -3,7 +3,10 @@ what ``accelerate launch`` runs on every process."""
 
 import sys
 
+from wmtp_lib import freeze_heap_at_exit
 from wmtp_lib.train.loop import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    freeze_heap_at_exit()  # everything training writes is closed by now; each rank exits ~2 s sooner
+    sys.exit(code)
