@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -72,8 +73,15 @@ def test_convert_meta_matches_reference_head_by_head(tmp_path, gqa, dtype, rope_
     state, params = random_meta_checkpoint(n_kv_heads=2 if gqa else None, dtype=dtype, rope_freqs=rope_freqs,
                                            ffn_dim_multiplier=1.3, rope_theta=500000.0, seed=1)
     src = _write_meta(tmp_path, state, params)
-    dst = convert_checkpoint(src, tmp_path / "out")
+    umask = os.umask(0o022)
+    try:
+        dst = convert_checkpoint(src, tmp_path / "out")
+    finally:
+        os.umask(umask)
     verify_manifest(dst)
+    # readable by the other users of a shared model cache, as any file written under umask 022
+    assert {oct(p.stat().st_mode & 0o777) for p in [dst, *dst.rglob("*")] if p.is_dir()} == {"0o755"}
+    assert {oct(p.stat().st_mode & 0o777) for p in dst.rglob("*") if p.is_file()} == {"0o644"}
     model = MTPModel.from_pretrained(dst).eval()
     assert model.dtype == dtype and model.n_future == 3
     x = torch.randint(0, 67, (2, 11))

@@ -506,6 +506,8 @@ def test_notebooks_in_workflow_order(ci_runs, kernel_name):
     evaluation = json.loads((ci_runs / DEFAULT_RUN / "eval" / "synthetic.json").read_text())
     assert evaluation["evaluated_by"] == code, "the evaluation records the code that ran it"
     assert "noise_imitation" in evaluation["summary"], "the key that crashed analysis is there"
+    speculative = evaluation["speculative"]  # a median of 3 paired ratios: one disturbed repeat cannot move it
+    assert speculative["repeats"] == 3 and speculative["speedup"] == sorted(speculative["speedup_per_repeat"])[1]
     _check_reads_default_run(executed["evaluate"])
     _check_reads_default_run(executed["analysis"])
     table = _cell_text(executed["analysis"], "pass_at_k_table(loaded)")

@@ -242,6 +242,18 @@ def test_more_processes_than_the_accelerate_config_starts_is_an_error(tmp_path):
     assert cmd[cmd.index("--num_processes") + 1] == "2" and cmd[cmd.index("--mixed_precision") + 1] == "no"
 
 
+def test_the_notebook_refuses_two_processes_on_a_one_process_file_before_writing_anything(tmp_path):
+    from wmtp_lib.launch import prepare_run
+
+    runs = tmp_path / "runs"
+    with pytest.raises(ConfigError, match='overrides = {"launch.accelerate_config": "params/accelerate/cpu_2proc'):
+        prepare_run("rho1", "local", overrides={"paths.runs_dir": str(runs)}, num_processes=2, log=lambda m: None)
+    assert not runs.exists()
+    cfg, path = prepare_run("rho1", "local", num_processes=2, log=lambda m: None, overrides={
+        "paths.runs_dir": str(runs), "launch.accelerate_config": "params/accelerate/cpu_2proc.yaml"})
+    assert cfg["launch"]["num_processes"] == 2 and path.is_file()
+
+
 def test_interrupting_the_train_cell_stops_the_whole_process_group(tmp_path, monkeypatch):
     """KeyboardInterrupt while training streams: the launcher and the worker it started are both gone."""
     from wmtp_lib import launch

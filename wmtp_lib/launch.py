@@ -155,6 +155,7 @@ def prepare_run(recipe: str, env: str = "local", run_name: str | None = None,
         log(f"overrides {json.dumps(overrides)} change the run, so it is named {named}, not {cfg['run_name']} "
             "(pass run_name to choose the name)")
         cfg = resolve_config(recipe, env, overrides, run_name=named)
+    check_launch(cfg)  # a launch that cannot start is refused before its run folder exists
     run_dir = project_path(cfg["paths"]["runs_dir"]) / cfg["run_name"]
     refuse_if_training(run_dir)  # its config.yaml belongs to the training that holds it
     existing = run_dir / "config.yaml"
@@ -213,6 +214,18 @@ def required_models(cfg: dict[str, Any]) -> list[str]:
     return ids
 
 
+def check_launch(cfg: dict[str, Any], num_processes: int | None = None) -> bool:
+    """Whether the config's accelerate file starts a single process; a ConfigError when more are asked of it."""
+    n = num_processes or cfg["launch"]["num_processes"]
+    acc = read_yaml(project_path(cfg["launch"]["accelerate_config"]))
+    single = str(acc.get("distributed_type", "NO")).upper() == "NO"
+    if n > 1 and single:
+        raise ConfigError(f"{n} processes asked for, but {cfg['launch']['accelerate_config']} starts one process "
+                          "(distributed_type NO): set launch.accelerate_config to a multi-process file, e.g. "
+                          'overrides = {"launch.accelerate_config": "params/accelerate/cpu_2proc.yaml"} on a CPU')
+    return single
+
+
 def launch_command(cfg: dict[str, Any], config_path: Path, num_processes: int | None = None) -> list[str]:
     """The training command: plain python for one process, else ``accelerate launch`` with the env's config.
 
@@ -221,12 +234,7 @@ def launch_command(cfg: dict[str, Any], config_path: Path, num_processes: int | 
     """
     n = num_processes or cfg["launch"]["num_processes"]
     acc_cfg = project_path(cfg["launch"]["accelerate_config"])
-    acc = read_yaml(acc_cfg)
-    single = str(acc.get("distributed_type", "NO")).upper() == "NO"
-    if n > 1 and single:
-        raise ConfigError(f"{n} processes asked for, but {cfg['launch']['accelerate_config']} starts one process "
-                          "(distributed_type NO): set launch.accelerate_config to a multi-process file, e.g. "
-                          "params/accelerate/cpu_2proc.yaml on a CPU")
+    single = check_launch(cfg, n)
     if n == 1 and single:
         return [sys.executable, "-m", "wmtp_lib.train", "--config", str(config_path)]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_cfg),

@@ -404,11 +404,22 @@ def convert_checkpoint(src: str | Path, dst: str | Path, max_shard_size: int | s
         convert = convert_meta if is_meta_layout(src) else convert_hf
         info = convert(src, tmp, max_shard_size)
         write_manifest(tmp, {"source": str(src), **info})
+        _modes_by_umask(tmp)
         os.replace(tmp, dst)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return dst
+
+
+def _modes_by_umask(root: Path) -> None:
+    """Give a converted directory the modes a plain ``mkdir``/``open`` would have: ``mkdtemp`` makes it 0700 and
+    safetensors writes its files 0600, which would hide a staged model from the other users of a shared cache."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for path in root.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 # ---------------------------------------------------------------------------------------- loading
