@@ -231,7 +231,9 @@ def test_overrides_never_take_the_default_run_name(tmp_path):
     # the notebook's num_processes sets the global batch: recorded in the config, and another run's name
     cfg, _ = launch.prepare_run("rho1", "local", None, where, log=lines.append, num_processes=1)
     assert cfg["run_name"] == DEFAULT_RUN, "the environment's own count is the default run"
-    cfg, path = launch.prepare_run("rho1", "local", None, where, log=lines.append, num_processes=2)
+    # two processes on a CPU take the 2-process accelerate file: how they start is not in the name, their count is
+    two = {**where, "launch.accelerate_config": "params/accelerate/cpu_2proc.yaml"}
+    cfg, path = launch.prepare_run("rho1", "local", None, two, log=lines.append, num_processes=2)
     assert cfg["run_name"] == "rho1-local-seed0-num_processes2" and cfg["launch"]["num_processes"] == 2
     assert "num_processes: 2" in path.read_text()
 

@@ -252,6 +252,12 @@ def test_the_notebook_refuses_two_processes_on_a_one_process_file_before_writing
     cfg, path = prepare_run("rho1", "local", num_processes=2, log=lambda m: None, overrides={
         "paths.runs_dir": str(runs), "launch.accelerate_config": "params/accelerate/cpu_2proc.yaml"})
     assert cfg["launch"]["num_processes"] == 2 and path.is_file()
+    assert cfg["run_name"] == "rho1-local-seed0-num_processes2"
+    # the accelerate file is not in the name, yet a run with checkpoints refuses another one, naming it
+    (path.parent / "checkpoints" / "mtp-0000005").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="launch.accelerate_config"):
+        prepare_run("rho1", "local", num_processes=2, log=lambda m: None, overrides={
+            "paths.runs_dir": str(runs), "launch.accelerate_config": "params/accelerate/fsdp_4gpu.yaml"})
 
 
 def test_interrupting_the_train_cell_stops_the_whole_process_group(tmp_path, monkeypatch):

@@ -33,7 +33,9 @@ STEP_LINE = re.compile(r"^step (\d+)/(\d+)")
 RESUMED_LINE = re.compile(r"^resumed from \S+ \(stage mtp, step (\d+)\)")
 # Overrides that leave what a run computes alone (where files live, when it logs or saves); any other override
 # gives the run a name of its own, so a short trial never takes the default run's name (and its checkpoints).
-NAME_FREE_KEYS = ("seed",) + RESUME_FREE_KEYS  # the default name already carries the seed
+# The default name already carries the seed; the accelerate file says how the processes start (DDP or FSDP2 give
+# the same steps), their count is `launch.num_processes`, named; a run with checkpoints still refuses another file.
+NAME_FREE_KEYS = ("seed", "launch.accelerate_config") + RESUME_FREE_KEYS
 NAME_FREE_PREFIXES = ("paths.", "storage.")
 
 
