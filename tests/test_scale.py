@@ -255,9 +255,15 @@ def test_the_notebook_refuses_two_processes_on_a_one_process_file_before_writing
     assert cfg["run_name"] == "rho1-local-seed0-num_processes2"
     # the accelerate file is not in the name, yet a run with checkpoints refuses another one, naming it
     (path.parent / "checkpoints" / "mtp-0000005").mkdir(parents=True)
+    written = path.read_text()
     with pytest.raises(ConfigError, match="launch.accelerate_config"):
         prepare_run("rho1", "local", num_processes=2, log=lambda m: None, overrides={
             "paths.runs_dir": str(runs), "launch.accelerate_config": "params/accelerate/fsdp_4gpu.yaml"})
+    with pytest.raises(ConfigError, match="has checkpoints and train.resume is 'never'"):
+        prepare_run("rho1", "local", num_processes=2, log=lambda m: None, overrides={
+            "paths.runs_dir": str(runs), "launch.accelerate_config": "params/accelerate/fsdp_4gpu.yaml",
+            "train.resume": "never"})
+    assert path.read_text() == written, "the checkpoints' config is never overwritten"
 
 
 def test_interrupting_the_train_cell_stops_the_whole_process_group(tmp_path, monkeypatch):

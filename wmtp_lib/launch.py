@@ -33,8 +33,9 @@ STEP_LINE = re.compile(r"^step (\d+)/(\d+)")
 RESUMED_LINE = re.compile(r"^resumed from \S+ \(stage mtp, step (\d+)\)")
 # Overrides that leave what a run computes alone (where files live, when it logs or saves); any other override
 # gives the run a name of its own, so a short trial never takes the default run's name (and its checkpoints).
-# The default name already carries the seed; the accelerate file says how the processes start (DDP or FSDP2 give
-# the same steps), their count is `launch.num_processes`, named; a run with checkpoints still refuses another file.
+# The default name already carries the seed; the accelerate file says how the processes start (DDP or FSDP2: the
+# same steps up to bf16 rounding), their count is `launch.num_processes`, named; a run with checkpoints still
+# refuses another file (`prepare_run`).
 NAME_FREE_KEYS = ("seed", "launch.accelerate_config") + RESUME_FREE_KEYS
 NAME_FREE_PREFIXES = ("paths.", "storage.")
 
@@ -162,7 +163,11 @@ def prepare_run(recipe: str, env: str = "local", run_name: str | None = None,
     refuse_if_training(run_dir)  # its config.yaml belongs to the training that holds it
     existing = run_dir / "config.yaml"
     has_checkpoints = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
-    if existing.is_file() and has_checkpoints and cfg["train"]["resume"] == "auto":
+    if existing.is_file() and has_checkpoints:
+        # its config.yaml is the checkpoints' own: neither a fresh start nor another config may overwrite it
+        if cfg["train"]["resume"] == "never":
+            raise ConfigError(f"{run_dir / 'checkpoints'} has checkpoints and train.resume is 'never': "
+                              "choose another run_name or remove the run directory")
         check_same_run(read_yaml(existing), cfg, run_dir)
         if (run_dir / "final").is_dir():
             log(f"run {cfg['run_name']} already finished with this config: launching it trains nothing "

@@ -415,11 +415,13 @@ def convert_checkpoint(src: str | Path, dst: str | Path, max_shard_size: int | s
 def _modes_by_umask(root: Path) -> None:
     """Give a converted directory the modes a plain ``mkdir``/``open`` would have: ``mkdtemp`` makes it 0700 and
     safetensors writes its files 0600, which would hide a staged model from the other users of a shared cache."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    os.chmod(root, 0o777 & ~umask)
-    for path in root.rglob("*"):
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+    probe = root / ".mode-probe"  # what open() gives under this process's umask (and default ACLs), read without
+    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # os.umask's set-and-restore race
+    file_mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    dir_mode = file_mode | ((file_mode & 0o444) >> 2)  # x wherever r: 0644 -> 0755, 0640 -> 0750, 0600 -> 0700
+    for path in (root, *root.rglob("*")):
+        os.chmod(path, dir_mode if path.is_dir() else file_mode)
 
 
 # ---------------------------------------------------------------------------------------- loading
